@@ -1,0 +1,214 @@
+"""Tensor-parallel Llama as a flat list of pipeline items.
+
+    ids (B, T) -> Embedding -> [Attention, MLP] x layers -> FinalNorm -> Head -> logits shard (B, T, V/tp)
+
+Each item maps one tensor to one tensor (hidden states (B, T, H), replicated over tp), so
+DeepSpeed's PipelineModule can cut the list anywhere; the order comes from
+`parallel.costs.pipeline_items`, the same list the partitioner prices. With pipeline = 1
+the same specs are built into `LlamaModel`, a plain sequential module.
+
+Tensor-parallel plan (column = output dim split, row = input dim split):
+    attention.wq, wk, wv   column   (heads and kv heads split over tp)
+    attention.wo           row      (all-reduce of the output)
+    mlp.w_gate, w_up       column
+    mlp.w_down             row
+    embed.weight           vocab rows split; tied head reuses it
+    head.weight            column over the vocabulary (logits stay sharded)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch import nn
+
+from launcher.config import ModelConfig
+from parallel.costs import pipeline_items
+from parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    scaled_init_std,
+    vocab_parallel_cross_entropy,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.weight.tp_shard_dim = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 (as Llama does), scale in the compute dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return y * self.weight
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, head_dim) cos and sin tables in fp32, Hugging Face's `rotate_half` layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Embedding(nn.Module):
+    """Pipeline item 0: token ids (B, T) -> hidden (B, T, H)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
+        super().__init__()
+        self.embed = VocabParallelEmbedding(cfg.vocab, cfg.hidden, tp, seed=seed, name="embed.weight",
+                                            std=cfg.init_std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+def tied_head_forward(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The output head when tied: the embedding table as a column-parallel projection."""
+    return embedding.embed.logits(x)
+
+
+class Attention(nn.Module):
+    """x + wo(attention(rope(wq x'), rope(wk x'), wv x')), x' = norm(x). Causal, GQA."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
+        super().__init__()
+        self.heads = cfg.heads // tp.size  # this rank's query heads
+        self.kv_heads = cfg.n_kv_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        p = f"layers.{layer}.attention"
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.wq = ColumnParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wq", std=cfg.init_std)
+        self.wk = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wk", std=cfg.init_std)
+        self.wv = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wv", std=cfg.init_std)
+        self.wo = RowParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wo",
+                                    std=scaled_init_std(cfg.init_std, cfg.layers))
+        # RoPE tables: a plain attribute, not a buffer, so engines that cast the module to
+        # bf16 leave them in fp32; rebuilt when the length or device changes.
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _rope_tables(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] != seq_len or self._rope[0].device != device:
+            self._rope = rope_cos_sin(seq_len, self.head_dim, self.rope_theta, device)
+        return self._rope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.norm(x)
+        q = self.wq(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq/tp, T, D)
+        k = self.wk(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv/tp, T, D)
+        v = self.wv(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self._rope_tables(T, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return x + self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """x + w_down(silu(w_gate x') * w_up x'), x' = norm(x)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
+        super().__init__()
+        p = f"layers.{layer}.mlp"
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.w_gate = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_gate", std=cfg.init_std)
+        self.w_up = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_up", std=cfg.init_std)
+        self.w_down = RowParallelLinear(cfg.ffn, cfg.hidden, tp, seed=seed, name=f"{p}.w_down",
+                                        std=scaled_init_std(cfg.init_std, cfg.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (B, T, ffn/tp) inside
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class Head(nn.Module):
+    """Untied output head: hidden (B, T, H) -> this rank's logits shard (B, T, V/tp)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
+        super().__init__()
+        self.proj = ColumnParallelLinear(cfg.hidden, cfg.vocab, tp, seed=seed, name="head.weight", std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: int) -> list[LayerSpec]:
+    """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order)."""
+    specs = []
+    for name, kind in pipeline_items(cfg):
+        if kind == "embed":
+            specs.append(TiedLayerSpec("embed", Embedding, cfg, tp, seed) if cfg.tie_embeddings
+                         else LayerSpec(Embedding, cfg, tp, seed))
+        elif kind in ("attn", "mlp"):
+            layer = int(name.split(".")[1])
+            specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer))
+        elif kind == "norm":
+            specs.append(LayerSpec(FinalNorm, cfg))
+        elif cfg.tie_embeddings:
+            specs.append(TiedLayerSpec("embed", Embedding, cfg, tp, seed, forward_fn=tied_head_forward,
+                                       tied_weight_attr=["embed.weight"]))
+        else:
+            specs.append(LayerSpec(Head, cfg, tp, seed))
+    return specs
+
+
+class LlamaModel(nn.Module):
+    """All pipeline items on one stage (pipeline = 1): ids (B, T) -> logits shard (B, T, V/tp).
+    Tied specs are built once and reused, as PipelineModule does within a stage."""
+
+    def __init__(self, specs: list[LayerSpec]):
+        super().__init__()
+        self.items = nn.ModuleList()
+        self._forward_fns = []
+        tied: dict[str, nn.Module] = {}
+        for spec in specs:
+            if isinstance(spec, TiedLayerSpec) and spec.key in tied:
+                module = tied[spec.key]
+            else:
+                module = spec.build()
+                if isinstance(spec, TiedLayerSpec):
+                    tied[spec.key] = module
+            self.items.append(module)
+            self._forward_fns.append(getattr(spec, "forward_fn", None))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = ids
+        for module, forward_fn in zip(self.items, self._forward_fns):
+            x = forward_fn(module, x) if forward_fn is not None else module(x)
+        return x
+
+
+class LossFn:
+    """Mean next-token cross-entropy from vocab-sharded logits (the pipeline's loss_fn)."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+        self.__name__ = "vocab_parallel_cross_entropy"
+
+    def __call__(self, logits_shard: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits_shard, targets, self.tp).mean()
