@@ -162,8 +162,8 @@ def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: int) -> list[LayerSp
     specs = []
     for name, kind in pipeline_items(cfg):
         if kind == "embed":
-            specs.append(TiedLayerSpec("embed", Embedding, cfg, tp, seed) if cfg.tie_embeddings
-                         else LayerSpec(Embedding, cfg, tp, seed))
+            specs.append(TiedLayerSpec("embed", Embedding, cfg, tp, seed, tied_weight_attr=["embed.weight"])
+                         if cfg.tie_embeddings else LayerSpec(Embedding, cfg, tp, seed))
         elif kind in ("attn", "mlp"):
             layer = int(name.split(".")[1])
             specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer))

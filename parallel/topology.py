@@ -139,14 +139,13 @@ class ProcessGroups:
 
 
 def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
-    """Initialise the default process group from torchrun-style env vars (idempotent)."""
-    import torch.distributed as dist
+    """Initialise torch.distributed from torchrun-style env vars (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) and register it with DeepSpeed's comm layer (idempotent)."""
+    import deepspeed
 
-    if dist.is_initialized():
-        return
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
-    dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
 
 
 def build_process_groups(layout: Layout, rank: int) -> ProcessGroups:
