@@ -1,0 +1,121 @@
+"""Config loading, overrides, --print-config, --dry-run, and one-line errors (exit 2),
+exercised through the real command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.config import ConfigError, load_config
+from launcher.plan import default_world_size
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "launcher.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+BAD = [  # (extra args, key the one-line error must name)
+    (["model.hiden=64"], "model.hiden: unknown key (did you mean 'hidden'?)"),
+    (["modle.layers=2"], "modle: unknown key (did you mean 'model'?)"),
+    (["model.layers=four"], "model.layers: expected an integer"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings: expected true or false"),
+    (["precision.dtype=fp8"], "precision.dtype: expected one of"),
+    (["--dry-run", "--world-size", "6"], "parallel.data"),
+    (["--dry-run", "--world-size", "16", "parallel.data=2"], "parallel.data: tensor*pipeline*data = 2*2*2 = 8"),
+    (["parallel.tensor=8"], "model.heads: heads=4 is not divisible by parallel.tensor=8"),
+    (["parallel.tensor=4"], "model.kv_heads: kv_heads=2 is not divisible by parallel.tensor=4"),
+    (["model.ffn=345"], "model.ffn: ffn=345 is not divisible by parallel.tensor=2"),
+    (["model.vocab=257"], "model.vocab: vocab=257 is not divisible by parallel.tensor=2"),
+    (["model.kv_heads=3"], "model.kv_heads: heads=4 is not divisible by kv_heads=3"),
+    (["model.layers=1"], "parallel.pipeline: pipeline=2 stages but only model.layers=1 layers"),
+    (["--dry-run", "--world-size", "8", "parallel.global_batch=10"], "parallel.global_batch: global_batch=10"),
+    (["zero.stage=2"], "zero.stage: ZeRO stage 2 cannot be used with parallel.pipeline=2"),
+    (["zero.stage=5"], "zero.stage: expected one of"),
+    (["--config", "configs/does_not_exist.yaml"], "--config: file not found"),
+    (["data.path=/no/such/corpus.txt"], "data.path: file not found: /no/such/corpus.txt"),
+    (["parallel.partition=greedy"], "parallel.partition: expected balanced, uniform, parameters"),
+    (["--dry-run", "parallel.partition=type:Conv"], "parallel.partition: 'type:Conv' matches none"),
+    (["--dry-run", "parallel.stage_memory_gb=0.0001"], "parallel.stage_memory_gb: no split"),
+    (["parallel.tensor"], "parallel.tensor: an override must look like section.key=value"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas: expected two numbers"),
+    (["train.steps=0"], "train.steps: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("args,expected", BAD, ids=[e.split(":")[0] + "|" + a[-1] for a, e in BAD])
+def test_bad_config_is_one_line_naming_the_key(args, expected):
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("config error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_yaml_file(tmp_path):
+    (tmp_path / "broken.yaml").write_text("model:\n  layers: [1, 2\n")
+    (tmp_path / "section.yaml").write_text("model: 5\n")
+    for name, key in (("broken.yaml", "--config"), ("section.yaml", "model: expected a mapping")):
+        result = cli("--config", str(tmp_path / name))
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert key in result.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_loads_and_dry_runs(config):
+    cfg = load_config(config)
+    base = default_world_size(cfg)
+    for world_size in (base, 2 * base):
+        result = cli("--config", str(config), "--dry-run", "--world-size", str(world_size))
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        p = cfg.parallel
+        assert f"world {world_size} = tp {p.tensor} x pp {p.pipeline} x dp {world_size // base}" in out
+        stage_rows = [line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+        assert len(stage_rows) == p.pipeline
+
+
+def test_dry_run_of_a_512_gpu_config_starts_nothing():
+    code = ("import sys; from launcher.train import main; "
+            "rc = main(['--config', 'configs/llama_70b.yaml', '--dry-run', '--world-size', '512']); "
+            "assert 'torch' not in sys.modules, 'dry run imported torch'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "world 512 = tp 8 x pp 8 x dp 8" in result.stdout
+    assert "grad_accum 128" in result.stdout
+
+
+def test_print_config_applies_overrides_and_round_trips(tmp_path):
+    result = cli("--print-config", "parallel.tensor=1", "optimizer.betas=[0.8, 0.99]", "logging.wandb.mode=offline",
+                 "model.kv_heads=null")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["parallel"]["tensor"] == 1
+    assert printed["optimizer"]["betas"] == [0.8, 0.99]
+    assert printed["logging"]["wandb"]["mode"] == "offline"
+    assert printed["model"]["kv_heads"] is None
+    (tmp_path / "resolved.yaml").write_text(result.stdout)
+    assert load_config(tmp_path / "resolved.yaml") == load_config(REPO / "configs/default.yaml",
+                                                                  ["parallel.tensor=1", "optimizer.betas=[0.8, 0.99]",
+                                                                   "logging.wandb.mode=offline", "model.kv_heads=null"])
+
+
+def test_default_config_used_without_config_flag(tmp_path):
+    result = cli("--print-config", cwd=tmp_path)  # from another directory too
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["parallel"]["tensor"] == 2
+
+
+def test_int_accepted_for_float_but_not_bool_for_int():
+    cfg = load_config(REPO / "configs/default.yaml", ["optimizer.lr=1"])
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    with pytest.raises(ConfigError, match="model.layers: expected an integer, got True"):
+        load_config(REPO / "configs/default.yaml", ["model.layers=true"])
