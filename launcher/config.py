@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,7 +155,9 @@ class TrainConfig:
     log_every: int = 10
     """Log metrics every this many steps."""
     eval_every: int = 50
-    """Validation loss every this many steps; 0 disables it."""
+    """Validation loss every this many steps (and at the last step); 0 disables it."""
+    eval_batches: int = 4
+    """Global batches of held-out data per validation (a fixed, shuffled set)."""
 
 
 @dataclass
@@ -235,6 +238,9 @@ def _type_name(tp: Any) -> str:
             dict: "a mapping"}.get(tp, str(tp))
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return the typed value or raise."""
     origin = typing.get_origin(tp)
@@ -258,6 +264,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build_section(tp, value, key)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads `3e-4` as a string; accept what users mean
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -421,6 +429,7 @@ def check_config(cfg: Config) -> None:
     _positive("train.steps", t.steps)
     _positive("train.log_every", t.log_every)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.eval_batches", t.eval_batches)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if not 0 < cfg.data.val_fraction < 1:

@@ -18,6 +18,7 @@ Tensor-parallel plan (column = output dim split, row = input dim split):
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -181,8 +182,9 @@ class LlamaModel(nn.Module):
     """All pipeline items on one stage (pipeline = 1): ids (B, T) -> logits shard (B, T, V/tp).
     Tied specs are built once and reused, as PipelineModule does within a stage."""
 
-    def __init__(self, specs: list[LayerSpec]):
+    def __init__(self, specs: list[LayerSpec], checkpoint_fn=None):
         super().__init__()
+        self.checkpoint_fn = checkpoint_fn  # recompute each item in backward when set
         self.items = nn.ModuleList()
         self._forward_fns = []
         tied: dict[str, nn.Module] = {}
@@ -199,7 +201,12 @@ class LlamaModel(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = ids
         for module, forward_fn in zip(self.items, self._forward_fns):
-            x = forward_fn(module, x) if forward_fn is not None else module(x)
+            run = functools.partial(forward_fn, module) if forward_fn is not None else module
+            grad_input = x.requires_grad or any(p.requires_grad for p in module.parameters())
+            if self.checkpoint_fn is not None and self.training and x.is_floating_point() and grad_input:
+                x = self.checkpoint_fn(run, x)
+            else:
+                x = run(x)
         return x
 
 

@@ -1,22 +1,32 @@
 """Entry point: `python -m launcher.train [--config PATH] [section.key=value ...]`.
 
+Started by `torchrun --nproc_per_node N -m launcher.train`, by `srun` (one task per device),
+by `mpirun -np N python -m launcher.train`, or as a single process.
+
     --print-config           print the resolved config (YAML) and exit
     --dry-run [--world-size N]
                              validate the config for N ranks and print the layout and stage
                              table, without starting any process group
 
-Every configuration mistake is one line on stderr naming the key, and exit code 2
-(CONFIG_ERROR_EXIT_CODE), before any process group or tensor exists.
+Every configuration mistake is one line on stderr naming the key, and exit code 2, before
+any process group or tensor exists.
+
+Data path: YAML -> Config (launcher/config.py) -> Plan: layout + stage boundaries
+(launcher/plan.py) -> DeepSpeed config + engine (launcher/engine.py) -> the loop below:
+batches (launcher/data.py) -> engine.train_step -> metrics (launcher/metrics.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
+import time
+import warnings
 from pathlib import Path
 
-from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, dump_config, load_config
+from launcher.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, dump_config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -33,11 +43,82 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dry_run(cfg, world_size: int) -> str:
+def dry_run(cfg: Config, world_size: int) -> str:
     from launcher.plan import describe, make_plan
 
     plan = make_plan(cfg, world_size, has_gpu=True)
     return describe(cfg, plan, device="cuda + nccl (assumed; cpu + gloo where no GPU)")
+
+
+def train(cfg: Config, plan, ds_config: dict, penv) -> int:
+    """Start the process group, build the engine and run the loop. Returns the exit code."""
+    import numpy as np
+    import torch
+
+    from launcher.data import GlobalBatches, load_tokens
+    from launcher.engine import build_engine
+    from launcher.launch_env import export_env
+    from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
+    from launcher.plan import describe
+    from parallel.costs import flops_per_token
+    from parallel.topology import build_process_groups, init_distributed, pick_device
+
+    # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    export_env(penv)
+    device, backend = pick_device(penv.local_rank)
+    init_distributed(backend)
+    import deepspeed
+    import torch.distributed as dist
+
+    try:
+        groups = build_process_groups(plan.layout, penv.rank)
+        log = RunLog(run_dir(cfg), is_writer=penv.rank == 0)
+        log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, "
+                 f"master {penv.master_addr}:{penv.master_port}")
+        log.info(describe(cfg, plan, device=f"{device.type} + {backend}"))
+        log.write_config(cfg)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+
+        engine = build_engine(cfg, plan, groups, device, ds_config)
+        lay, seq = plan.layout, cfg.model.seq_len
+        splits = load_tokens(cfg.data, log.path / "data")
+        batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
+                          dp_rank=groups.coord.dp, seed=cfg.train.seed)
+        train_batches = GlobalBatches(splits.train, seq, **batch_args)
+        val_batches = GlobalBatches(splits.val, seq, **batch_args)  # fixed set: always from position 0
+        peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        flops_token = flops_per_token(cfg.model)
+
+        tokens_seen, last = 0, {}
+        for step in range(1, cfg.train.steps + 1):
+            start = time.perf_counter()
+            batches = train_batches.next_step() if engine.reads_data else None
+            loss, grad_norm = engine.train_step(batches)
+            step_time = time.perf_counter() - start
+            tokens_seen += lay.global_batch * seq
+            if step % cfg.train.log_every and step != cfg.train.steps:
+                continue
+            record = {"step": step, "loss": loss, "lr": engine.ds.get_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": lay.global_batch * seq / step_time, "step_time_s": step_time,
+                      "tokens_seen": tokens_seen, "world_size": lay.world_size}
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                record["val_loss"] = sum(
+                    engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
+                    for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
+            if device.type == "cuda":
+                if peak:
+                    record["mfu"] = flops_token * record["tokens_per_s"] / (lay.world_size * peak * 1e12)
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log.log(record, cfg.train.steps)
+            last = record
+        log.summary(cfg.train.steps, last, tokens_seen)
+        return 0
+    finally:
+        del deepspeed
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +135,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
             print(dry_run(cfg, world_size))
             return 0
+        import torch
+
+        from launcher.launch_env import discover
+        from launcher.plan import make_plan
+
+        # Pick DeepSpeed's accelerator ourselves: no probing, no "unable to detect" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        penv = discover()
+        plan = make_plan(cfg, penv.world_size, has_gpu=torch.cuda.is_available())
+        from launcher.engine import deepspeed_config
+
+        ds_config = deepspeed_config(cfg, plan)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    print("error: the training loop arrives with the training entry point issue; "
-          "this build validates configs (--dry-run, --print-config) only", file=sys.stderr)
-    return 1
+    return train(cfg, plan, ds_config, penv)
 
 
 if __name__ == "__main__":

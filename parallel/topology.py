@@ -84,7 +84,9 @@ def resolve_layout(parallel: ParallelConfig, world_size: int) -> Layout:
     if parallel.data == "auto":
         if world_size % (tp * pp):
             raise ConfigError("parallel.data", f"auto: world size {world_size} is not divisible by "
-                              f"tensor*pipeline = {tp}*{pp} = {tp * pp}")
+                              f"tensor*pipeline = {tp}*{pp} = {tp * pp} (start a multiple of {tp * pp} "
+                              f"processes, e.g. torchrun --nproc_per_node {tp * pp}, or lower parallel.tensor "
+                              f"/ parallel.pipeline)")
         dp = world_size // (tp * pp)
     else:
         dp = parallel.data

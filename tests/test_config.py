@@ -117,5 +117,9 @@ def test_default_config_used_without_config_flag(tmp_path):
 def test_int_accepted_for_float_but_not_bool_for_int():
     cfg = load_config(REPO / "configs/default.yaml", ["optimizer.lr=1"])
     assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    cfg = load_config(REPO / "configs/default.yaml", ["optimizer.lr=3e-4"])  # YAML 1.1 reads this as a string
+    assert cfg.optimizer.lr == 3e-4
+    with pytest.raises(ConfigError, match="optimizer.lr: expected a number, got 'fast'"):
+        load_config(REPO / "configs/default.yaml", ["optimizer.lr=fast"])
     with pytest.raises(ConfigError, match="model.layers: expected an integer, got True"):
         load_config(REPO / "configs/default.yaml", ["model.layers=true"])

@@ -1,0 +1,166 @@
+"""The DeepSpeed engine: its config generated from ours, the model, optimizer and schedule.
+
+pipeline > 1: DeepSpeed's PipelineModule (cut at our boundaries) + PipelineEngine (1F1B),
+              ZeRO 0/1.
+pipeline = 1: the plain DeepSpeedEngine with our mpu (tp and dp groups), ZeRO 0-3.
+
+`TrainEngine.train_step` runs one optimizer step over this rank's micro-batches and returns
+the loss averaged over the whole global batch (what a single process would report) and the
+global gradient norm.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import Config, ConfigError
+from launcher.model import LlamaModel, LossFn, layer_specs
+from launcher.optim import build_optimizer, build_scheduler
+from launcher.plan import Plan
+from parallel.pipeline import StagedPipelineModule
+from parallel.tensor_parallel import TensorParallel
+from parallel.topology import ModelParallelUnit, ProcessGroups, deepspeed_topology
+
+
+def deepspeed_config(cfg: Config, plan: Plan) -> dict:
+    """The DeepSpeed config, generated from ours, with the user's `deepspeed:` block merged
+    in. A user key that contradicts a generated one is a ConfigError (one source of truth)."""
+    lay = plan.layout
+    generated = {
+        "train_batch_size": lay.global_batch,
+        "train_micro_batch_size_per_gpu": lay.micro_batch,
+        "gradient_accumulation_steps": lay.grad_accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "bf16": {"enabled": plan.dtype == "bf16"},
+        "fp16": {"enabled": plan.dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": cfg.precision.fp16_initial_scale_power},
+        "zero_allow_untested_optimizer": True,  # Lion is ours; ZeRO wraps any torch optimizer
+        "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
+        "wall_clock_breakdown": False,
+    }
+    return merge_user_block(generated, cfg.deepspeed)
+
+
+def merge_user_block(generated: dict, user: dict, prefix: str = "deepspeed") -> dict:
+    merged = dict(generated)
+    for key, value in user.items():
+        path = f"{prefix}.{key}"
+        if key not in generated:
+            merged[key] = value
+        elif isinstance(generated[key], dict) and isinstance(value, dict):
+            merged[key] = merge_user_block(generated[key], value, path)
+        elif generated[key] != value:
+            raise ConfigError(path, f"{value!r} contradicts the value generated from the config "
+                              f"({generated[key]!r}); set it through the launcher's own keys")
+    return merged
+
+
+def mark_grad_norm_owners(model: torch.nn.Module, tp_rank: int) -> None:
+    """Make DeepSpeed count every parameter once in the global grad norm: tp-sharded
+    parameters on every rank (already `tensor_model_parallel`), tp-replicated ones (norm
+    gains) on tp rank 0 only. DeepSpeed's norm code counts a parameter when it is marked
+    model-parallel or when the rank is model-parallel rank 0."""
+    for p in model.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = tp_rank == 0
+
+
+def keep_fp32_grad_norm(engine) -> None:
+    """fp32 with ZeRO 0: DeepSpeed's `clip_fp32_gradients` clips but throws the norm away
+    (`get_global_grad_norm()` stays None), and counts a pipeline-tied weight on both of its
+    stages. This replacement counts each parameter once (the marks above, skipping
+    DeepSpeed's `ds_pipe_replicated` copies), clips by the same rule and keeps the norm."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [p.grad.detach().float().pow(2).sum() for p in params
+                   if is_model_parallel_parameter(p) and not getattr(p, "ds_pipe_replicated", False)]
+        sq = torch.stack(counted).sum() if counted else torch.zeros((), device=params[0].device)
+        dist.all_reduce(sq, group=engine.mpu.get_model_parallel_group())  # the ranks holding one model replica
+        norm = sq.sqrt()
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef)
+        engine._global_grad_norm = norm.item()
+
+    engine.clip_fp32_gradients = clip
+
+
+@dataclass
+class TrainEngine:
+    ds: Any  # deepspeed DeepSpeedEngine or PipelineEngine
+    groups: ProcessGroups
+    loss_fn: LossFn
+    device: torch.device
+    pipeline: bool
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first (inputs) and last (targets) pipeline stages consume batches."""
+        return not self.pipeline or self.groups.is_first_stage or self.groups.is_last_stage
+
+    def train_step(self, micro_batches: list) -> tuple[float, Optional[float]]:
+        if self.pipeline:
+            loss = self.ds.train_batch(data_iter=iter(micro_batches) if self.reads_data else None)
+        else:
+            losses = []
+            for inputs, targets in micro_batches:
+                micro_loss = self.loss_fn(self.ds(inputs.to(self.device)), targets.to(self.device))
+                self.ds.backward(micro_loss)
+                self.ds.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                losses.append(micro_loss.detach().float())
+            loss = self._dp_mean(torch.stack(losses).mean())
+        grad_norm = self.ds.get_global_grad_norm()
+        return float(loss), (float(grad_norm) if grad_norm is not None else None)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list) -> float:
+        if self.pipeline:
+            loss = self.ds.eval_batch(data_iter=iter(micro_batches) if self.reads_data else None,
+                                      num_micro_batches=len(micro_batches))
+            return float(loss)
+        self.ds.eval()
+        losses = [self.loss_fn(self.ds(i.to(self.device)), t.to(self.device)).float() for i, t in micro_batches]
+        self.ds.train()
+        return float(self._dp_mean(torch.stack(losses).mean()))
+
+    def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.groups.layout.dp > 1:
+            dist.all_reduce(value, group=self.groups.dp_group)
+            value = value / self.groups.layout.dp
+        return value
+
+
+def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.device,
+                 ds_config: dict) -> TrainEngine:
+    import deepspeed
+
+    tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp)
+    specs = layer_specs(cfg.model, tp, seed=cfg.train.seed)
+    loss_fn = LossFn(tp)
+    checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    pipeline = plan.layout.pp > 1
+    if pipeline:
+        model = StagedPipelineModule(
+            specs, plan.parts, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
+            activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+            activation_checkpoint_func=checkpoint_fn)
+        mpu = None  # the pipeline engine builds its grid from the topology
+    else:
+        model = LlamaModel(specs, checkpoint_fn if cfg.parallel.activation_checkpointing else None).to(device)
+        mpu = ModelParallelUnit(groups)
+    mark_grad_norm_owners(model, groups.coord.tp)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mpu)
+    if plan.dtype == "fp32" and cfg.zero.stage == 0:
+        keep_fp32_grad_norm(engine)
+    return TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline)

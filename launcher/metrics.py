@@ -1,0 +1,71 @@
+"""The run directory (`run.dir`, default runs/<name>): config.yaml, metrics.jsonl, console lines.
+
+Only global rank 0 writes; every record is what one process training on the whole global
+batch would report (the loss is averaged over all micro-batches and data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from launcher.config import Config, dump_config
+
+# Dense bf16 peak TFLOP/s per GPU, for MFU (NVIDIA datasheets, SXM parts).
+GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
+
+
+def gpu_peak_tflops(device_name: str) -> Optional[float]:
+    for key, value in GPU_PEAK_TFLOPS.items():
+        if key in device_name.upper():
+            return value
+    return None
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+class RunLog:
+    def __init__(self, path: Path, is_writer: bool):
+        self.path = path
+        self.is_writer = is_writer
+        self.started = time.time()
+        if is_writer:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "metrics.jsonl").write_text("")
+
+    def info(self, text: str) -> None:
+        if self.is_writer:
+            print(text, flush=True)
+
+    def write_config(self, cfg: Config) -> None:
+        if self.is_writer:
+            (self.path / "config.yaml").write_text(dump_config(cfg))
+
+    def log(self, record: dict, total_steps: int) -> None:
+        if not self.is_writer:
+            return
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}")
+        parts.append(f"lr {record['lr']:.2e}")
+        if record.get("grad_norm") is not None:
+            parts.append(f"gnorm {record['grad_norm']:.3f}")
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{record['step_time_s']:.3f} s/step")
+        if "mfu" in record:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+        if "peak_mem_gb" in record:
+            parts.append(f"mem {record['peak_mem_gb']:.1f} GB")
+        print(" | ".join(parts), flush=True)
+
+    def summary(self, step: int, last: dict, tokens_seen: int) -> None:
+        minutes = (time.time() - self.started) / 60
+        val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+        self.info(f"done: {step} steps, loss {last['loss']:.4f}{val}, {tokens_seen:,} tokens in "
+                  f"{minutes:.1f} min, run dir {self.path}")
