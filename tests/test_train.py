@@ -102,6 +102,17 @@ def test_activation_checkpointing_changes_nothing(single, tmp_path):
     assert_close(losses(piped), losses(single), 1e-5)
 
 
+def test_tied_embeddings_across_stages_match_single_process(tmp_path):
+    """The tie crosses stages (embed on stage 0, head on stage 1): DeepSpeed's TiedLayerSpec
+    all-reduces the two copies' gradients; the norm counts the weight once."""
+    tied = ["model.tie_embeddings=true", "parallel.tensor=1", "zero.stage=0"]
+    reference = train(python_cmd(), tmp_path / "single", *SHORT, *tied, "parallel.pipeline=1")
+    piped = train(torchrun_cmd(2), tmp_path / "pp2", *SHORT, *tied, "parallel.pipeline=2")
+    assert_close(losses(piped), losses(reference), 1e-5)
+    for a, b in zip(piped, reference):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
 @pytest.mark.parametrize("overrides", [["optimizer.name=lion", "optimizer.lr=3e-4"], ["precision.dtype=bf16"],
                                        ["precision.dtype=fp16"], ["model.tie_embeddings=true"]],
                          ids=["lion", "bf16", "fp16", "tied"])
