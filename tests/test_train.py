@@ -2,6 +2,7 @@
 command line (torchrun, mpirun, srun-style), compared step by step in fp32."""
 
 import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +71,23 @@ def test_data_parallel_matches_single_process(single, zero0_dp2):
 def test_zero_stages_match_zero0(zero0_dp2, tmp_path, stage):
     metrics = train(torchrun_cmd(2), tmp_path, *SHORT, "parallel.tensor=1", "parallel.pipeline=1", f"zero.stage={stage}")
     assert_close(losses(metrics), losses(zero0_dp2), 1e-5)
+
+
+def test_torchrun_multi_node_c10d_rendezvous(single, tmp_path):
+    """Two torchrun agents (as on two nodes) meet through a c10d rendezvous: world 2, pp 2."""
+    from distributed import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "c10dtest", "-m", "launcher.train",
+           *SHORT, "parallel.tensor=1", "parallel.pipeline=2", "zero.stage=0", f"run.dir={tmp_path}"]
+    agents = [subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["world_size"] == 2
+    assert_close(losses(metrics), losses(single), 1e-5)
 
 
 def test_mpirun_launch(single, tmp_path):
