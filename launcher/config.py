@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import re
 import types
 import typing
@@ -23,7 +24,13 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+# Exit codes of `python -m launcher.train` (docs/CHECKPOINTS.md): 0 only when training reached
+# its last step; 1 an unexpected failure (worth a retry); 2 a configuration or usage error
+# (never worth a retry); 75 a checkpoint was saved after SIGTERM/SIGUSR1: requeue to continue.
+EXIT_OK = 0
+EXIT_FAILURE = 1
 CONFIG_ERROR_EXIT_CODE = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again later"
 
 
 class ConfigError(Exception):
@@ -96,6 +103,9 @@ class ParallelConfig:
     in-flight activations, as estimated by parallel.costs); null = no cap."""
     activation_checkpointing: bool = False
     """Recompute each pipeline item's activations in the backward pass."""
+    collective_timeout_s: float = 1800.0
+    """A collective (or barrier) that waits longer than this fails: the survivors of a dead
+    peer exit and the job can restart instead of hanging."""
 
 
 @dataclass
@@ -167,7 +177,17 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many steps; 0 = only at the end."""
     keep_last: int = 2
-    """Number of complete checkpoints to keep."""
+    """Number of complete checkpoints to keep (the newest is never removed before a newer
+    one is complete)."""
+    resume: str = "auto"
+    """`auto`: continue from the newest checkpoint that verifies, else start fresh;
+    `required`: the same, but exit 2 when none verifies; `none`: start fresh (refused when
+    the checkpoint directory holds checkpoints, unless `overwrite`); or a checkpoint path."""
+    overwrite: bool = False
+    """With resume: none, delete existing checkpoints and start over."""
+    async_: bool = False
+    """(YAML key `async`) Flush, checksum and publish checkpoints in the background while
+    training goes on; same atomicity."""
 
 
 @dataclass
@@ -292,14 +312,20 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(prefix or "<top level>", f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [_yaml_name(f.name) for f in dataclasses.fields(cls)]
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in hints:
+        field_name = f"{name}_" if keyword.iskeyword(str(name)) else name
+        if field_name not in hints:
             raise _unknown_key(key, str(name), names)
-        values[name] = _coerce(value, hints[name], key)
+        values[field_name] = _coerce(value, hints[field_name], key)
     return cls(**values)
+
+
+def _yaml_name(field_name: str) -> str:
+    """A field named after a Python keyword (`async_`) is spelled without the underscore in YAML."""
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -361,7 +387,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    def rename(node):
+        if isinstance(node, dict):
+            return {_yaml_name(k): rename(v) for k, v in node.items()}
+        return node
+
+    return rename(dataclasses.asdict(cfg))
 
 
 def dump_config(cfg: Config) -> str:
@@ -408,6 +439,7 @@ def check_config(cfg: Config) -> None:
     if p.partition not in ("balanced", "uniform", "parameters") and not p.partition.startswith("type:"):
         raise ConfigError("parallel.partition",
                           f"expected balanced, uniform, parameters or type:<regex>, got {p.partition!r}")
+    _positive("parallel.collective_timeout_s", p.collective_timeout_s)
     if p.stage_memory_gb is not None:
         _positive("parallel.stage_memory_gb", p.stage_memory_gb)
     if p.pipeline > 1 and cfg.zero.stage > 1:
@@ -432,6 +464,9 @@ def check_config(cfg: Config) -> None:
     _positive("train.eval_batches", t.eval_batches)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.checkpoint.resume not in ("auto", "required", "none") and not Path(cfg.checkpoint.resume).is_dir():
+        raise ConfigError("checkpoint.resume", f"expected auto, required, none or a checkpoint directory; "
+                          f"not found: {cfg.checkpoint.resume}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.path != "embedded" and not Path(cfg.data.path).is_file():

@@ -36,7 +36,8 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         "train_micro_batch_size_per_gpu": lay.micro_batch,
         "gradient_accumulation_steps": lay.grad_accum,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": cfg.zero.stage},
+        # elastic_checkpoint: ZeRO 1/2 optimizer shards saved so that a resume may change dp
+        "zero_optimization": {"stage": cfg.zero.stage, **({"elastic_checkpoint": True} if cfg.zero.stage in (1, 2) else {})},
         "bf16": {"enabled": plan.dtype == "bf16"},
         "fp16": {"enabled": plan.dtype == "fp16", "loss_scale": 0,
                  "initial_scale_power": cfg.precision.fp16_initial_scale_power},
@@ -158,6 +159,12 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         mpu = ModelParallelUnit(groups)
     mark_grad_norm_owners(model, groups.coord.tp)
     optimizer = build_optimizer(model, cfg.optimizer)
+    # DeepSpeed's elastic ZeRO checkpoint (resume on another dp) records the optimizer step
+    # from param_groups, where its own FusedAdam keeps it, and refuses to load without it.
+    # torch's AdamW keeps the real count per parameter (carried through the elastic merge);
+    # a constant group entry satisfies the bookkeeping and is read by nothing else.
+    for group in optimizer.param_groups:
+        group.setdefault("step", 0)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)

@@ -1,7 +1,10 @@
 """The run directory (`run.dir`, default runs/<name>): config.yaml, metrics.jsonl, console lines.
 
-Only global rank 0 writes; every record is what one process training on the whole global
-batch would report (the loss is averaged over all micro-batches and data-parallel ranks).
+Only global rank 0 writes; every step record is what one process training on the whole
+global batch would report (the loss is averaged over all micro-batches and data-parallel
+ranks). Records with an `event` key (resume, checkpoint, stop) mark what happened between
+steps; a resumed run appends, so a step may appear twice: the later record is the one that
+counts.
 """
 
 from __future__ import annotations
@@ -29,13 +32,21 @@ def run_dir(cfg: Config) -> Path:
 
 
 class RunLog:
-    def __init__(self, path: Path, is_writer: bool):
+    def __init__(self, path: Path, is_writer: bool, fresh: bool = True):
+        """fresh: a new run truncates metrics.jsonl; a resumed run appends to it."""
         self.path = path
         self.is_writer = is_writer
         self.started = time.time()
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
-            (path / "metrics.jsonl").write_text("")
+            if fresh or not (path / "metrics.jsonl").exists():
+                (path / "metrics.jsonl").write_text("")
+
+    def event(self, record: dict) -> None:
+        """A non-step record (resume, checkpoint, stop) in metrics.jsonl, tagged by `event`."""
+        if self.is_writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def info(self, text: str) -> None:
         if self.is_writer:
@@ -65,6 +76,9 @@ class RunLog:
         print(" | ".join(parts), flush=True)
 
     def summary(self, step: int, last: dict, tokens_seen: int) -> None:
+        if not last:  # resumed from a checkpoint of the last step: nothing left to train
+            self.info(f"done: already trained to step {step}, run dir {self.path}")
+            return
         minutes = (time.time() - self.started) / 60
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
         self.info(f"done: {step} steps, loss {last['loss']:.4f}{val}, {tokens_seen:,} tokens in "

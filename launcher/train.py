@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from launcher.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, dump_config, load_config
+from launcher.config import CONFIG_ERROR_EXIT_CODE, EXIT_REQUEUE, Config, ConfigError, dump_config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -50,11 +52,33 @@ def dry_run(cfg: Config, world_size: int) -> str:
     return describe(cfg, plan, device="cuda + nccl (assumed; cpu + gloo where no GPU)")
 
 
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning): finish the step, checkpoint, exit 75.
+    A signal may reach only some ranks, so the decision is one all-reduce per step."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
 def train(cfg: Config, plan, ds_config: dict, penv) -> int:
-    """Start the process group, build the engine and run the loop. Returns the exit code."""
+    """Start the process group, build the engine, resume, run the loop. Returns the exit code."""
     import numpy as np
     import torch
 
+    from launcher import checkpoint as ckpt
     from launcher.data import GlobalBatches, load_tokens
     from launcher.engine import build_engine
     from launcher.launch_env import export_env
@@ -65,16 +89,29 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
 
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    stop = StopSignal()
     export_env(penv)
     device, backend = pick_device(penv.local_rank)
-    init_distributed(backend)
+    init_distributed(backend, cfg.parallel.collective_timeout_s)
     import deepspeed
     import torch.distributed as dist
 
     engine = None
     try:
         groups = build_process_groups(plan.layout, penv.rank)
-        log = RunLog(run_dir(cfg), is_writer=penv.rank == 0)
+        lay, seq, is_writer = plan.layout, cfg.model.seq_len, penv.rank == 0
+        root = ckpt.checkpoint_root(cfg)
+        resume_from = None if cfg.checkpoint.resume == "none" else ckpt.choose_resume(
+            root, ckpt.explicit_resume(cfg), penv.rank, penv.world_size,
+            warn=lambda text: is_writer and print(f"warning: {text}", flush=True))
+        if resume_from is None and cfg.checkpoint.resume not in ("auto", "none"):
+            if is_writer:
+                print(f"config error: checkpoint.resume: {cfg.checkpoint.resume}, but no checkpoint in "
+                      f"{root} verifies", file=sys.stderr, flush=True)
+            return CONFIG_ERROR_EXIT_CODE
+        if resume_from is None and cfg.checkpoint.overwrite and is_writer and root.exists():
+            shutil.rmtree(root)
+        log = RunLog(run_dir(cfg), is_writer=is_writer, fresh=resume_from is None)
         log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, "
                  f"master {penv.master_addr}:{penv.master_port}")
         log.info(describe(cfg, plan, device=f"{device.type} + {backend}"))
@@ -84,7 +121,6 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         torch.manual_seed(cfg.train.seed)
 
         engine = build_engine(cfg, plan, groups, device, ds_config)
-        lay, seq = plan.layout, cfg.model.seq_len
         splits = load_tokens(cfg.data, log.path / "data")
         batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
                           dp_rank=groups.coord.dp, seed=cfg.train.seed)
@@ -93,29 +129,55 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         flops_token = flops_per_token(cfg.model)
 
-        tokens_seen, last = 0, {}
-        for step in range(1, cfg.train.steps + 1):
+        step, tokens_seen, last = 0, 0, {}
+        if resume_from is not None:
+            saved = ckpt.LauncherState.read(resume_from)
+            ckpt.load(engine.ds, resume_from, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
+                      same_layout=saved.layout == ckpt.layout_record(cfg, plan))
+            step, tokens_seen = saved.step, saved.tokens_seen
+            train_batches.consumed_samples = saved.consumed_samples
+            log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
+                       "world_size": lay.world_size, "dp": lay.dp, "saved_dp": saved.layout["dp"]})
+
+        while step < cfg.train.steps:
+            step += 1
+            lr = engine.ds.get_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
             batches = train_batches.next_step() if engine.reads_data else None
             loss, grad_norm = engine.train_step(batches)
             step_time = time.perf_counter() - start
             tokens_seen += lay.global_batch * seq
-            if step % cfg.train.log_every and step != cfg.train.steps:
-                continue
-            record = {"step": step, "loss": loss, "lr": engine.ds.get_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": lay.global_batch * seq / step_time, "step_time_s": step_time,
-                      "tokens_seen": tokens_seen, "world_size": lay.world_size}
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                record["val_loss"] = sum(
-                    engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
-                    for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
-            if device.type == "cuda":
-                if peak:
-                    record["mfu"] = flops_token * record["tokens_per_s"] / (lay.world_size * peak * 1e12)
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            log.log(record, cfg.train.steps)
-            last = record
-        log.summary(cfg.train.steps, last, tokens_seen)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": lay.global_batch * seq / step_time, "step_time_s": step_time,
+                          "tokens_seen": tokens_seen, "world_size": lay.world_size, "time": time.time()}
+                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                    record["val_loss"] = sum(
+                        engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
+                        for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
+                if device.type == "cuda":
+                    if peak:
+                        record["mfu"] = flops_token * record["tokens_per_s"] / (lay.world_size * peak * 1e12)
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log.log(record, cfg.train.steps)
+                last = record
+            stopping = stop.agreed(device)
+            every = cfg.checkpoint.every
+            if stopping or step == cfg.train.steps or (every and step % every == 0):
+                state = ckpt.LauncherState(step=step, tokens_seen=tokens_seen,
+                                           consumed_samples=step * lay.global_batch,
+                                           layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
+                t0 = time.perf_counter()
+                path = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, cfg.checkpoint.keep_last)
+                log.event({"event": "checkpoint", "step": step, "path": str(path),
+                           "save_s": time.perf_counter() - t0})
+            if stopping:
+                log.event({"event": "stop", "step": step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
+                log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: checkpoint "
+                         f"saved; exit {EXIT_REQUEUE} (requeue to continue)")
+                dist.barrier()
+                return EXIT_REQUEUE
+        log.summary(step, last, tokens_seen)
         dist.barrier()  # no collective may still be in flight when the groups go away
         return 0
     finally:
@@ -151,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.engine import deepspeed_config
 
         ds_config = deepspeed_config(cfg, plan)
+        from launcher.checkpoint import check_resume_config
+
+        check_resume_config(cfg, plan)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

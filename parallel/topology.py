@@ -142,12 +142,25 @@ class ProcessGroups:
 
 def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
     """Initialise torch.distributed from torchrun-style env vars (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT) and register it with DeepSpeed's comm layer (idempotent)."""
+    MASTER_ADDR, MASTER_PORT) and register it with DeepSpeed's comm layer (idempotent).
+    `timeout_s` bounds every collective: survivors of a dead peer fail instead of hanging."""
     import deepspeed
+    import torch.distributed as dist
 
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Under torchrun the workers share the agent's TCPStore, and after a restart
+        # (--max-restarts) it still holds the previous attempt's keys: gloo then dials peers
+        # that no longer exist ("Gloo connectFullMesh failed ... Connection refused", seen with
+        # torch 2.13 in every rendezvous mode). A key prefix per attempt keeps them apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"launcher/attempt_{attempt}",
+                                 dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                               is_master=False, timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
+                               timeout=timeout)
 
 
 def build_process_groups(layout: Layout, rank: int) -> ProcessGroups:

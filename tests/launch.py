@@ -38,8 +38,18 @@ def mpirun_cmd(nproc: int) -> list[str]:
             "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED", sys.executable, "-m", "launcher.train"]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Step records, one per step: after a resume the later record of a step counts."""
+    by_step = {r["step"]: r for r in read_records(run_dir) if "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_events(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_records(run_dir) if r.get("event") == kind]
 
 
 def run_cli(cmd: list[str], run_dir: Path, *overrides: str, env: dict | None = None, timeout: int = 600,

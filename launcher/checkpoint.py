@@ -1,0 +1,394 @@
+"""Fault-tolerant checkpoints: atomic publish, verified resume, retention.
+
+On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
+
+    step-00000020/              a complete checkpoint (published by one rename)
+        global_step.../ or *.pt DeepSpeed's own files (model, optimizer/ZeRO shards, scheduler)
+        rng/rank-00003.pt       python, numpy, torch (and cuda) RNG states of every rank
+        launcher_state.json     step, tokens seen, sampler position, layout, config fingerprint
+        manifest.json           every file above with its size and CRC-32; written last
+    latest                      the newest published tag (replaced atomically; for humans and tools)
+    .partial/step-00000030/     a save in progress (or one that crashed): never loaded
+
+Save: every rank writes into .partial/<tag>; local rank 0 of every node fsyncs every file
+(each node flushes its own page cache); all ranks checksum a share of the files; rank 0
+writes the manifest, renames the directory into place, fsyncs, replaces `latest`, then
+applies `keep_last`
+(which never removes the newest complete checkpoint). A crash at any point leaves the
+previous checkpoint as the newest complete one.
+
+Resume: candidates are the published step-* directories, newest first; each is verified
+against its manifest (files split over all ranks, so a 1 TB checkpoint is read in
+parallel) and the first that verifies wins. A newer one that fails is skipped with one
+line naming the file.
+
+Why not DeepSpeed's `latest` + `load_checkpoint(tag=None)` alone: DeepSpeed writes files in
+place and updates `latest` with no manifest, so a save killed halfway is taken for a good
+one on the next start (the failure users report most for GPT-NeoX / Megatron-DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+STATE = "launcher_state.json"
+PARTIAL = ".partial"
+TAG_RE = re.compile(r"^step-(\d{8})$")
+# Test hook, "STEP:FILES": SIGKILL rank 0 in the save of step STEP after it has checksummed
+# FILES files (everything is written, nothing is published yet).
+FAULT_ENV = "LAUNCHER_FAULT_KILL_SAVE"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(TAG_RE.match(path.name).group(1))
+
+
+# --------------------------------------------------------------------------------------
+# Files: fsync, checksums, manifest
+# --------------------------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crc32_file(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(ckpt: Path, step: int, rank: int, world_size: int) -> None:
+    """Collective: every rank checksums its share of the files (a 1 TB checkpoint is read in
+    parallel, not by rank 0 alone); rank 0 writes the manifest, last."""
+    fault_step, _, fault_files = os.environ.get(FAULT_ENV, "").partition(":")
+    kill_after = int(fault_files) if rank == 0 and fault_step and int(fault_step) == step else 0
+    files = _files(ckpt)
+    mine = []
+    for i, path in enumerate(files[rank::world_size], 1):
+        mine.append({"file": str(path.relative_to(ckpt)), "size": path.stat().st_size, "crc32": crc32_file(path)})
+        if kill_after and i >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        entries = sorted((e for share in shares for e in share), key=lambda e: e["file"])
+        write_atomic(ckpt / MANIFEST, json.dumps({"files": entries}, indent=1))
+
+
+def verify_files(ckpt: Path, entries: list[dict]) -> Optional[str]:
+    """None when every listed file matches, else '<file>: <what is wrong>'."""
+    for entry in entries:
+        path = ckpt / entry["file"]
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path}: size {size}, manifest says {entry['size']}"
+        if crc32_file(path) != entry["crc32"]:
+            return f"{path}: checksum mismatch"
+    return None
+
+
+def read_manifest(ckpt: Path) -> tuple[Optional[list[dict]], Optional[str]]:
+    try:
+        return json.loads((ckpt / MANIFEST).read_text())["files"], None
+    except FileNotFoundError:
+        return None, f"{ckpt / MANIFEST}: missing (incomplete save)"
+    except (ValueError, KeyError) as err:
+        return None, f"{ckpt / MANIFEST}: unreadable ({err})"
+
+
+# --------------------------------------------------------------------------------------
+# Listing and choosing
+# --------------------------------------------------------------------------------------
+
+
+def published(root: Path) -> list[Path]:
+    """Published checkpoint directories, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)), key=step_of, reverse=True)
+
+
+def verify_in_parallel(ckpt: Path, rank: int, world_size: int) -> Optional[str]:
+    """Collective: every rank checks its share of the manifest; returns the first problem."""
+    entries, problem = read_manifest(ckpt)
+    if entries is not None:
+        problem = verify_files(ckpt, entries[rank::world_size])
+    problems = [None] * world_size
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: int, warn) -> Optional[Path]:
+    """Collective: the checkpoint to resume from (None: start fresh). An explicit path must
+    verify; otherwise the newest published checkpoint that verifies."""
+    candidates = [explicit] if explicit is not None else published(root)
+    for ckpt in candidates:
+        problem = verify_in_parallel(ckpt, rank, world_size)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint {ckpt.name} skipped: {problem}")
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# State that is ours (not DeepSpeed's)
+# --------------------------------------------------------------------------------------
+
+
+def checkpoint_root(cfg) -> Path:
+    from launcher.metrics import run_dir
+
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
+
+
+def explicit_resume(cfg) -> Optional[Path]:
+    return None if cfg.checkpoint.resume in ("auto", "required", "none") else Path(cfg.checkpoint.resume)
+
+
+def layout_record(cfg, plan) -> dict:
+    lay = plan.layout
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.zero.stage, "dtype": plan.dtype}
+
+
+def check_resume_config(cfg, plan) -> None:
+    """Before any process starts: refuse what a resume cannot do, as one-line ConfigErrors."""
+    from launcher.config import ConfigError
+
+    root = checkpoint_root(cfg)
+    existing = published(root)
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        if existing and not cfg.checkpoint.overwrite:
+            raise ConfigError("checkpoint.resume", f"none, but {root} holds checkpoints (newest {existing[0].name}); "
+                              "set checkpoint.overwrite=true to delete them and start over, or resume: auto")
+        return
+    if mode == "required" and not existing:
+        raise ConfigError("checkpoint.resume", f"required, but {root} holds no checkpoint")
+    explicit = explicit_resume(cfg)
+    current = layout_record(cfg, plan)
+    for candidate in [explicit] if explicit else existing:
+        try:
+            saved = LauncherState.read(candidate)
+        except (OSError, ValueError, TypeError):
+            continue  # unreadable: the verification at start skips it with a warning
+        changed = fingerprint_diff(saved.fingerprint, fingerprint(cfg))
+        if changed:
+            raise ConfigError(changed[0], f"differs from checkpoint {candidate} (changed: {', '.join(changed)}); "
+                              "these must stay the same to resume: restore them, or start a new run "
+                              "(run.name / checkpoint.dir)")
+        if (saved.layout["tp"], saved.layout["pp"]) != (current["tp"], current["pp"]):
+            raise ConfigError("parallel.tensor", f"checkpoint {candidate} was saved with tensor={saved.layout['tp']} "
+                              f"pipeline={saved.layout['pp']}, this run has tensor={current['tp']} pipeline="
+                              f"{current['pp']}; resume with those two degrees (the data degree may change): "
+                              "converting across tensor/pipeline degrees is not supported yet (docs/CHECKPOINTS.md)")
+        if saved.layout["dp"] != current["dp"] and 3 in (saved.layout["zero_stage"], current["zero_stage"]):
+            raise ConfigError("zero.stage", f"checkpoint {candidate} has dp={saved.layout['dp']}, this run dp="
+                              f"{current['dp']}: changing the data degree works with ZeRO 0-2, not ZeRO 3")
+        if saved.layout["zero_stage"] != current["zero_stage"]:
+            raise ConfigError("zero.stage", f"checkpoint {candidate} was saved with ZeRO {saved.layout['zero_stage']}; "
+                              f"resume with zero.stage={saved.layout['zero_stage']}")
+
+
+def fingerprint(cfg) -> dict:
+    """Config fields a resume must not change: they define the weights' shapes, the
+    optimizer step's batch and the sample stream (changing them would silently train a
+    different run)."""
+    return {"model": dataclasses.asdict(cfg.model), "global_batch": cfg.parallel.global_batch,
+            "seed": cfg.train.seed, "data.path": cfg.data.path, "data.val_fraction": cfg.data.val_fraction}
+
+
+def fingerprint_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted names of the fields that differ, e.g. ['model.hidden', 'global_batch']."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in fingerprint_diff(a, b)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
+@dataclass
+class LauncherState:
+    step: int
+    tokens_seen: int
+    consumed_samples: int
+    layout: dict  # tp, pp, dp, zero_stage, dtype
+    fingerprint: dict  # config fields that must not change across a resume
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+    @classmethod
+    def read(cls, ckpt: Path) -> "LauncherState":
+        return cls(**json.loads((ckpt / STATE).read_text()))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------
+
+
+def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, keep_last: int) -> Path:
+    """Collective: write, verify-able and atomically published checkpoint of this step."""
+    tag = tag_for(state.step)
+    final = root / tag
+    partial_root = root / PARTIAL
+    partial = partial_root / tag
+    if rank == 0:
+        if partial.exists():  # left over by a crash at this very step
+            shutil.rmtree(partial)
+        partial_root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    ds_engine.save_checkpoint(str(partial_root), tag=tag, save_latest=False)
+    rng_dir = partial / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), rng_dir / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        (partial / STATE).write_text(state.to_json())
+    dist.barrier()  # every rank's files are written
+
+    if local_rank == 0:  # each node flushes what its ranks wrote
+        for path in _files(partial):
+            fsync_path(path)
+        for d in {p.parent for p in _files(partial)} | {partial}:
+            fsync_path(d)
+    dist.barrier()
+
+    write_manifest(partial, state.step, rank, dist.get_world_size())
+    if rank == 0:
+        fsync_path(partial)
+        replaced = partial_root / f"{tag}.replaced"
+        if final.exists():  # a checkpoint of this step that failed verification and was skipped
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(partial, final)
+        fsync_path(root)
+        write_atomic(root / "latest", tag + "\n")
+        shutil.rmtree(replaced, ignore_errors=True)
+        apply_retention(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def apply_retention(root: Path, keep_last: int) -> None:
+    """Keep the newest keep_last complete checkpoints (the newest is never removed) and drop
+    abandoned partial saves older than the newest complete one."""
+    complete = [p for p in published(root) if (p / MANIFEST).exists()]
+    for old in complete[max(1, keep_last):]:
+        shutil.rmtree(old, ignore_errors=True)
+    if complete and (root / PARTIAL).is_dir():
+        newest = step_of(complete[0])
+        for leftover in (root / PARTIAL).iterdir():
+            match = re.match(r"step-(\d{8})", leftover.name)
+            if match and int(match.group(1)) <= newest:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+
+class _ClampedList(list):
+    """A list whose out-of-range integer indices give its last element (see `load`)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index >= len(self):
+            index = len(self) - 1
+        return super().__getitem__(index)
+
+
+def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_layout: bool) -> None:
+    """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
+    the same layout, this rank's RNG state.
+
+    A different data-parallel degree: ZeRO 0 state does not depend on dp; ZeRO 1/2 state
+    is saved in DeepSpeed's elastic format (zero_optimization.elastic_checkpoint), which its
+    optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
+    dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
+    it is shown the saved dp, which is exactly what its elastic path expects."""
+    real_dp, real_reader = ds_engine.seq_dp_world_size, ds_engine._get_all_zero_checkpoints
+    if saved_dp != current_dp:
+        ds_engine.seq_dp_world_size = saved_dp
+        if current_dp > saved_dp:
+            # Growing dp: DeepSpeed also reads the shard list at index `new dp rank` (only for
+            # the global fields every shard holds alike) before merging the whole list.
+            ds_engine._get_all_zero_checkpoints = lambda *a: _ClampedList(real_reader(*a) or [])
+    try:
+        path, _ = ds_engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    finally:
+        ds_engine.seq_dp_world_size = real_dp
+        ds_engine._get_all_zero_checkpoints = real_reader
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+    # The scheduler's load_state_dict restores its counter, not the optimizer's lr; ZeRO's
+    # elastic optimizer state has no param_groups to bring it back. Without this the first
+    # step after a resume would run at step 1's warm-up lr.
+    if ds_engine.lr_scheduler is not None:
+        for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
+    if same_layout and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+

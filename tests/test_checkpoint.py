@@ -1,0 +1,259 @@
+"""Fault-tolerant checkpoints with real processes and real kills: bit-exact restart under
+torchrun, crashes mid-save, corrupt files, signals, and resuming on another data degree."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from launch import (REPO, base_env, losses, python_cmd, read_events, read_metrics, read_records, run_cli,
+                    torchrun_cmd, train)
+
+FAST = ["train.eval_every=0", "train.log_every=1"]
+SINGLE = ["parallel.tensor=1", "parallel.pipeline=1"]
+PP2_DP2 = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.data=2", "zero.stage=1"]
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"exited early with {proc.returncode}: {proc.communicate()[1][-3000:]}"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step and "loss" in r for r in _safe_records(path)):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def _safe_records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return out
+
+
+def model_tensors(ckpt: Path) -> dict:
+    """Every tensor of the model and optimizer files of a checkpoint, by file and key."""
+    out = {}
+    for path in sorted(ckpt.glob("*.pt")):
+        state = torch.load(path, weights_only=False, map_location="cpu")
+
+        def walk(prefix, node):
+            if torch.is_tensor(node):
+                out[prefix] = node
+            elif isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}", v)
+            elif isinstance(node, (list, tuple)):
+                for i, v in enumerate(node):
+                    walk(f"{prefix}[{i}]", v)
+
+        walk(path.name, state)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(torchrun_cmd(4), run_dir, *FAST, *PP2_DP2, "train.steps=40", "checkpoint.every=10")
+    return run_dir
+
+
+def test_sigkill_one_worker_torchrun_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, capsys):
+    """pp 2 x dp 2, 40 steps, checkpoint every 10: SIGKILL one worker after step 24; torchrun
+    (--max-restarts 1) restarts the group, which resumes from step 20; losses of every step
+    and the step-40 weights and optimizer state equal the uninterrupted run's bit for bit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "launcher.train", *FAST, *PP2_DP2,
+           "train.steps=40", "checkpoint.every=10", f"run.dir={tmp_path}"]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 24, agent)
+    workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "launcher.train" in " ".join(p.cmdline())]
+    victim = next(p for p in workers if p.environ().get("RANK") == "3")
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, err = agent.communicate(timeout=600)
+    assert agent.returncode == 0, err[-5000:]
+
+    resumes = read_events(tmp_path, "resume")
+    assert [r["step"] for r in resumes] == [20], resumes
+    first_resumed = next(r for r in read_records(tmp_path) if r.get("step") == 21 and r["time"] > killed_at)
+    with capsys.disabled():
+        print(f"\nrecovery: SIGKILL -> first resumed step (21) logged in {first_resumed['time'] - killed_at:.1f} s")
+
+    ours, reference = read_metrics(tmp_path), read_metrics(uninterrupted)
+    assert [m["step"] for m in ours] == list(range(1, 41))
+    assert losses(ours) == losses(reference)  # bit for bit
+    assert [m["grad_norm"] for m in ours] == [m["grad_norm"] for m in reference]
+    assert ours[-1]["tokens_seen"] == reference[-1]["tokens_seen"] == 40 * 16 * 128
+    a, b = model_tensors(tmp_path / "checkpoints/step-00000040"), model_tensors(uninterrupted / "checkpoints/step-00000040")
+    assert a.keys() == b.keys() and len(a) > 20
+    for key in a:
+        if a[key].numel() == b[key].numel() == 1:  # DeepSpeed restores AdamW's 0-d step as shape [1]
+            assert a[key].item() == b[key].item(), key
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
+    args = [*FAST, *SINGLE, "train.steps=30", "checkpoint.every=10"]
+    run_cli(python_cmd(), tmp_path, *args, env=base_env(LAUNCHER_FAULT_KILL_SAVE="20:3"), expect_rc=-signal.SIGKILL)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-00000010"
+    assert not (root / "step-00000020").exists()
+    assert (root / ".partial/step-00000020").is_dir() and not (root / ".partial/step-00000020/manifest.json").exists()
+
+    result = run_cli(python_cmd(), tmp_path, *args)
+    assert [r["step"] for r in read_events(tmp_path, "resume")] == [10]
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 31))
+    assert (root / "latest").read_text().strip() == "step-00000030"
+    assert not (root / ".partial/step-00000020").exists()  # the abandoned save is cleaned up
+    assert "done: 30 steps" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two")
+    train(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=20", "checkpoint.every=10")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000010", "step-00000020"]
+    return run_dir
+
+
+def test_truncated_file_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    victim = max((run_dir / "checkpoints/step-00000020").glob("*.pt"), key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    result = run_cli(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=22", "checkpoint.every=10")
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: checkpoint step-00000020 skipped: {victim}: size {size // 2}, manifest says {size}"]
+    assert [r["step"] for r in read_events(run_dir, "resume")] == [10]
+
+
+def test_flipped_byte_is_caught_by_the_checksum(two_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    victim = sorted((run_dir / "checkpoints/step-00000020").glob("*.pt"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = run_cli(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=21", "checkpoint.every=10")
+    assert f"warning: checkpoint step-00000020 skipped: {victim}: checksum mismatch" in result.stdout
+    assert [r["step"] for r in read_events(run_dir, "resume")] == [10]
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path):
+    proc = subprocess.Popen([*python_cmd(), *FAST, *SINGLE, "train.steps=100000", f"run.dir={tmp_path}"], cwd=REPO,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    stop = read_events(tmp_path, "stop")[-1]
+    assert stop["signal"] == "SIGTERM" and stop["exit_code"] == 75
+    assert (tmp_path / f"checkpoints/step-{stop['step']:08d}/manifest.json").exists()
+    assert read_metrics(tmp_path)[-1]["step"] == stop["step"]
+    assert f"stopped by SIGTERM at step {stop['step']}: checkpoint saved; exit 75" in out
+
+
+def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Two srun-style tasks (pp 2); only rank 1 gets Slurm's pre-emption warning."""
+    procs = []
+    for rank in range(2):
+        env = base_env(SLURM_JOB_ID="4711", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                       SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost")
+        procs.append(subprocess.Popen([*python_cmd(), *FAST, "parallel.tensor=1", "parallel.pipeline=2",
+                                       "train.steps=100000", f"run.dir={tmp_path}"], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    wait_for_step(tmp_path, 3, procs[0])
+    procs[1].send_signal(signal.SIGUSR1)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    stop = read_events(tmp_path, "stop")[-1]
+    assert (tmp_path / f"checkpoints/step-{stop['step']:08d}/manifest.json").exists()
+    assert f"stopped by a signal on another rank at step {stop['step']}" in outputs[0][0]
+
+
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dp2")
+    train(torchrun_cmd(2), run_dir, *FAST, *SINGLE, "zero.stage=1", "train.steps=14", "checkpoint.every=10")
+    return run_dir
+
+
+@pytest.mark.parametrize("nproc", [1, 4], ids=["dp1", "dp4"])
+def test_resume_dp2_checkpoint_on_another_data_degree(dp2_run, tmp_path, nproc):
+    cmd = python_cmd() if nproc == 1 else torchrun_cmd(nproc)
+    metrics = train(cmd, tmp_path, *FAST, *SINGLE, "zero.stage=1", "train.steps=14",
+                    f"checkpoint.resume={dp2_run / 'checkpoints/step-00000010'}")
+    resume = read_events(tmp_path, "resume")[0]
+    assert (resume["step"], resume["saved_dp"], resume["dp"]) == (10, 2, nproc)
+    reference = {m["step"]: m for m in read_metrics(dp2_run)}
+    assert [m["step"] for m in metrics] == [11, 12, 13, 14]
+    for m in metrics:  # same samples, same optimizer state: the loss curve continues
+        assert abs(m["loss"] - reference[m["step"]]["loss"]) < 1e-4, (m["step"], m["loss"], reference[m["step"]]["loss"])
+        assert m["tokens_seen"] == reference[m["step"]]["tokens_seen"] == m["step"] * 16 * 128  # no gap, no overlap
+
+
+def _cli(*args):
+    return subprocess.run([*python_cmd(), *args], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_resume_modes_and_refusals(two_checkpoints, tmp_path):
+    """Refusals happen before any process group: one line, exit 2. (The fixture used ZeRO 1.)"""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    cases = [
+        (["checkpoint.resume=none"], "checkpoint.resume: none, but"),
+        (["model.hidden=64"], "model.hidden: differs from checkpoint"),
+        (["parallel.global_batch=32"], "global_batch: differs from checkpoint"),
+        (["zero.stage=0"], "zero.stage: checkpoint"),
+        (["checkpoint.resume=/no/such/checkpoint"], "checkpoint.resume: expected auto, required, none or a checkpoint"),
+    ]
+    for extra, message in cases:
+        result = _cli(*FAST, *SINGLE, f"run.dir={run_dir}", *extra)
+        assert result.returncode == 2, (extra, result.stdout[-2000:], result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    dry = _cli(*FAST, "parallel.tensor=2", "parallel.pipeline=1", f"run.dir={run_dir}", "--dry-run")
+    assert dry.returncode == 0, dry.stderr  # dry runs never look at checkpoints
+    empty = _cli(*FAST, *SINGLE, f"run.dir={tmp_path / 'empty'}", "checkpoint.resume=required")
+    assert empty.returncode == 2 and "checkpoint.resume: required, but" in empty.stderr
+
+
+def test_tensor_degree_change_is_refused_with_how_to(two_checkpoints):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "launcher.train", *FAST, "parallel.tensor=2", "parallel.pipeline=1",
+                             f"run.dir={two_checkpoints}"], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert ("parallel.tensor: checkpoint " in result.stderr and "was saved with tensor=1 pipeline=1, this run has "
+            "tensor=2 pipeline=1; resume with those two degrees" in result.stderr)
+
+
+def test_overwrite_starts_over(two_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    train(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=3", "checkpoint.resume=none", "checkpoint.overwrite=true")
+    assert read_events(run_dir, "resume") == []
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000003"]
+
+
+def test_keep_last_retention(tmp_path):
+    train(python_cmd(), tmp_path, *FAST, *SINGLE, "train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000008"]
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-00000008"
+    leftovers = [name for name in os.listdir(tmp_path / "checkpoints/.partial") if name.startswith("step-")]
+    assert leftovers == []  # (DeepSpeed also drops its zero_to_fp32.py helper scripts there)
