@@ -13,7 +13,8 @@ On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
 Save: every rank writes into .partial/<tag>; local rank 0 of every node fsyncs every file
 (each node flushes its own page cache); all ranks checksum a share of the files; rank 0
 writes the manifest, renames the directory into place, fsyncs, replaces `latest`, then
-applies `keep_last`
+applies `keep_last`. With `checkpoint.async` the flush/checksum/publish half runs in a
+background thread per rank while training continues
 (which never removes the newest complete checkpoint). A crash at any point leaves the
 previous checkpoint as the newest complete one.
 
@@ -36,6 +37,8 @@ import random
 import re
 import shutil
 import signal
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,25 +97,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(ckpt: Path, step: int, rank: int, world_size: int) -> None:
-    """Collective: every rank checksums its share of the files (a 1 TB checkpoint is read in
-    parallel, not by rank 0 alone); rank 0 writes the manifest, last."""
-    fault_step, _, fault_files = os.environ.get(FAULT_ENV, "").partition(":")
-    kill_after = int(fault_files) if rank == 0 and fault_step and int(fault_step) == step else 0
-    files = _files(ckpt)
-    mine = []
-    for i, path in enumerate(files[rank::world_size], 1):
-        mine.append({"file": str(path.relative_to(ckpt)), "size": path.stat().st_size, "crc32": crc32_file(path)})
-        if kill_after and i >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
-    shares = [None] * world_size
-    dist.all_gather_object(shares, mine)
-    if rank == 0:
-        entries = sorted((e for share in shares for e in share), key=lambda e: e["file"])
-        write_atomic(ckpt / MANIFEST, json.dumps({"files": entries}, indent=1))
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and PARTS not in p.relative_to(root).parts)
 
 
 def verify_files(ckpt: Path, entries: list[dict]) -> Optional[str]:
@@ -287,10 +273,45 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, keep_last: int) -> Path:
-    """Collective: write, verify-able and atomically published checkpoint of this step."""
+PARTS = ".parts"  # per-rank checksum shares while a save is being finished; never published
+
+
+class PendingSave:
+    """The finishing half of a save (flush, checksum, publish), run now or in a thread."""
+
+    def __init__(self, work, background: bool):
+        self.error: Optional[BaseException] = None
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-finish", daemon=True)
+            self._thread.start()
+        else:
+            work()
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as err:  # surfaced by wait() in the training thread
+            self.error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            raise RuntimeError(f"background checkpoint save failed: {self.error}") from self.error
+
+
+def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, world_size: int,
+         keep_last: int, background: bool = False, timeout_s: float = 1800.0) -> PendingSave:
+    """Collective: write this step's checkpoint and publish it atomically.
+
+    The first half (DeepSpeed's files, RNG states, our state) runs here on every rank. The
+    second half flushes, checksums and publishes; with background=True it runs in a thread
+    per rank while training goes on. The ranks of the second half meet through files (each
+    rank's checksum share), not collectives, so it never shares a process group with
+    training. The caller waits for the previous save before starting the next one."""
     tag = tag_for(state.step)
-    final = root / tag
     partial_root = root / PARTIAL
     partial = partial_root / tag
     if rank == 0:
@@ -298,36 +319,67 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
             shutil.rmtree(partial)
         partial_root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-
     ds_engine.save_checkpoint(str(partial_root), tag=tag, save_latest=False)
-    rng_dir = partial / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_dir / f"rank-{rank:05d}.pt")
+    (partial / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), partial / "rng" / f"rank-{rank:05d}.pt")
+    (partial / PARTS).mkdir(exist_ok=True)
     if rank == 0:
         (partial / STATE).write_text(state.to_json())
-    dist.barrier()  # every rank's files are written
+    dist.barrier()  # every rank's files are written (to the page cache at least)
 
-    if local_rank == 0:  # each node flushes what its ranks wrote
-        for path in _files(partial):
+    def finish() -> None:
+        _finish_share(partial, state.step, rank, local_rank, world_size)
+        if rank == 0:
+            _publish(root, partial, tag, world_size, keep_last, timeout_s)
+
+    pending = PendingSave(finish, background)
+    if not background:
+        dist.barrier()  # nobody goes on before the checkpoint is published
+    return pending
+
+
+def _finish_share(partial: Path, step: int, rank: int, local_rank: int, world_size: int) -> None:
+    """This rank's part: local rank 0 of each node fsyncs every file (its node's page cache);
+    every rank checksums its share of the files and leaves the result in .parts/."""
+    files = _files(partial)
+    if local_rank == 0:
+        for path in files:
             fsync_path(path)
-        for d in {p.parent for p in _files(partial)} | {partial}:
+        for d in {p.parent for p in files} | {partial}:
             fsync_path(d)
-    dist.barrier()
+    fault_step, _, fault_files = os.environ.get(FAULT_ENV, "").partition(":")
+    kill_after = int(fault_files) if rank == 0 and fault_step and int(fault_step) == step else 0
+    share = []
+    for i, path in enumerate(files[rank::world_size], 1):
+        share.append({"file": str(path.relative_to(partial)), "size": path.stat().st_size, "crc32": crc32_file(path)})
+        if kill_after and i >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
+    write_atomic(partial / PARTS / f"rank-{rank:05d}.json", json.dumps(share))
 
-    write_manifest(partial, state.step, rank, dist.get_world_size())
-    if rank == 0:
-        fsync_path(partial)
-        replaced = partial_root / f"{tag}.replaced"
-        if final.exists():  # a checkpoint of this step that failed verification and was skipped
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(final, replaced)
-        os.rename(partial, final)
-        fsync_path(root)
-        write_atomic(root / "latest", tag + "\n")
+
+def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float) -> None:
+    """Rank 0: once every share is in, write the manifest (last), rename into place, point
+    `latest` at it, apply retention."""
+    parts = [partial / PARTS / f"rank-{r:05d}.json" for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in parts):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"checkpoint {tag}: ranks did not finish their checksums in {timeout_s:.0f} s")
+        time.sleep(0.05)
+    entries = sorted((e for p in parts for e in json.loads(p.read_text())), key=lambda e: e["file"])
+    shutil.rmtree(partial / PARTS)
+    write_atomic(partial / MANIFEST, json.dumps({"files": entries}, indent=1))
+    fsync_path(partial)
+    final = root / tag
+    replaced = partial.parent / f"{tag}.replaced"
+    if final.exists():  # a checkpoint of this step that failed verification and was skipped
         shutil.rmtree(replaced, ignore_errors=True)
-        apply_retention(root, keep_last)
-    dist.barrier()
-    return final
+        os.rename(final, replaced)
+    os.rename(partial, final)
+    fsync_path(root)
+    write_atomic(root / "latest", tag + "\n")
+    shutil.rmtree(replaced, ignore_errors=True)
+    apply_retention(root, keep_last)
 
 
 def apply_retention(root: Path, keep_last: int) -> None:

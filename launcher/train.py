@@ -139,6 +139,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
                        "world_size": lay.world_size, "dp": lay.dp, "saved_dp": saved.layout["dp"]})
 
+        pending = ckpt.PendingSave(lambda: None, background=False)
         while step < cfg.train.steps:
             step += 1
             lr = engine.ds.get_lr()[0]  # the rate this step's update uses
@@ -167,18 +168,22 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
                 state = ckpt.LauncherState(step=step, tokens_seen=tokens_seen,
                                            consumed_samples=step * lay.global_batch,
                                            layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
+                pending.wait()  # one save in flight at a time
                 t0 = time.perf_counter()
-                path = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, cfg.checkpoint.keep_last)
-                log.event({"event": "checkpoint", "step": step, "path": str(path),
-                           "save_s": time.perf_counter() - t0})
+                pending = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, penv.world_size,
+                                    cfg.checkpoint.keep_last, background=cfg.checkpoint.async_ and not stopping,
+                                    timeout_s=cfg.parallel.collective_timeout_s)
+                log.event({"event": "checkpoint", "step": step, "path": str(root / ckpt.tag_for(step)),
+                           "save_s": time.perf_counter() - t0, "background": cfg.checkpoint.async_})
             if stopping:
                 log.event({"event": "stop", "step": step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
                 log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: checkpoint "
                          f"saved; exit {EXIT_REQUEUE} (requeue to continue)")
                 dist.barrier()
                 return EXIT_REQUEUE
-        log.summary(step, last, tokens_seen)
+        pending.wait()  # the last checkpoint is published before we report success
         dist.barrier()  # no collective may still be in flight when the groups go away
+        log.summary(step, last, tokens_seen)
         return 0
     finally:
         del deepspeed
@@ -226,6 +231,11 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:  # started by mpirun: MPI must see a clean finalize
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
     # Everything is written and closed by now. Skip the interpreter's teardown: a gloo or
     # DeepSpeed worker thread destroyed during finalization can abort ("terminate called
     # without an active exception") a process that finished cleanly, turning exit 0 into

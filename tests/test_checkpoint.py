@@ -257,3 +257,18 @@ def test_keep_last_retention(tmp_path):
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step-00000008"
     leftovers = [name for name in os.listdir(tmp_path / "checkpoints/.partial") if name.startswith("step-")]
     assert leftovers == []  # (DeepSpeed also drops its zero_to_fp32.py helper scripts there)
+
+
+def test_async_save_publishes_complete_checkpoints(tmp_path):
+    """checkpoint.async: flush/checksum/publish in the background; the checkpoints are as
+    complete as synchronous ones: resuming from one continues bit for bit."""
+    first = tmp_path / "async"
+    reference = train(python_cmd(), first, *FAST, *SINGLE, "train.steps=12", "checkpoint.every=4",
+                      "checkpoint.async=true", "checkpoint.keep_last=3")
+    assert [e["background"] for e in read_events(first, "checkpoint")] == [True, True, True]
+    root = first / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000012"]
+    assert all((p / "manifest.json").exists() for p in root.glob("step-*"))
+    resumed = train(python_cmd(), tmp_path / "resumed", *FAST, *SINGLE, "train.steps=12",
+                    f"checkpoint.resume={root / 'step-00000008'}")
+    assert losses(resumed) == losses(reference)[8:]
