@@ -210,6 +210,11 @@ class LoggingConfig:
     """Console log level (rank 0)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device for MFU; null = from a table (A100, H100, H200 bf16)."""
+    time_breakdown: bool = False
+    """Log DeepSpeed's forward/backward/optimizer (and pipeline send/recv) timers per step.
+    Adds device synchronisations: for profiling runs."""
 
 
 @dataclass
@@ -471,5 +476,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.path != "embedded" and not Path(cfg.data.path).is_file():
         raise ConfigError("data.path", f"file not found: {cfg.data.path}")
+    if cfg.logging.peak_tflops is not None:
+        _positive("logging.peak_tflops", cfg.logging.peak_tflops)
     if cfg.data.tokenizer == "byte" and m.vocab < 256:
         raise ConfigError("model.vocab", f"the byte tokenizer needs vocab >= 256, got {m.vocab}")

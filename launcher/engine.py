@@ -43,7 +43,7 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
                  "initial_scale_power": cfg.precision.fp16_initial_scale_power},
         "zero_allow_untested_optimizer": True,  # Lion is ours; ZeRO wraps any torch optimizer
         "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
-        "wall_clock_breakdown": False,
+        "wall_clock_breakdown": cfg.logging.time_breakdown,
     }
     return merge_user_block(generated, cfg.deepspeed)
 
@@ -132,6 +132,34 @@ class TrainEngine:
         self.ds.train()
         return float(self._dp_mean(torch.stack(losses).mean()))
 
+    def loss_scale(self) -> Optional[float]:
+        """fp16's dynamic loss scale (None in fp32/bf16)."""
+        if not self.ds.fp16_enabled():
+            return None
+        scale = getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", None)
+        return float(scale) if scale is not None else None
+
+    def time_breakdown_ms(self) -> dict:
+        """What DeepSpeed's wall-clock breakdown reported since the last call, in ms
+        (forward, backward, allreduce, optimizer step; send/recv with pipelines); empty
+        unless logging.time_breakdown. DeepSpeed prints and resets its timers itself at each
+        step, so the values are caught as it logs them (see `capture_timer_logs`)."""
+        captured, self._captured_ms = getattr(self, "_captured_ms", {}), {}
+        return {f"time_{name}_ms": value for name, value in captured.items()}
+
+    def capture_timer_logs(self) -> None:
+        timers, real_log = self.ds.timers, self.ds.timers.log
+        self._captured_ms = {}
+
+        def log(names, normalizer=1.0, reset=True, **kwargs):
+            for name in names:
+                if name in timers.get_timers():
+                    value = timers.get_timers()[name].elapsed(reset=False) / normalizer
+                    self._captured_ms[name] = self._captured_ms.get(name, 0.0) + value
+            return real_log(names, normalizer=normalizer, reset=reset, **kwargs)
+
+        timers.log = log
+
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.groups.layout.dp > 1:
             dist.all_reduce(value, group=self.groups.dp_group)
@@ -170,4 +198,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
                                            config=ds_config, mpu=mpu)
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)
-    return TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline)
+    train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline)
+    if cfg.logging.time_breakdown:
+        train_engine.capture_timer_logs()
+    return train_engine

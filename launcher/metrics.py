@@ -27,6 +27,11 @@ def gpu_peak_tflops(device_name: str) -> Optional[float]:
     return None
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
@@ -37,6 +42,8 @@ class RunLog:
         self.path = path
         self.is_writer = is_writer
         self.started = time.time()
+        self.tracker = None  # launcher.tracking.Tracker, set by the caller
+        self._first_logged: Optional[tuple[int, float]] = None  # (step, time) for the ETA
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
             if fresh or not (path / "metrics.jsonl").exists():
@@ -47,6 +54,12 @@ class RunLog:
         if self.is_writer:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({**record, "time": time.time()}) + "\n")
+            if self.tracker:
+                self.tracker.event(record)
+
+    def close(self, summary: Optional[dict] = None) -> None:
+        if self.tracker:
+            self.tracker.finish(summary or {})
 
     def info(self, text: str) -> None:
         if self.is_writer:
@@ -61,6 +74,8 @@ class RunLog:
             return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker:
+            self.tracker.log(record)
         parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"val {record['val_loss']:.4f}")
@@ -73,6 +88,14 @@ class RunLog:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
         if "peak_mem_gb" in record:
             parts.append(f"mem {record['peak_mem_gb']:.1f} GB")
+        if record.get("loss_scale"):
+            parts.append(f"scale {record['loss_scale']:.0f}")
+        now = time.time()
+        if self._first_logged is None:
+            self._first_logged = (record["step"], now)
+        elif record["step"] > self._first_logged[0]:
+            per_step = (now - self._first_logged[1]) / (record["step"] - self._first_logged[0])
+            parts.append(f"eta {_duration(per_step * (total_steps - record['step']))}")
         print(" | ".join(parts), flush=True)
 
     def summary(self, step: int, last: dict, tokens_seen: int) -> None:

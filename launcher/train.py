@@ -84,6 +84,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
     from launcher.launch_env import export_env
     from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
     from launcher.plan import describe
+    from launcher.tracking import Tracker
     from parallel.costs import flops_per_token
     from parallel.topology import build_process_groups, init_distributed, pick_device
 
@@ -112,6 +113,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         if resume_from is None and cfg.checkpoint.overwrite and is_writer and root.exists():
             shutil.rmtree(root)
         log = RunLog(run_dir(cfg), is_writer=is_writer, fresh=resume_from is None)
+        log.tracker = Tracker(cfg, log.path, is_writer)
         log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, "
                  f"master {penv.master_addr}:{penv.master_port}")
         log.info(describe(cfg, plan, device=f"{device.type} + {backend}"))
@@ -126,7 +128,8 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
                           dp_rank=groups.coord.dp, seed=cfg.train.seed)
         train_batches = GlobalBatches(splits.train, seq, **batch_args)
         val_batches = GlobalBatches(splits.val, seq, **batch_args)  # fixed set: always from position 0
-        peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        peak = cfg.logging.peak_tflops or (
+            gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
         flops_token = flops_per_token(cfg.model)
 
         step, tokens_seen, last = 0, 0, {}
@@ -147,18 +150,24 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             batches = train_batches.next_step() if engine.reads_data else None
             loss, grad_norm = engine.train_step(batches)
             step_time = time.perf_counter() - start
+            breakdown = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
             tokens_seen += lay.global_batch * seq
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                tokens_per_s = lay.global_batch * seq / step_time
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": lay.global_batch * seq / step_time, "step_time_s": step_time,
-                          "tokens_seen": tokens_seen, "world_size": lay.world_size, "time": time.time()}
+                          "tokens_per_s": tokens_per_s, "samples_per_s": lay.global_batch / step_time,
+                          "step_time_s": step_time, "tokens_seen": tokens_seen, "world_size": lay.world_size,
+                          "tflops_per_device": flops_token * tokens_per_s / lay.world_size / 1e12,
+                          "time": time.time(), **breakdown}
+                if engine.loss_scale() is not None:
+                    record["loss_scale"] = engine.loss_scale()
+                if peak:
+                    record["mfu"] = record["tflops_per_device"] / peak
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     record["val_loss"] = sum(
                         engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
                         for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
                 if device.type == "cuda":
-                    if peak:
-                        record["mfu"] = flops_token * record["tokens_per_s"] / (lay.world_size * peak * 1e12)
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log.log(record, cfg.train.steps)
                 last = record
@@ -179,11 +188,14 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
                 log.event({"event": "stop", "step": step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
                 log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: checkpoint "
                          f"saved; exit {EXIT_REQUEUE} (requeue to continue)")
+                log.close({"stopped_at_step": step})
                 dist.barrier()
                 return EXIT_REQUEUE
         pending.wait()  # the last checkpoint is published before we report success
         dist.barrier()  # no collective may still be in flight when the groups go away
         log.summary(step, last, tokens_seen)
+        log.close({"final_step": step, "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+                   "tokens_seen": tokens_seen})
         return 0
     finally:
         del deepspeed
@@ -221,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.checkpoint import check_resume_config
 
         check_resume_config(cfg, plan)
+        from launcher.tracking import check_wandb_login
+
+        check_wandb_login(cfg.logging.wandb)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

@@ -1,0 +1,89 @@
+"""Plots of a run: `python -m launcher.report runs/x [--compare runs/y ...] [--out DIR]`.
+
+Reads metrics.jsonl (the later record of a step counts after a resume) and writes PNGs:
+loss.png (train and validation), lr.png, throughput.png (tokens/s) and, when the run
+recorded it, mfu.png; each marks the steps where the run resumed from a checkpoint.
+With --compare the runs are overlaid (default output: <first run>/report-compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = [  # (file, y label, [(metric key, line label suffix)])
+    ("loss.png", "loss", [("loss", "train"), ("val_loss", "val")]),
+    ("lr.png", "learning rate", [("lr", "")]),
+    ("throughput.png", "tokens/s", [("tokens_per_s", "")]),
+    ("mfu.png", "MFU", [("mfu", "")]),
+]
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], list[int]]:
+    """(step records sorted by step, steps the run resumed from)."""
+    by_step, resumes = {}, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "resume":
+            resumes.append(record["step"])
+        elif "loss" in record:
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)], resumes
+
+
+def build_figures(run_dirs: list[Path]) -> dict[str, plt.Figure]:
+    runs = {d: load_run(d) for d in run_dirs}
+    figures = {}
+    for filename, ylabel, series in PANELS:
+        if not any(key in r for records, _ in runs.values() for r in records for key, _ in series):
+            continue  # e.g. no MFU on CPU runs
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for run_dir, (records, resumes) in runs.items():
+            name = run_dir.name if len(runs) > 1 else ""
+            for key, suffix in series:
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+                if points:
+                    label = " ".join(x for x in (name, suffix) if x) or key
+                    ax.plot(*zip(*points), marker="." if key == "val_loss" else None, label=label)
+            for i, step in enumerate(resumes):
+                ax.axvline(step, color="grey", linestyle="--", linewidth=1,
+                           label=f"resume{' ' + name if name else ''}" if i == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        figures[filename] = fig
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more run directories to overlay")
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    args = parser.parse_args(argv)
+    run_dirs = [args.run_dir, *args.compare]
+    missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
+    if missing:
+        print(f"error: no metrics.jsonl in {missing[0]}", file=sys.stderr)
+        return 2
+    out = args.out or (args.run_dir / ("report-compare" if args.compare else "report"))
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, fig in build_figures(run_dirs).items():
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+        print(out / filename)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
