@@ -142,6 +142,40 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
                        "world_size": lay.world_size, "dp": lay.dp, "saved_dp": saved.layout["dp"]})
 
+        def validation_loss() -> float:
+            """Mean loss over a fixed set of held-out global batches."""
+            return sum(engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
+                       for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
+
+        def step_record(loss: float, lr: float, grad_norm, step_time: float, breakdown: dict) -> dict:
+            tokens_per_s = lay.global_batch * seq / step_time
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "samples_per_s": lay.global_batch / step_time, "step_time_s": step_time,
+                      "tokens_seen": tokens_seen, "world_size": lay.world_size,
+                      "tflops_per_device": flops_token * tokens_per_s / lay.world_size / 1e12, "time": time.time(),
+                      **breakdown}
+            if engine.loss_scale() is not None:
+                record["loss_scale"] = engine.loss_scale()
+            if peak:
+                record["mfu"] = record["tflops_per_device"] / peak
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                record["val_loss"] = validation_loss()
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            return record
+
+        def save_checkpoint(background: bool) -> ckpt.PendingSave:
+            state = ckpt.LauncherState(step=step, tokens_seen=tokens_seen, consumed_samples=step * lay.global_batch,
+                                       layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
+            start = time.perf_counter()
+            pending = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, penv.world_size,
+                                cfg.checkpoint.keep_last, background=background,
+                                timeout_s=cfg.parallel.collective_timeout_s)
+            log.event({"event": "checkpoint", "step": step, "path": str(root / ckpt.tag_for(step)),
+                       "save_s": time.perf_counter() - start, "background": background})
+            return pending
+
+        # The training loop.
         pending = ckpt.PendingSave(lambda: None, background=False)
         while step < cfg.train.steps:
             step += 1
@@ -153,37 +187,13 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             breakdown = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
             tokens_seen += lay.global_batch * seq
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                tokens_per_s = lay.global_batch * seq / step_time
-                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_s, "samples_per_s": lay.global_batch / step_time,
-                          "step_time_s": step_time, "tokens_seen": tokens_seen, "world_size": lay.world_size,
-                          "tflops_per_device": flops_token * tokens_per_s / lay.world_size / 1e12,
-                          "time": time.time(), **breakdown}
-                if engine.loss_scale() is not None:
-                    record["loss_scale"] = engine.loss_scale()
-                if peak:
-                    record["mfu"] = record["tflops_per_device"] / peak
-                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    record["val_loss"] = sum(
-                        engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
-                        for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
-                if device.type == "cuda":
-                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.log(record, cfg.train.steps)
-                last = record
+                last = step_record(loss, lr, grad_norm, step_time, breakdown)
+                log.log(last, cfg.train.steps)
             stopping = stop.agreed(device)
             every = cfg.checkpoint.every
             if stopping or step == cfg.train.steps or (every and step % every == 0):
-                state = ckpt.LauncherState(step=step, tokens_seen=tokens_seen,
-                                           consumed_samples=step * lay.global_batch,
-                                           layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
                 pending.wait()  # one save in flight at a time
-                t0 = time.perf_counter()
-                pending = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, penv.world_size,
-                                    cfg.checkpoint.keep_last, background=cfg.checkpoint.async_ and not stopping,
-                                    timeout_s=cfg.parallel.collective_timeout_s)
-                log.event({"event": "checkpoint", "step": step, "path": str(root / ckpt.tag_for(step)),
-                           "save_s": time.perf_counter() - t0, "background": cfg.checkpoint.async_})
+                pending = save_checkpoint(background=cfg.checkpoint.async_ and not stopping)
             if stopping:
                 log.event({"event": "stop", "step": step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
                 log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: checkpoint "
