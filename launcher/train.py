@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -114,8 +115,13 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             shutil.rmtree(root)
         log = RunLog(run_dir(cfg), is_writer=is_writer, fresh=resume_from is None)
         log.tracker = Tracker(cfg, log.path, is_writer)
-        log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, "
-                 f"master {penv.master_addr}:{penv.master_port}")
+        nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
+        dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        per_node = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
+        log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
+                 f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
+        log.event({"event": "launch", "step": 0, "world_size": penv.world_size, "nodes": nodes,
+                   "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))})
         log.info(describe(cfg, plan, device=f"{device.type} + {backend}"))
         log.write_config(cfg)
         random.seed(cfg.train.seed)
