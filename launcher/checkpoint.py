@@ -48,6 +48,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from launcher.files import fsync_path, write_atomic
+
 MANIFEST = "manifest.json"
 STATE = "launcher_state.json"
 PARTIAL = ".partial"
@@ -70,14 +72,6 @@ def step_of(path: Path) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checksum_file(path: Path, chunk: int = 16 << 20) -> str:
     """xxh3-64 of the file: 10 GB/s on one core here (zlib's CRC-32: 2 GB/s), so checking a
     checkpoint costs little next to writing it."""
@@ -86,16 +80,6 @@ def checksum_file(path: Path, chunk: int = 16 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _files(root: Path) -> list[Path]:
@@ -363,7 +347,7 @@ def _finish_share(partial: Path, step: int, rank: int, local_rank: int, world_si
         share.append({"file": str(path.relative_to(partial)), "size": path.stat().st_size, "xxh3": checksum_file(path)})
         if kill_after and i >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
-    write_atomic(partial / PARTS / f"rank-{rank:05d}.json", json.dumps(share))
+    write_atomic(partial / PARTS / f"rank-{rank:05d}.json", json.dumps(share).encode())
 
 
 def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float) -> None:
@@ -377,8 +361,7 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
         time.sleep(0.05)
     entries = sorted((e for p in parts for e in json.loads(p.read_text())), key=lambda e: e["file"])
     shutil.rmtree(partial / PARTS)
-    write_atomic(partial / MANIFEST, json.dumps({"files": entries}, indent=1))
-    fsync_path(partial)
+    write_atomic(partial / MANIFEST, json.dumps({"files": entries}, indent=1).encode())  # fsyncs `partial` too
     final = root / tag
     replaced = partial.parent / f"{tag}.replaced"
     if final.exists():  # a checkpoint of this step that failed verification and was skipped
@@ -386,7 +369,7 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
         os.rename(final, replaced)
     os.rename(partial, final)
     fsync_path(root)
-    write_atomic(root / "latest", tag + "\n")
+    write_atomic(root / "latest", (tag + "\n").encode())
     shutil.rmtree(replaced, ignore_errors=True)
     apply_retention(root, keep_last)
 

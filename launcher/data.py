@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +27,9 @@ import numpy as np
 import torch
 
 from launcher.config import DataConfig
+from launcher.files import write_atomic
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "python_docs.txt.gz"
-BYTE_VOCAB = 256
 
 
 def byte_tokenize(text: bytes) -> np.ndarray:
@@ -49,18 +47,6 @@ def _source_bytes(data: DataConfig) -> bytes:
     return Path(data.path).read_bytes()
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    """Several ranks (or nodes) may race to build the same cache file: each writes its own
-    temporary file and renames it into place, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(array.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class TokenSplits:
     train: np.ndarray  # read-only memmaps of uint8 tokens
@@ -73,7 +59,7 @@ def load_tokens(data: DataConfig, cache_dir: Path) -> TokenSplits:
     digest = hashlib.sha256(raw).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-byte-{digest}.bin"
     if not path.exists():
-        _write_atomic(path, byte_tokenize(raw))
+        write_atomic(path, byte_tokenize(raw).tobytes())  # ranks may race: atomic
     tokens = np.memmap(path, dtype=np.uint8, mode="r")
     split = int(len(tokens) * (1 - data.val_fraction))
     return TokenSplits(train=tokens[:split], val=tokens[split:])

@@ -14,7 +14,6 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 from launcher.config import Config, ConfigError, WandbConfig, config_to_dict
@@ -49,10 +48,6 @@ class Tracker:
                               name=wandb_cfg.name or cfg.run.name, tags=wandb_cfg.tags or None,
                               config=config_to_dict(cfg), dir=str(run_dir), id=run_id, resume="allow",
                               settings=wandb.Settings(silent=True, console="off"))
-
-    @property
-    def run_id(self) -> Optional[str]:
-        return self.run.id if self.run else None
 
     def log(self, record: dict) -> None:
         if self.run:

@@ -144,7 +144,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             ckpt.load(engine.ds, resume_from, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
                       same_layout=saved.layout == ckpt.layout_record(cfg, plan))
             step, tokens_seen = saved.step, saved.tokens_seen
-            train_batches.consumed_samples = saved.consumed_samples
+            train_batches.load_state_dict({"consumed_samples": saved.consumed_samples})
             log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
                        "world_size": lay.world_size, "dp": lay.dp, "saved_dp": saved.layout["dp"]})
 

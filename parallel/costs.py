@@ -75,10 +75,6 @@ def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_byte
     return [ItemCost(name, kind, *table[kind], act_bytes=act[kind]) for name, kind in pipeline_items(model)]
 
 
-def total_params(model: ModelConfig) -> int:
-    return sum(c.params for c in item_costs(model))
-
-
 def flops_per_token(model: ModelConfig) -> int:
     """Training FLOPs per token (forward + backward), for throughput and MFU."""
     return sum(c.flops_per_token for c in item_costs(model))
