@@ -5,6 +5,7 @@ On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
     step-00000020/              a complete checkpoint (published by one rename)
         global_step.../ or *.pt DeepSpeed's own files (model, optimizer/ZeRO shards, scheduler)
         rng/rank-00003.pt       python, numpy, torch (and cuda) RNG states of every rank
+        compression/rank-00003.pt  PowerSGD state of every rank (error feedback, factors)
         launcher_state.json     step, tokens seen, sampler position, layout, config fingerprint
         manifest.json           every file above with its size and CRC-32; written last
     latest                      the newest published tag (replaced atomically; for humans and tools)
@@ -289,7 +290,7 @@ class PendingSave:
 
 
 def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, world_size: int,
-         keep_last: int, background: bool = False, timeout_s: float = 1800.0) -> PendingSave:
+         keep_last: int, background: bool = False, timeout_s: float = 1800.0, compressor=None) -> PendingSave:
     """Collective: write this step's checkpoint and publish it atomically.
 
     The first half (DeepSpeed's files, RNG states, our state) runs here on every rank. The
@@ -315,6 +316,9 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
         torch.serialization.set_crc32_options(torch_crc)
     (partial / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), partial / "rng" / f"rank-{rank:05d}.pt")
+    if compressor is not None:
+        (partial / "compression").mkdir(exist_ok=True)
+        torch.save(compressor.state_dict(), partial / "compression" / f"rank-{rank:05d}.pt")
     (partial / PARTS).mkdir(exist_ok=True)
     if rank == 0:
         (partial / STATE).write_text(state.to_json())
@@ -402,9 +406,13 @@ class _ClampedList(list):
         return super().__getitem__(index)
 
 
-def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_layout: bool) -> None:
+def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_layout: bool,
+         compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
     """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
-    the same layout, this rank's RNG state.
+    the same layout, this rank's RNG and compression state. Returns a warning line, if any.
+
+    Compression state (PowerSGD's error feedback) is per rank and has no meaning on another
+    layout: there, and when the checkpoint has none, compression starts afresh.
 
     A different data-parallel degree: ZeRO 0 state does not depend on dp; ZeRO 1/2 state
     is saved in DeepSpeed's elastic format (zero_optimization.elastic_checkpoint), which its
@@ -435,4 +443,12 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
     rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
     if same_layout and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
+    if compressor is None:
+        return None
+    compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
+    if not same_layout or not compression_file.exists():
+        return (f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors "
+                "start afresh")
+    # weights_only=False: the state holds numpy's RandomState, which seeds new factors.
+    return compressor.load_state_dict(torch.load(compression_file, weights_only=False, map_location=device), device)
 

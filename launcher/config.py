@@ -147,6 +147,24 @@ class ZeroConfig:
 
 
 @dataclass
+class CompressionConfig:
+    method: Literal["none", "fp16", "bf16", "powersgd"] = "none"
+    """Compression of the data-parallel gradient reduction (docs/COMPRESSION.md):
+    `none` DeepSpeed's reduction as is; `fp16` / `bf16` DeepSpeed reduces in that dtype
+    (its `communication_data_type`); `powersgd` low-rank PowerSGD with error feedback, our
+    reduction in place of DeepSpeed's (ZeRO 0/1, any tensor/pipeline degree)."""
+    rank: int = 4
+    """powersgd: rank of the approximation of each gradient matrix (bytes grow linearly)."""
+    warmup_steps: int = 10
+    """powersgd: optimizer steps reduced exactly before compression starts."""
+    error_feedback: bool = True
+    """powersgd: add what compression dropped on this rank to its next gradient."""
+    min_compression_rate: float = 2.0
+    """powersgd: reduce a matrix exactly when rank-r factors would not be this many times
+    smaller (small or thin matrices; vectors are always reduced exactly)."""
+
+
+@dataclass
 class DataConfig:
     path: str = "embedded"
     """`embedded` (the corpus shipped in the repo) or a path to a UTF-8 text file."""
@@ -215,6 +233,9 @@ class LoggingConfig:
     time_breakdown: bool = False
     """Log DeepSpeed's forward/backward/optimizer (and pipeline send/recv) timers per step.
     Adds device synchronisations: for profiling runs."""
+    comm_bytes: bool = False
+    """Count the bytes each rank hands to data-parallel collectives (gradient reduction and
+    ZeRO's parameter all-gather) and log them per step (parallel/comm_bytes.py)."""
 
 
 @dataclass
@@ -233,6 +254,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -451,6 +473,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("zero.stage", f"ZeRO stage {cfg.zero.stage} cannot be used with parallel.pipeline="
                           f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO 0 or 1")
 
+    check_compression(cfg)
+
     o = cfg.optimizer
     _positive("optimizer.lr", o.lr)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -480,3 +504,20 @@ def check_config(cfg: Config) -> None:
         _positive("logging.peak_tflops", cfg.logging.peak_tflops)
     if cfg.data.tokenizer == "byte" and m.vocab < 256:
         raise ConfigError("model.vocab", f"the byte tokenizer needs vocab >= 256, got {m.vocab}")
+
+
+def check_compression(cfg: Config) -> None:
+    c = cfg.compression
+    if c.method != "powersgd":
+        return
+    _positive("compression.rank", c.rank)
+    _positive("compression.warmup_steps", c.warmup_steps, allow_zero=True)
+    _positive("compression.min_compression_rate", c.min_compression_rate)
+    if cfg.zero.stage > 1:
+        raise ConfigError("compression.method", f"powersgd cannot be used with zero.stage={cfg.zero.stage}: ZeRO 2/3 "
+                          "reduce-scatter each gradient inside backward, so there is no whole-gradient all-reduce to "
+                          "compress; use ZeRO 0/1, or compression.method fp16/bf16")
+    if cfg.precision.dtype == "fp16":
+        raise ConfigError("compression.method", "powersgd cannot be used with precision.dtype=fp16: the gradients "
+                          "carry the dynamic loss scale and overflow on skipped steps, which error feedback would "
+                          "keep adding back; use bf16 or fp32")

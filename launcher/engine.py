@@ -22,6 +22,8 @@ from launcher.config import Config, ConfigError
 from launcher.model import LlamaModel, LossFn, layer_specs
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan
+from parallel.comm_bytes import CollectiveBytes
+from parallel.compression import PowerSGDReducer
 from parallel.pipeline import StagedPipelineModule
 from parallel.tensor_parallel import TensorParallel
 from parallel.topology import ModelParallelUnit, ProcessGroups, deepspeed_topology
@@ -45,6 +47,15 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": cfg.logging.time_breakdown,
     }
+    method = cfg.compression.method
+    if method in ("fp16", "bf16"):
+        generated["communication_data_type"] = method
+    elif method == "powersgd" and cfg.zero.stage == 1:
+        # ZeRO 1's own reduction stays in place for its bookkeeping (each rank's partition of
+        # the already averaged gradient into the optimizer's buffers) with its collective made
+        # the identity (`route_dp_reduction`). These settings make that collective a single
+        # full-gradient all-reduce per bucket, in the step, in the order we reduce.
+        generated["zero_optimization"].update(reduce_scatter=False, overlap_comm=False, contiguous_gradients=True)
     return merge_user_block(generated, cfg.deepspeed)
 
 
@@ -94,6 +105,80 @@ def keep_fp32_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
+def dp_parameters(engine) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients DeepSpeed averages over data parallel, in a fixed
+    order (the same on every data-parallel peer)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        return [p for params in engine.optimizer.bf16_groups for p in params]
+    return [p for p in engine.module.parameters() if p.requires_grad]
+
+
+def dp_gradients(engine) -> list[torch.Tensor]:
+    """Where those gradients are at the accumulation boundary: `param.grad`, or with the bf16
+    optimizer (bf16 with ZeRO 0/1) its fp32 accumulators, flat per param group."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, BF16_Optimizer):
+        return [g.view(p.shape) for params, grads in zip(opt.bf16_groups, opt.fp32_groups_gradients)
+                for p, g in zip(params, grads)]
+    grads = [p.grad for p in dp_parameters(engine)]
+    if any(g is None for g in grads):
+        raise RuntimeError("compression: a parameter got no gradient; every parameter must take part in the step")
+    return grads
+
+
+def route_dp_reduction(engine, cfg: Config, dp_group, pipeline: bool) -> PowerSGDReducer:
+    """Make PowerSGD the data-parallel gradient reduction of a DeepSpeed engine (ZeRO 0/1).
+
+    DeepSpeed reduces gradients in `allreduce_gradients` (called by `backward`, and by the
+    pipeline engine's ReduceGrads instruction) or, for the pipeline engine with its bf16
+    optimizer, in `_bf16_reduce_grads`. Both become: our reduction at the accumulation
+    boundary, after which every data-parallel rank holds the same averaged gradients. ZeRO
+    0 and the bf16 optimizer have nothing left to do. ZeRO 1's optimizer still runs its
+    reduction to file each rank's partition of the gradient, with its collective
+    (`gradient_reduction_w_predivide`, an averaging all-reduce) replaced by the identity:
+    the average of equal tensors is the tensor. DeepSpeed has no hook for this; these are
+    the narrowest seams, and the equivalence tests (exact warm-up = `none`) guard them."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    params = dp_parameters(engine)
+    # A weight tied across pipeline stages has a copy on each; both must get the same update.
+    tied = {id(p) for p in engine.module.tied_modules.parameters()} if pipeline else set()
+    c = cfg.compression
+    reducer = PowerSGDReducer([p.shape for p in params], [id(p) in tied for p in params], dp_group,
+                              rank=c.rank, warmup_steps=c.warmup_steps, error_feedback=c.error_feedback,
+                              min_compression_rate=c.min_compression_rate, seed=cfg.train.seed)
+    zero_reduce = engine.allreduce_gradients if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
+
+    def allreduce_gradients(bucket_size=None) -> None:
+        if not engine.is_gradient_accumulation_boundary():
+            return  # ZeRO 0/1 reduce only at the boundary
+        reducer.reduce_(dp_gradients(engine))
+        if zero_reduce is not None:
+            zero_reduce()
+
+    if zero_reduce is not None:
+        engine.optimizer.gradient_reduction_w_predivide = lambda tensor, communication_data_type: tensor
+    engine.allreduce_gradients = allreduce_gradients
+    engine._bf16_reduce_grads = allreduce_gradients
+    return reducer
+
+
+def count_dp_bytes(groups: ProcessGroups) -> CollectiveBytes:
+    """Start counting this rank's data-parallel collective bytes (logging.comm_bytes)."""
+    from deepspeed.comm import comm as ds_comm
+
+    counter = CollectiveBytes(groups.dp_ranks).install()
+    backend = ds_comm.cdb
+    if backend is not None:  # it picked its all-gather / reduce-scatter before the wrapper existed
+        backend.all_gather_function = backend.get_all_gather_function()
+        backend.reduce_scatter_function = backend.get_reduce_scatter_function()
+    return counter
+
+
 @dataclass
 class TrainEngine:
     ds: Any  # deepspeed DeepSpeedEngine or PipelineEngine
@@ -101,6 +186,7 @@ class TrainEngine:
     loss_fn: LossFn
     device: torch.device
     pipeline: bool
+    compressor: Optional[PowerSGDReducer] = None  # PowerSGD's state, saved in checkpoints
 
     @property
     def reads_data(self) -> bool:
@@ -198,7 +284,11 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
                                            config=ds_config, mpu=mpu)
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)
-    train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline)
+    compressor = None
+    if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
+        compressor = route_dp_reduction(engine, cfg, groups.dp_group, pipeline)
+    train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
+                               compressor=compressor)
     if cfg.logging.time_breakdown:
         train_engine.capture_timer_logs()
     return train_engine

@@ -128,6 +128,9 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
 
+        from launcher.engine import count_dp_bytes
+
+        dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
         engine = build_engine(cfg, plan, groups, device, ds_config)
         splits = load_tokens(cfg.data, log.path / "data")
         batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
@@ -141,8 +144,10 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         step, tokens_seen, last = 0, 0, {}
         if resume_from is not None:
             saved = ckpt.LauncherState.read(resume_from)
-            ckpt.load(engine.ds, resume_from, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
-                      same_layout=saved.layout == ckpt.layout_record(cfg, plan))
+            note = ckpt.load(engine.ds, resume_from, compressor=engine.compressor, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
+                             same_layout=saved.layout == ckpt.layout_record(cfg, plan), device=device)
+            if note:
+                log.info(f"warning: {note}")
             step, tokens_seen = saved.step, saved.tokens_seen
             train_batches.load_state_dict({"consumed_samples": saved.consumed_samples})
             log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
@@ -152,6 +157,13 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             """Mean loss over a fixed set of held-out global batches."""
             return sum(engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
                        for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
+
+        def step_bytes() -> dict:
+            """Bytes this step handed to data-parallel collectives, mean over ranks."""
+            counts = dp_bytes.take()
+            total = torch.tensor([counts["reduce"], counts["gather"]], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            return {"dp_reduce_bytes": total[0].item() / lay.world_size, "dp_gather_bytes": total[1].item() / lay.world_size}
 
         def step_record(loss: float, lr: float, grad_norm, step_time: float, breakdown: dict) -> dict:
             tokens_per_s = lay.global_batch * seq / step_time
@@ -175,7 +187,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
                                        layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
             start = time.perf_counter()
             pending = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, penv.world_size,
-                                cfg.checkpoint.keep_last, background=background,
+                                cfg.checkpoint.keep_last, background=background, compressor=engine.compressor,
                                 timeout_s=cfg.parallel.collective_timeout_s)
             log.event({"event": "checkpoint", "step": step, "path": str(root / ckpt.tag_for(step)),
                        "save_s": time.perf_counter() - start, "background": background})
@@ -188,9 +200,13 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             lr = engine.ds.get_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
             batches = train_batches.next_step() if engine.reads_data else None
+            if dp_bytes:
+                dp_bytes.take()  # from here on, this step's collectives only
             loss, grad_norm = engine.train_step(batches)
             step_time = time.perf_counter() - start
             breakdown = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
+            if dp_bytes:
+                breakdown.update(step_bytes())
             tokens_seen += lay.global_batch * seq
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 last = step_record(loss, lr, grad_norm, step_time, breakdown)

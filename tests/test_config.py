@@ -45,6 +45,12 @@ BAD = [  # (extra args, key the one-line error must name)
     (["parallel.tensor"], "parallel.tensor: an override must look like section.key=value"),
     (["optimizer.betas=[0.9]"], "optimizer.betas: expected two numbers"),
     (["train.steps=0"], "train.steps: must be > 0"),
+    (["compression.method=onebit"], "compression.method: expected one of"),
+    (["compression.method=powersgd", "parallel.pipeline=1", "zero.stage=2"],
+     "compression.method: powersgd cannot be used with zero.stage=2"),
+    (["compression.method=powersgd", "precision.dtype=fp16"],
+     "compression.method: powersgd cannot be used with precision.dtype=fp16"),
+    (["compression.method=powersgd", "compression.rank=0"], "compression.rank: must be > 0"),
 ]
 
 
