@@ -28,6 +28,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        # Let gloo's worker threads finish whatever callbacks they ran (torch's PowerSGD hook
+        # chains futures): destroying the group under them aborts with "Resource deadlock".
+        dist.barrier()
     except Exception:
         with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

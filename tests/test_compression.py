@@ -81,7 +81,8 @@ def test_powersgd_error_bounds_and_warm_start_converges_to_the_best_rank_r():
 
 
 def _noisy_gradient(rank_id: int, step: int) -> torch.Tensor:
-    signal = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))  # a steady direction ...
+    g = torch.Generator().manual_seed(1)
+    signal = torch.randn(64, 3, generator=g) @ torch.randn(3, 40, generator=g)  # steady, low rank (3) ...
     noise = torch.randn(64, 40, generator=torch.Generator().manual_seed(1000 * step + rank_id))
     return signal + 0.5 * noise  # ... plus per-rank, per-step noise
 
@@ -100,7 +101,7 @@ def _running_sums(rank_id, world_size, error_feedback, steps):
 def test_error_feedback_makes_the_applied_sum_track_the_true_sum():
     """With error feedback, sum of applied updates = sum of true mean gradients - mean of the
     ranks' current errors (an identity), so the gap stays one step's error however long the
-    run; without it, what rank-1 compression drops of the steady direction piles up."""
+    run; without it, what rank-1 compression drops of the steady rank-3 part piles up."""
     steps = 40
     true_sum = sum(_mean(lambda r: _noisy_gradient(r, s), 2) for s in range(steps))
     with_ef = run_distributed(_running_sums, 2, True, steps)
