@@ -155,8 +155,9 @@ class CompressionConfig:
     reduction in place of DeepSpeed's (ZeRO 0/1, any tensor/pipeline degree)."""
     rank: int = 4
     """powersgd: rank of the approximation of each gradient matrix (bytes grow linearly)."""
-    warmup_steps: int = 10
-    """powersgd: optimizer steps reduced exactly before compression starts."""
+    warmup_steps: int = 100
+    """powersgd: optimizer steps reduced exactly before compression starts (torch's advice:
+    about 10% of the run, and no less than the learning-rate warm-up)."""
     error_feedback: bool = True
     """powersgd: add what compression dropped on this rank to its next gradient."""
     min_compression_rate: float = 2.0

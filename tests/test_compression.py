@@ -208,8 +208,10 @@ def test_uncompressed_powersgd_path_equals_deepspeed_on_other_paths(layout, tmp_
     reference = train(torchrun_cmd(nproc), tmp_path / "none", *common, "deepspeed.communication_data_type=fp32")
     ours = train(torchrun_cmd(nproc), tmp_path / "ours", *common, "compression.method=powersgd",
                  f"compression.warmup_steps={EXACT}")
-    tol = 1e-2 if "bf16" in layout else 1e-5
+    tol = 1e-3 if "bf16" in layout else 1e-5
     assert losses(ours) == pytest.approx(losses(reference), rel=tol)
+    # Adam hides a wrongly scaled gradient from the loss; the norm does not
+    assert [m["grad_norm"] for m in ours] == pytest.approx([m["grad_norm"] for m in reference], rel=10 * tol)
     compressed = train(torchrun_cmd(nproc), tmp_path / "compressed", *common, "compression.method=powersgd",
                        "compression.warmup_steps=2")
     assert losses(compressed)[-1] < losses(compressed)[0] - 0.3  # and the compressed path trains there too
@@ -233,3 +235,42 @@ def test_resume_with_powersgd_is_bit_exact(tmp_path):
     assert [m["step"] for m in resumed] == list(range(7, 13))
     assert losses(resumed) == losses(whole[6:])
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in whole[6:]]
+
+
+def _tied_copies(rank, world_size, overrides, cache):
+    """Train a few steps in this process group through build_engine; return this rank's copy
+    of the tied embedding/head weight and its pipeline stage."""
+    from launcher.config import load_config
+    from launcher.data import GlobalBatches, load_tokens
+    from launcher.engine import build_engine, deepspeed_config
+    from launcher.plan import make_plan
+    from launcher.train import DEFAULT_CONFIG
+    from parallel.topology import build_process_groups
+
+    cfg = load_config(str(DEFAULT_CONFIG), overrides)
+    plan = make_plan(cfg, world_size, has_gpu=False)
+    groups = build_process_groups(plan.layout, rank)
+    engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
+    lay = plan.layout
+    batches = GlobalBatches(load_tokens(cfg.data, cache).train, cfg.model.seq_len, global_batch=lay.global_batch,
+                            micro_batch=lay.micro_batch, dp=lay.dp, dp_rank=groups.coord.dp, seed=cfg.train.seed)
+    for _ in range(cfg.train.steps):
+        engine.train_step(batches.next_step() if engine.reads_data else None)
+    weight = engine.ds.module.tied_modules["embed"].embed.weight.detach().clone()
+    compressing = engine.compressor.compressing
+    engine.ds.destroy()
+    return groups.coord.pp, weight, compressing
+
+
+def test_weights_tied_across_stages_stay_equal_under_powersgd(tmp_path):
+    """The embedding (stage 0) and the output head (stage 1) are one tied weight with a copy
+    on each stage, and each stage's data-parallel group reduces its own copy. Compressed,
+    each copy would get its own approximation and they would drift apart; they are reduced
+    exactly, so after PowerSGD steps both copies are still equal bit for bit."""
+    overrides = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.data=2", "zero.stage=1",
+                 "model.tie_embeddings=true", "compression.method=powersgd", "compression.warmup_steps=1",
+                 "train.steps=4"]
+    results = run_distributed(_tied_copies, 4, overrides, tmp_path)
+    by_stage = {pp: weight for pp, weight, _ in results}
+    assert all(compressing for _, _, compressing in results)
+    assert torch.equal(by_stage[0], by_stage[1])
