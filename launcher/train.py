@@ -81,7 +81,7 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
 
     from launcher import checkpoint as ckpt
     from launcher.data import GlobalBatches, load_tokens
-    from launcher.engine import build_engine
+    from launcher.engine import build_engine, count_dp_bytes
     from launcher.launch_env import export_env
     from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
     from launcher.plan import describe
@@ -128,8 +128,6 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
 
-        from launcher.engine import count_dp_bytes
-
         dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
         engine = build_engine(cfg, plan, groups, device, ds_config)
         splits = load_tokens(cfg.data, log.path / "data")
@@ -144,8 +142,9 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
         step, tokens_seen, last = 0, 0, {}
         if resume_from is not None:
             saved = ckpt.LauncherState.read(resume_from)
-            note = ckpt.load(engine.ds, resume_from, compressor=engine.compressor, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
-                             same_layout=saved.layout == ckpt.layout_record(cfg, plan), device=device)
+            note = ckpt.load(engine.ds, resume_from, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
+                             same_layout=saved.layout == ckpt.layout_record(cfg, plan),
+                             compressor=engine.compressor, device=device)
             if note:
                 log.info(f"warning: {note}")
             step, tokens_seen = saved.step, saved.tokens_seen
@@ -163,7 +162,8 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
             counts = dp_bytes.take()
             total = torch.tensor([counts["reduce"], counts["gather"]], dtype=torch.float64, device=device)
             dist.all_reduce(total)
-            return {"dp_reduce_bytes": total[0].item() / lay.world_size, "dp_gather_bytes": total[1].item() / lay.world_size}
+            reduce_bytes, gather_bytes = (total / lay.world_size).tolist()
+            return {"dp_reduce_bytes": reduce_bytes, "dp_gather_bytes": gather_bytes}
 
         def step_record(loss: float, lr: float, grad_norm, step_time: float, breakdown: dict) -> dict:
             tokens_per_s = lay.global_batch * seq / step_time
