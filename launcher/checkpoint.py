@@ -450,5 +450,5 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
         return (f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors "
                 "start afresh")
     # weights_only=False: the state holds numpy's RandomState, which seeds new factors.
-    return compressor.load_state_dict(torch.load(compression_file, weights_only=False, map_location=device), device)
+    return compressor.load_state_dict(torch.load(compression_file, weights_only=False, map_location=device))
 

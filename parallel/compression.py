@@ -69,8 +69,7 @@ class PowerSGDReducer:
         self.exact = list(exact)
         self.group = group
         self.dp = dist.get_world_size(group)
-        self.buckets = _bucket_indices([s.numel() for s, e in zip(self.shapes, self.exact) if not e],
-                                       [i for i, e in enumerate(self.exact) if not e])
+        self.buckets = _bucket_indices(self.shapes, [i for i, e in enumerate(self.exact) if not e])
         # torch requires start_powerSGD_iter >= 2 because DDP rebuilds its buckets after the
         # first step; ours never change, so the configured warm-up (even 0) is set after.
         self.state = PowerSGDState(process_group=group, matrix_approximation_rank=rank, start_powerSGD_iter=2,
@@ -104,17 +103,18 @@ class PowerSGDReducer:
         state = {name: getattr(self.state, name) for name in _STATE_FIELDS}
         return {**state, "signature": self._signature()}
 
-    def load_state_dict(self, saved: dict, device: torch.device) -> Optional[str]:
-        """Restores the state saved by a reducer of the same buckets and rank. Otherwise keeps
-        the step count (the warm-up is not repeated) and starts errors and factors afresh;
-        returns a line saying so."""
+    def load_state_dict(self, saved: dict) -> Optional[str]:
+        """Restores the state saved by a reducer of the same buckets and rank (its tensors
+        already on this rank's device: torch.load's map_location). Otherwise keeps the step
+        count (the warm-up is not repeated) and starts errors and factors afresh; returns a
+        line saying so."""
         self.state.iter = saved["iter"]
         if saved["signature"] != self._signature():
             return ("compression: the saved PowerSGD state is for other gradient shapes or rank; error feedback "
                     "and factors start afresh")
         self.state.rng = saved["rng"]
         for name in ("error_dict", "p_memory_dict", "q_memory_dict"):
-            setattr(self.state, name, {k: v.to(device) for k, v in saved[name].items()})
+            setattr(self.state, name, saved[name])
         return None
 
     def _signature(self) -> dict:
@@ -123,9 +123,12 @@ class PowerSGDReducer:
                 "min_compression_rate": self.state.min_compression_rate}
 
 
-def _bucket_indices(numels: list[int], indices: list[int]) -> list[list[int]]:
+def _bucket_indices(shapes: list[torch.Size], indices: list[int]) -> list[list[int]]:
+    """The gradients at `indices`, in order, grouped into buckets of at most BUCKET_ELEMENTS
+    (a larger gradient gets a bucket of its own)."""
     buckets, current, size = [], [], 0
-    for numel, index in zip(numels, indices):
+    for index in indices:
+        numel = shapes[index].numel()
         if current and size + numel > BUCKET_ELEMENTS:
             buckets.append(current)
             current, size = [], 0

@@ -127,7 +127,7 @@ def _resume_state(rank_id, world_size):
         reducer = first if name == "continued" else make_reducer(shapes, warmup_steps=2)
         if name == "restored":
             buffer.seek(0)
-            assert reducer.load_state_dict(torch.load(buffer, weights_only=False), torch.device("cpu")) is None
+            assert reducer.load_state_dict(torch.load(buffer, weights_only=False)) is None
         outputs[name] = []
         for step in range(5, 8):
             grads = grads_at(step)
