@@ -133,16 +133,58 @@ def verify_in_parallel(ckpt: Path, rank: int, world_size: int) -> Optional[str]:
     return next((p for p in problems if p), None)
 
 
-def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: int, warn) -> Optional[Path]:
-    """Collective: the checkpoint to resume from (None: start fresh). An explicit path must
-    verify; otherwise the newest published checkpoint that verifies."""
+@dataclass
+class Verified:
+    """What this run knows of the checkpoints on disk: those it verified or wrote itself
+    (good) and those that failed verification (bad, with the first problem). Retention
+    counts only good ones; a checkpoint it has not seen yet is verified once before it
+    counts (so keeping one costs a read of it once per job, not once per save)."""
+
+    good: set = dataclasses.field(default_factory=set)
+    bad: dict = dataclasses.field(default_factory=dict)  # path -> problem
+
+    def mark(self, ckpt: Path, problem: Optional[str]) -> None:
+        self.bad.pop(ckpt, None)
+        self.good.discard(ckpt)
+        if problem is None:
+            self.good.add(ckpt)
+        else:
+            self.bad[ckpt] = problem
+
+    def is_good(self, ckpt: Path) -> bool:
+        if ckpt not in self.good and ckpt not in self.bad:
+            entries, problem = read_manifest(ckpt)
+            self.mark(ckpt, problem if entries is None else verify_files(ckpt, entries))
+        return ckpt in self.good
+
+
+def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: int, warn,
+                  verified: Verified) -> Optional[Path]:
+    """Collective: the checkpoint to resume from (None: none verifies, or there is none;
+    `verified.bad` then says which failed and why). An explicit path must verify;
+    otherwise the newest published checkpoint that verifies."""
     candidates = [explicit] if explicit is not None else published(root)
     for ckpt in candidates:
         problem = verify_in_parallel(ckpt, rank, world_size)
+        verified.mark(ckpt, problem)
         if problem is None:
             return ckpt
         warn(f"checkpoint {ckpt.name} skipped: {problem}")
     return None
+
+
+def nothing_to_resume(cfg, root: Path, verified: Verified):
+    """The one-line error when a resume was expected (checkpoints exist, or `required`, or a
+    path) and no checkpoint verifies: never a silent start from step 0 over a run's history."""
+    from launcher.config import ConfigError
+
+    mode = cfg.checkpoint.resume
+    if not verified.bad:
+        return ConfigError("checkpoint.resume", f"{mode}, but {root} holds no checkpoint")
+    newest, problem = next(iter(verified.bad.items()))  # candidates are tried newest first
+    return ConfigError("checkpoint.resume", f"{mode}, but no checkpoint verifies (newest {newest}: {problem}); "
+                       "resume an older one with checkpoint.resume=PATH, or start over with "
+                       "checkpoint.resume=none checkpoint.overwrite=true")
 
 
 # --------------------------------------------------------------------------------------
@@ -240,16 +282,29 @@ class LauncherState:
         return cls(**json.loads((ckpt / STATE).read_text()))
 
 
+def numpy_state_to_plain(state: dict) -> dict:
+    """numpy's `get_state(legacy=False)` with its key array as a tensor: loadable by
+    `torch.load(weights_only=True)`, which refuses numpy objects (they unpickle as code)."""
+    return {**state, "state": {**state["state"], "key": torch.from_numpy(state["state"]["key"].astype(np.int64))}}
+
+
+def plain_to_numpy_state(state: dict) -> dict:
+    return {**state, "state": {**state["state"], "key": state["state"]["key"].numpy().astype(np.uint32)}}
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) generators, as plain lists, numbers and tensors."""
+    state = {"python": random.getstate(), "numpy": numpy_state_to_plain(np.random.get_state(legacy=False)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(plain_to_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -290,7 +345,8 @@ class PendingSave:
 
 
 def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, world_size: int,
-         keep_last: int, background: bool = False, timeout_s: float = 1800.0, compressor=None) -> PendingSave:
+         keep_last: int, verified: Verified, background: bool = False, timeout_s: float = 1800.0,
+         compressor=None) -> PendingSave:
     """Collective: write this step's checkpoint and publish it atomically.
 
     The first half (DeepSpeed's files, RNG states, our state) runs here on every rank. The
@@ -327,7 +383,7 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
     def finish() -> None:
         _finish_share(partial, state.step, rank, local_rank, world_size)
         if rank == 0:
-            _publish(root, partial, tag, world_size, keep_last, timeout_s)
+            _publish(root, partial, tag, world_size, keep_last, timeout_s, verified)
 
     pending = PendingSave(finish, background)
     if not background:
@@ -354,7 +410,8 @@ def _finish_share(partial: Path, step: int, rank: int, local_rank: int, world_si
     write_atomic(partial / PARTS / f"rank-{rank:05d}.json", json.dumps(share).encode())
 
 
-def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float) -> None:
+def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float,
+             verified: Verified) -> None:
     """Rank 0: once every share is in, write the manifest (last), rename into place, point
     `latest` at it, apply retention."""
     parts = [partial / PARTS / f"rank-{r:05d}.json" for r in range(world_size)]
@@ -375,17 +432,24 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
     fsync_path(root)
     write_atomic(root / "latest", (tag + "\n").encode())
     shutil.rmtree(replaced, ignore_errors=True)
-    apply_retention(root, keep_last)
+    verified.mark(final, None)  # its checksums were just computed from the files themselves
+    apply_retention(root, keep_last, verified)
 
 
-def apply_retention(root: Path, keep_last: int) -> None:
-    """Keep the newest keep_last complete checkpoints (the newest is never removed) and drop
-    abandoned partial saves older than the newest complete one."""
-    complete = [p for p in published(root) if (p / MANIFEST).exists()]
-    for old in complete[max(1, keep_last):]:
+def apply_retention(root: Path, keep_last: int, verified: Verified) -> None:
+    """Keep the newest keep_last checkpoints that verify; delete older good ones, and bad
+    ones older than the newest good one (nothing would ever resume from them). A bad
+    checkpoint newer than every good one is left for inspection and never counts, so it
+    cannot push a good one out. Also drops abandoned partial saves older than the newest
+    good checkpoint."""
+    good = [p for p in published(root) if verified.is_good(p)]
+    for old in good[max(1, keep_last):]:
         shutil.rmtree(old, ignore_errors=True)
-    if complete and (root / PARTIAL).is_dir():
-        newest = step_of(complete[0])
+    if good:
+        for bad in [p for p in published(root) if p in verified.bad and step_of(p) < step_of(good[0])]:
+            shutil.rmtree(bad, ignore_errors=True)
+    if good and (root / PARTIAL).is_dir():
+        newest = step_of(good[0])
         for leftover in (root / PARTIAL).iterdir():
             match = re.match(r"step-(\d{8})", leftover.name)
             if match and int(match.group(1)) <= newest:
@@ -395,6 +459,26 @@ def apply_retention(root: Path, keep_last: int) -> None:
 # --------------------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------------------
+
+
+def deepspeed_state_classes() -> list:
+    """The DeepSpeed classes its own checkpoints pickle (loss scalers, the ZeRO stage enum,
+    the bf16 optimizer's fragment addresses): plain data holders, allowed by name so that
+    every file is read with `torch.load(weights_only=True)`, which runs no code from the
+    file. Found by loading checkpoints of every engine path (ZeRO 0-3, fp32/bf16/fp16,
+    pipeline) with weights_only=True; tests/test_checkpoint.py loads each path this way."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location=None):
+    """torch.load that cannot execute code from the file (DeepSpeed's engine loads with
+    weights_only=False)."""
+    with torch.serialization.safe_globals(deepspeed_state_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class _ClampedList(list):
@@ -419,6 +503,7 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
     optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
     dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
     it is shown the saved dp, which is exactly what its elastic path expects."""
+    ds_engine.checkpoint_engine.load = load_weights_only
     real_dp, real_reader = ds_engine.seq_dp_world_size, ds_engine._get_all_zero_checkpoints
     if saved_dp != current_dp:
         ds_engine.seq_dp_world_size = saved_dp
@@ -442,13 +527,12 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
             group["lr"] = lr
     rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
     if same_layout and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_weights_only(rng_file))
     if compressor is None:
         return None
     compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
     if not same_layout or not compression_file.exists():
         return (f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors "
                 "start afresh")
-    # weights_only=False: the state holds numpy's RandomState, which seeds new factors.
-    return compressor.load_state_dict(torch.load(compression_file, weights_only=False, map_location=device))
+    return compressor.load_state_dict(load_weights_only(compression_file, map_location=device))
 

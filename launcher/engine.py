@@ -208,10 +208,12 @@ class TrainEngine:
         return float(loss), (float(grad_norm) if grad_norm is not None else None)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list) -> float:
+    def eval_loss(self, micro_batches: Optional[list]) -> float:
+        """Mean loss over one global batch; `micro_batches` is None on middle pipeline stages,
+        which read no data but still run every micro-batch (the global batch's count)."""
         if self.pipeline:
             loss = self.ds.eval_batch(data_iter=iter(micro_batches) if self.reads_data else None,
-                                      num_micro_batches=len(micro_batches))
+                                      num_micro_batches=self.ds.micro_batches)
             return float(loss)
         self.ds.eval()
         losses = [self.loss_fn(self.ds(i.to(self.device)), t.to(self.device)).float() for i, t in micro_batches]

@@ -2,9 +2,10 @@
 
 Only global rank 0 writes; every step record is what one process training on the whole
 global batch would report (the loss is averaged over all micro-batches and data-parallel
-ranks). Records with an `event` key (resume, checkpoint, stop) mark what happened between
-steps; a resumed run appends, so a step may appear twice: the later record is the one that
-counts.
+ranks). Records with an `event` key (launch, resume, checkpoint, stop) mark what happened
+between steps. The file is never truncated: each attempt (a restart, a resume, a fresh
+start over) appends, beginning with a `launch` event at the step it starts from, and its
+records supersede the earlier attempts' records of later steps (`read_step_records`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,29 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
 
+def read_step_records(path: Path) -> tuple[list[dict], list[int]]:
+    """(the step records that count, sorted by step; the steps attempts started from) of a
+    metrics.jsonl. Every attempt appends and starts with a `launch` event at the step it
+    starts from; its records replace the earlier attempts' records of later steps."""
+    by_step: dict[int, dict] = {}
+    starts = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if record.get("event") == "launch":
+            starts.append(record["step"])
+            by_step = {s: r for s, r in by_step.items() if s <= record["step"]}
+        elif "loss" in record and "event" not in record:
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)], starts
+
+
 class RunLog:
-    def __init__(self, path: Path, is_writer: bool, fresh: bool = True):
-        """fresh: a new run truncates metrics.jsonl; a resumed run appends to it."""
+    def __init__(self, path: Path, is_writer: bool):
+        """metrics.jsonl is only ever appended to: an earlier attempt's records stay (see
+        `read_step_records` for which count)."""
         self.path = path
         self.is_writer = is_writer
         self.started = time.time()
@@ -46,8 +67,7 @@ class RunLog:
         self._first_logged: Optional[tuple[int, float]] = None  # (step, time) for the ETA
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
-            if fresh or not (path / "metrics.jsonl").exists():
-                (path / "metrics.jsonl").write_text("")
+            (path / "metrics.jsonl").touch()
 
     def event(self, record: dict) -> None:
         """A non-step record (resume, checkpoint, stop) in metrics.jsonl, tagged by `event`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.config import Config, ConfigError
+from launcher.precision import DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, state_bytes_per_param
 from parallel.partition import (
     GB,
@@ -31,16 +32,10 @@ class Plan:
     memory: MemoryModel
 
 
-def resolve_dtype(cfg: Config, has_gpu: bool) -> str:
-    if cfg.precision.dtype != "auto":
-        return cfg.precision.dtype
-    return "bf16" if has_gpu else "fp32"
-
-
-def make_plan(cfg: Config, world_size: int, has_gpu: bool) -> Plan:
-    """Resolve the layout and stage boundaries; every problem is a ConfigError."""
+def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
+    """Resolve the layout, dtype and stage boundaries; every problem is a ConfigError."""
     layout = resolve_layout(cfg.parallel, world_size)
-    dtype = resolve_dtype(cfg, has_gpu)
+    dtype = resolve_dtype(cfg, device)
     costs = item_costs(cfg.model, tp=layout.tp, micro_batch=layout.micro_batch,
                        dtype_bytes=4 if dtype == "fp32" else 2,
                        activation_checkpointing=cfg.parallel.activation_checkpointing)

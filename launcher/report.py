@@ -1,6 +1,6 @@
 """Plots of a run: `python -m launcher.report runs/x [--compare runs/y ...] [--out DIR]`.
 
-Reads metrics.jsonl (the later record of a step counts after a resume) and writes PNGs:
+Reads metrics.jsonl (after a restart, the records of the attempt that came later count) and writes PNGs:
 loss.png (train and validation), lr.png, throughput.png (tokens/s) and, when the run
 recorded it, mfu.png; each marks the steps where the run resumed from a checkpoint.
 With --compare the runs are overlaid (default output: <first run>/report-compare).
@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from launcher.metrics import read_step_records  # noqa: E402
+
 PANELS = [  # (file, y label, [(metric key, line label suffix)])
     ("loss.png", "loss", [("loss", "train"), ("val_loss", "val")]),
     ("lr.png", "learning rate", [("lr", "")]),
@@ -28,14 +30,10 @@ PANELS = [  # (file, y label, [(metric key, line label suffix)])
 
 def load_run(run_dir: Path) -> tuple[list[dict], list[int]]:
     """(step records sorted by step, steps the run resumed from)."""
-    by_step, resumes = {}, []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "resume":
-            resumes.append(record["step"])
-        elif "loss" in record:
-            by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)], resumes
+    records, _ = read_step_records(run_dir / "metrics.jsonl")
+    resumes = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if r.get("event") == "resume"]
+    return records, resumes
 
 
 def build_figures(run_dirs: list[Path]) -> dict[str, plt.Figure]:

@@ -27,9 +27,12 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from launcher.config import CONFIG_ERROR_EXIT_CODE, EXIT_REQUEUE, Config, ConfigError, dump_config, load_config
+from launcher.plan import describe
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -44,13 +47,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="ranks to validate for with --dry-run (default: $WORLD_SIZE, else the smallest fit)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
-
-
-def dry_run(cfg: Config, world_size: int) -> str:
-    from launcher.plan import describe, make_plan
-
-    plan = make_plan(cfg, world_size, has_gpu=True)
-    return describe(cfg, plan, device="cuda + nccl (assumed; cpu + gloo where no GPU)")
 
 
 class StopSignal:
@@ -74,20 +70,33 @@ class StopSignal:
         return flag.item() > 0
 
 
-def train(cfg: Config, plan, ds_config: dict, penv) -> int:
-    """Start the process group, build the engine, resume, run the loop. Returns the exit code."""
-    import numpy as np
-    import torch
+@dataclass
+class Run:
+    """Everything the step loop touches, built once by `set_up`."""
 
-    from launcher import checkpoint as ckpt
-    from launcher.data import GlobalBatches, load_tokens
-    from launcher.engine import build_engine, count_dp_bytes
+    cfg: Config
+    plan: Any  # launcher.plan.Plan
+    penv: Any  # launcher.launch_env.ProcessEnv
+    device: Any  # torch.device
+    groups: Any  # parallel.topology.ProcessGroups
+    engine: Any  # launcher.engine.TrainEngine
+    log: Any  # launcher.metrics.RunLog
+    train_batches: Any  # launcher.data.GlobalBatches
+    val_batches: Any
+    ckpt_root: Path
+    verified: Any  # launcher.checkpoint.Verified
+    resume_from: Optional[Path]
+    dp_bytes: Any = None  # parallel.comm_bytes.CollectiveBytes with logging.comm_bytes
+    peak_tflops: Optional[float] = None
+    flops_per_token: float = 0.0
+    step: int = 0
+    tokens_seen: int = 0
+
+
+def train(cfg: Config, plan, ds_config: dict, penv) -> int:
+    """Start the process group, set up, resume, run the loop. Returns the exit code."""
     from launcher.launch_env import export_env
-    from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
-    from launcher.plan import describe
-    from launcher.tracking import Tracker
-    from parallel.costs import flops_per_token
-    from parallel.topology import build_process_groups, init_distributed, pick_device
+    from parallel.topology import init_distributed, pick_device
 
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
@@ -95,145 +104,200 @@ def train(cfg: Config, plan, ds_config: dict, penv) -> int:
     export_env(penv)
     device, backend = pick_device(penv.local_rank)
     init_distributed(backend, cfg.parallel.collective_timeout_s)
-    import deepspeed
     import torch.distributed as dist
 
-    engine = None
+    run = None
     try:
-        groups = build_process_groups(plan.layout, penv.rank)
-        lay, seq, is_writer = plan.layout, cfg.model.seq_len, penv.rank == 0
-        root = ckpt.checkpoint_root(cfg)
-        resume_from = None if cfg.checkpoint.resume == "none" else ckpt.choose_resume(
-            root, ckpt.explicit_resume(cfg), penv.rank, penv.world_size,
-            warn=lambda text: is_writer and print(f"warning: {text}", flush=True))
-        if resume_from is None and cfg.checkpoint.resume not in ("auto", "none"):
-            if is_writer:
-                print(f"config error: checkpoint.resume: {cfg.checkpoint.resume}, but no checkpoint in "
-                      f"{root} verifies", file=sys.stderr, flush=True)
-            return CONFIG_ERROR_EXIT_CODE
-        if resume_from is None and cfg.checkpoint.overwrite and is_writer and root.exists():
-            shutil.rmtree(root)
-        log = RunLog(run_dir(cfg), is_writer=is_writer, fresh=resume_from is None)
-        log.tracker = Tracker(cfg, log.path, is_writer)
-        nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
-        dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
-        per_node = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
-        log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
-                 f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
-        log.event({"event": "launch", "step": 0, "world_size": penv.world_size, "nodes": nodes,
-                   "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))})
-        log.info(describe(cfg, plan, device=f"{device.type} + {backend}"))
-        log.write_config(cfg)
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
-
-        dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
-        engine = build_engine(cfg, plan, groups, device, ds_config)
-        splits = load_tokens(cfg.data, log.path / "data")
-        batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
-                          dp_rank=groups.coord.dp, seed=cfg.train.seed)
-        train_batches = GlobalBatches(splits.train, seq, **batch_args)
-        val_batches = GlobalBatches(splits.val, seq, **batch_args)  # fixed set: always from position 0
-        peak = cfg.logging.peak_tflops or (
-            gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-        flops_token = flops_per_token(cfg.model)
-
-        step, tokens_seen, last = 0, 0, {}
-        if resume_from is not None:
-            saved = ckpt.LauncherState.read(resume_from)
-            note = ckpt.load(engine.ds, resume_from, saved_dp=saved.layout["dp"], current_dp=lay.dp, rank=penv.rank,
-                             same_layout=saved.layout == ckpt.layout_record(cfg, plan),
-                             compressor=engine.compressor, device=device)
-            if note:
-                log.info(f"warning: {note}")
-            step, tokens_seen = saved.step, saved.tokens_seen
-            train_batches.load_state_dict({"consumed_samples": saved.consumed_samples})
-            log.event({"event": "resume", "step": step, "from": str(resume_from), "tokens_seen": tokens_seen,
-                       "world_size": lay.world_size, "dp": lay.dp, "saved_dp": saved.layout["dp"]})
-
-        def validation_loss() -> float:
-            """Mean loss over a fixed set of held-out global batches."""
-            return sum(engine.eval_loss(val_batches.micro_batches(i * lay.global_batch) if engine.reads_data else None)
-                       for i in range(cfg.train.eval_batches)) / cfg.train.eval_batches
-
-        def step_bytes() -> dict:
-            """Bytes this step handed to data-parallel collectives, mean over ranks."""
-            counts = dp_bytes.take()
-            total = torch.tensor([counts["reduce"], counts["gather"]], dtype=torch.float64, device=device)
-            dist.all_reduce(total)
-            reduce_bytes, gather_bytes = (total / lay.world_size).tolist()
-            return {"dp_reduce_bytes": reduce_bytes, "dp_gather_bytes": gather_bytes}
-
-        def step_record(loss: float, lr: float, grad_norm, step_time: float, breakdown: dict) -> dict:
-            tokens_per_s = lay.global_batch * seq / step_time
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                      "samples_per_s": lay.global_batch / step_time, "step_time_s": step_time,
-                      "tokens_seen": tokens_seen, "world_size": lay.world_size,
-                      "tflops_per_device": flops_token * tokens_per_s / lay.world_size / 1e12, "time": time.time(),
-                      **breakdown}
-            if engine.loss_scale() is not None:
-                record["loss_scale"] = engine.loss_scale()
-            if peak:
-                record["mfu"] = record["tflops_per_device"] / peak
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                record["val_loss"] = validation_loss()
-            if device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            return record
-
-        def save_checkpoint(background: bool) -> ckpt.PendingSave:
-            state = ckpt.LauncherState(step=step, tokens_seen=tokens_seen, consumed_samples=step * lay.global_batch,
-                                       layout=ckpt.layout_record(cfg, plan), fingerprint=ckpt.fingerprint(cfg))
-            start = time.perf_counter()
-            pending = ckpt.save(engine.ds, root, state, penv.rank, penv.local_rank, penv.world_size,
-                                cfg.checkpoint.keep_last, background=background, compressor=engine.compressor,
-                                timeout_s=cfg.parallel.collective_timeout_s)
-            log.event({"event": "checkpoint", "step": step, "path": str(root / ckpt.tag_for(step)),
-                       "save_s": time.perf_counter() - start, "background": background})
-            return pending
-
-        # The training loop.
-        pending = ckpt.PendingSave(lambda: None, background=False)
-        while step < cfg.train.steps:
-            step += 1
-            lr = engine.ds.get_lr()[0]  # the rate this step's update uses
-            start = time.perf_counter()
-            batches = train_batches.next_step() if engine.reads_data else None
-            if dp_bytes:
-                dp_bytes.take()  # from here on, this step's collectives only
-            loss, grad_norm = engine.train_step(batches)
-            step_time = time.perf_counter() - start
-            breakdown = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
-            if dp_bytes:
-                breakdown.update(step_bytes())
-            tokens_seen += lay.global_batch * seq
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                last = step_record(loss, lr, grad_norm, step_time, breakdown)
-                log.log(last, cfg.train.steps)
-            stopping = stop.agreed(device)
-            every = cfg.checkpoint.every
-            if stopping or step == cfg.train.steps or (every and step % every == 0):
-                pending.wait()  # one save in flight at a time
-                pending = save_checkpoint(background=cfg.checkpoint.async_ and not stopping)
-            if stopping:
-                log.event({"event": "stop", "step": step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
-                log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {step}: checkpoint "
-                         f"saved; exit {EXIT_REQUEUE} (requeue to continue)")
-                log.close({"stopped_at_step": step})
-                dist.barrier()
-                return EXIT_REQUEUE
-        pending.wait()  # the last checkpoint is published before we report success
-        dist.barrier()  # no collective may still be in flight when the groups go away
-        log.summary(step, last, tokens_seen)
-        log.close({"final_step": step, "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                   "tokens_seen": tokens_seen})
-        return 0
+        run = set_up(cfg, plan, ds_config, penv, device)
+        resume(run)
+        return train_loop(run, stop)
+    except ConfigError as err:  # found once the ranks could look together (e.g. no checkpoint verifies)
+        if penv.rank == 0:
+            print(f"config error: {err}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT_CODE
     finally:
-        del deepspeed
-        if engine is not None:
-            engine.ds.destroy()
+        if run is not None:
+            run.engine.ds.destroy()
         dist.destroy_process_group()
+
+
+def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
+    """Process groups, the checkpoint to resume from, the run directory, the engine, data."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from launcher import checkpoint as ckpt
+    from launcher.data import GlobalBatches, load_tokens
+    from launcher.engine import build_engine, count_dp_bytes
+    from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
+    from launcher.tracking import Tracker
+    from parallel.costs import flops_per_token
+    from parallel.topology import build_process_groups
+
+    groups = build_process_groups(plan.layout, penv.rank)
+    is_writer, root, verified = penv.rank == 0, ckpt.checkpoint_root(cfg), ckpt.Verified()
+    resume_from = None
+    if cfg.checkpoint.resume != "none":
+        resume_from = ckpt.choose_resume(root, ckpt.explicit_resume(cfg), penv.rank, penv.world_size,
+                                         warn=lambda text: is_writer and print(f"warning: {text}", flush=True),
+                                         verified=verified)
+        if resume_from is None and (cfg.checkpoint.resume != "auto" or verified.bad):
+            raise ckpt.nothing_to_resume(cfg, root, verified)
+    elif cfg.checkpoint.overwrite and is_writer and root.exists():
+        shutil.rmtree(root)
+    start_step = ckpt.LauncherState.read(resume_from).step if resume_from else 0
+    log = RunLog(run_dir(cfg), is_writer=is_writer)
+    log.tracker = Tracker(cfg, log.path, is_writer)
+    nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
+    dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+    per_node = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
+    log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
+             f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
+    # `step` is where this attempt starts: it supersedes earlier records of later steps.
+    log.event({"event": "launch", "step": start_step, "world_size": penv.world_size, "nodes": nodes,
+               "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))})
+    log.info(describe(cfg, plan, device=f"{device.type} + {'nccl' if device.type == 'cuda' else 'gloo'}"))
+    log.write_config(cfg)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+
+    dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
+    engine = build_engine(cfg, plan, groups, device, ds_config)
+    splits = load_tokens(cfg.data, log.path / "data")
+    lay = plan.layout
+    batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
+                      dp_rank=groups.coord.dp, seed=cfg.train.seed)
+    peak = cfg.logging.peak_tflops or (
+        gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    return Run(cfg=cfg, plan=plan, penv=penv, device=device, groups=groups, engine=engine, log=log,
+               train_batches=GlobalBatches(splits.train, cfg.model.seq_len, **batch_args),
+               val_batches=GlobalBatches(splits.val, cfg.model.seq_len, **batch_args),  # fixed set: from position 0
+               ckpt_root=root, verified=verified, resume_from=resume_from, dp_bytes=dp_bytes, peak_tflops=peak,
+               flops_per_token=flops_per_token(cfg.model))
+
+
+def resume(run: Run) -> None:
+    """Load the chosen checkpoint (model, optimizer, scheduler, RNG, sampler position)."""
+    from launcher import checkpoint as ckpt
+
+    if run.resume_from is None:
+        return
+    saved = ckpt.LauncherState.read(run.resume_from)
+    note = ckpt.load(run.engine.ds, run.resume_from, saved_dp=saved.layout["dp"], current_dp=run.plan.layout.dp,
+                     rank=run.penv.rank, same_layout=saved.layout == ckpt.layout_record(run.cfg, run.plan),
+                     compressor=run.engine.compressor, device=run.device)
+    if note:
+        run.log.info(f"warning: {note}")
+    run.step, run.tokens_seen = saved.step, saved.tokens_seen
+    run.train_batches.load_state_dict({"consumed_samples": saved.consumed_samples})
+    run.log.event({"event": "resume", "step": run.step, "from": str(run.resume_from), "tokens_seen": run.tokens_seen,
+                   "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"]})
+
+
+def train_loop(run: Run, stop: StopSignal) -> int:
+    """The step loop: batches -> engine.train_step -> record -> checkpoint. Exit code."""
+    import torch.distributed as dist
+
+    from launcher.checkpoint import PendingSave
+
+    cfg, lay, engine = run.cfg, run.plan.layout, run.engine
+    pending, last = PendingSave(lambda: None, background=False), {}
+    while run.step < cfg.train.steps:
+        run.step += 1
+        lr = engine.ds.get_lr()[0]  # the rate this step's update uses
+        start = time.perf_counter()
+        batches = run.train_batches.next_step() if engine.reads_data else None
+        if run.dp_bytes:
+            run.dp_bytes.take()  # from here on, this step's collectives only
+        loss, grad_norm = engine.train_step(batches)
+        step_time = time.perf_counter() - start
+        extra = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
+        if run.dp_bytes:
+            extra.update(step_bytes(run))
+        run.tokens_seen += lay.global_batch * cfg.model.seq_len
+        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
+            last = step_record(run, loss, lr, grad_norm, step_time, extra)
+            run.log.log(last, cfg.train.steps)
+        stopping = stop.agreed(run.device)
+        every = cfg.checkpoint.every
+        if stopping or run.step == cfg.train.steps or (every and run.step % every == 0):
+            pending.wait()  # one save in flight at a time
+            pending = save_checkpoint(run, background=cfg.checkpoint.async_ and not stopping)
+        if stopping:
+            run.log.event({"event": "stop", "step": run.step, "signal": stop.received, "exit_code": EXIT_REQUEUE})
+            run.log.info(f"stopped by {stop.received or 'a signal on another rank'} at step {run.step}: checkpoint "
+                         f"saved; exit {EXIT_REQUEUE} (requeue to continue)")
+            run.log.close({"stopped_at_step": run.step})
+            dist.barrier()
+            return EXIT_REQUEUE
+    pending.wait()  # the last checkpoint is published before we report success
+    dist.barrier()  # no collective may still be in flight when the groups go away
+    run.log.summary(run.step, last, run.tokens_seen)
+    run.log.close({"final_step": run.step, "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+                   "tokens_seen": run.tokens_seen})
+    return 0
+
+
+def validation_loss(run: Run) -> float:
+    """Mean loss over a fixed set of held-out global batches (every stage runs them; only
+    the first and last pipeline stages read them)."""
+    global_batch, reads = run.plan.layout.global_batch, run.engine.reads_data
+    total = sum(run.engine.eval_loss(run.val_batches.micro_batches(i * global_batch) if reads else None)
+                for i in range(run.cfg.train.eval_batches))
+    return total / run.cfg.train.eval_batches
+
+
+def step_bytes(run: Run) -> dict:
+    """Bytes this step handed to data-parallel collectives, mean over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    counts = run.dp_bytes.take()
+    total = torch.tensor([counts["reduce"], counts["gather"]], dtype=torch.float64, device=run.device)
+    dist.all_reduce(total)
+    reduce_bytes, gather_bytes = (total / run.plan.layout.world_size).tolist()
+    return {"dp_reduce_bytes": reduce_bytes, "dp_gather_bytes": gather_bytes}
+
+
+def step_record(run: Run, loss: float, lr: float, grad_norm, step_time: float, extra: dict) -> dict:
+    """One metrics.jsonl record: what a single process on the whole global batch would report."""
+    import torch
+
+    cfg, lay = run.cfg, run.plan.layout
+    tokens_per_s = lay.global_batch * cfg.model.seq_len / step_time
+    record = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+              "samples_per_s": lay.global_batch / step_time, "step_time_s": step_time,
+              "tokens_seen": run.tokens_seen, "world_size": lay.world_size,
+              "tflops_per_device": run.flops_per_token * tokens_per_s / lay.world_size / 1e12, "time": time.time(),
+              **extra}
+    if run.engine.loss_scale() is not None:
+        record["loss_scale"] = run.engine.loss_scale()
+    if run.peak_tflops:
+        record["mfu"] = record["tflops_per_device"] / run.peak_tflops
+    if cfg.train.eval_every and (run.step % cfg.train.eval_every == 0 or run.step == cfg.train.steps):
+        record["val_loss"] = validation_loss(run)
+    if run.device.type == "cuda":
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return record
+
+
+def save_checkpoint(run: Run, background: bool):
+    """Write this step's checkpoint (finished in the background with checkpoint.async)."""
+    from launcher import checkpoint as ckpt
+
+    cfg, lay = run.cfg, run.plan.layout
+    state = ckpt.LauncherState(step=run.step, tokens_seen=run.tokens_seen,
+                               consumed_samples=run.step * lay.global_batch,
+                               layout=ckpt.layout_record(cfg, run.plan), fingerprint=ckpt.fingerprint(cfg))
+    start = time.perf_counter()
+    pending = ckpt.save(run.engine.ds, run.ckpt_root, state, run.penv.rank, run.penv.local_rank, run.penv.world_size,
+                        cfg.checkpoint.keep_last, run.verified, background=background,
+                        compressor=run.engine.compressor, timeout_s=cfg.parallel.collective_timeout_s)
+    run.log.event({"event": "checkpoint", "step": run.step, "path": str(run.ckpt_root / ckpt.tag_for(run.step)),
+                   "save_s": time.perf_counter() - start, "background": background})
+    return pending
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,31 +307,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
+        import torch
+
+        # Pick DeepSpeed's accelerator ourselves: no probing, no "unable to detect" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        from launcher.precision import ASSUMED_GPU, detect_device_support
+        from launcher.preflight import preflight
+
         if args.dry_run:
             from launcher.plan import default_world_size
 
             world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or default_world_size(cfg)
+            plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
-            print(dry_run(cfg, world_size))
+            print(describe(cfg, plan, device=ASSUMED_GPU.name))
             return 0
-        import torch
-
         from launcher.launch_env import discover
-        from launcher.plan import make_plan
 
-        # Pick DeepSpeed's accelerator ourselves: no probing, no "unable to detect" warning.
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         penv = discover()
-        plan = make_plan(cfg, penv.world_size, has_gpu=torch.cuda.is_available())
-        from launcher.engine import deepspeed_config
-
-        ds_config = deepspeed_config(cfg, plan)
-        from launcher.checkpoint import check_resume_config
-
-        check_resume_config(cfg, plan)
-        from launcher.tracking import check_wandb_login
-
-        check_wandb_login(cfg.logging.wandb)
+        plan, ds_config = preflight(cfg, penv.world_size, detect_device_support())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

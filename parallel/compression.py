@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
@@ -101,6 +102,9 @@ class PowerSGDReducer:
     def state_dict(self) -> dict:
         """Error feedback, P/Q factors, step count and the RNG that seeds new factors."""
         state = {name: getattr(self.state, name) for name in _STATE_FIELDS}
+        # numpy's RandomState as plain numbers and a tensor: loadable with weights_only=True
+        rng = state["rng"].get_state(legacy=False)
+        state["rng"] = {**rng, "state": {**rng["state"], "key": torch.from_numpy(rng["state"]["key"].astype("int64"))}}
         return {**state, "signature": self._signature()}
 
     def load_state_dict(self, saved: dict) -> Optional[str]:
@@ -112,7 +116,9 @@ class PowerSGDReducer:
         if saved["signature"] != self._signature():
             return ("compression: the saved PowerSGD state is for other gradient shapes or rank; error feedback "
                     "and factors start afresh")
-        self.state.rng = saved["rng"]
+        rng = saved["rng"]
+        self.state.rng = np.random.RandomState()
+        self.state.rng.set_state({**rng, "state": {**rng["state"], "key": rng["state"]["key"].numpy().astype("uint32")}})
         for name in ("error_dict", "p_memory_dict", "q_memory_dict"):
             setattr(self.state, name, saved[name])
         return None

@@ -43,9 +43,10 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Step records, one per step: after a resume the later record of a step counts."""
-    by_step = {r["step"]: r for r in read_records(run_dir) if "loss" in r}
-    return [by_step[s] for s in sorted(by_step)]
+    """Step records, one per step: after a restart the later attempt's records count."""
+    from launcher.metrics import read_step_records
+
+    return read_step_records(run_dir / "metrics.jsonl")[0]
 
 
 def read_events(run_dir: Path, kind: str) -> list[dict]:

@@ -127,7 +127,7 @@ def _resume_state(rank_id, world_size):
         reducer = first if name == "continued" else make_reducer(shapes, warmup_steps=2)
         if name == "restored":
             buffer.seek(0)
-            assert reducer.load_state_dict(torch.load(buffer, weights_only=False)) is None
+            assert reducer.load_state_dict(torch.load(buffer, weights_only=True)) is None
         outputs[name] = []
         for step in range(5, 8):
             grads = grads_at(step)
@@ -227,7 +227,7 @@ def test_resume_with_powersgd_is_bit_exact(tmp_path):
               "compression.method=powersgd", "compression.warmup_steps=2", "train.steps=12"]
     whole = train(torchrun_cmd(4), tmp_path / "whole", *common, "checkpoint.every=6")
     saved = tmp_path / "whole/checkpoints/step-00000006"
-    states = [torch.load(p, weights_only=False) for p in sorted((saved / "compression").glob("rank-*.pt"))]
+    states = [torch.load(p, weights_only=True) for p in sorted((saved / "compression").glob("rank-*.pt"))]
     assert len(states) == 4 and all(s["iter"] == 6 and s["error_dict"][0].abs().sum() > 0 for s in states)
     copy = tmp_path / "resumed_from"
     shutil.copytree(saved, copy)
@@ -244,11 +244,12 @@ def _tied_copies(rank, world_size, overrides, cache):
     from launcher.data import GlobalBatches, load_tokens
     from launcher.engine import build_engine, deepspeed_config
     from launcher.plan import make_plan
+    from launcher.precision import detect_device_support
     from launcher.train import DEFAULT_CONFIG
     from parallel.topology import build_process_groups
 
     cfg = load_config(str(DEFAULT_CONFIG), overrides)
-    plan = make_plan(cfg, world_size, has_gpu=False)
+    plan = make_plan(cfg, world_size, detect_device_support())
     groups = build_process_groups(plan.layout, rank)
     engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
     lay = plan.layout
