@@ -58,21 +58,23 @@ def main() -> None:
     from launcher import checkpoint as ckpt
     from launcher.config import load_config
     from launcher.data import GlobalBatches, load_tokens
-    from launcher.engine import build_engine, deepspeed_config
+    from launcher.engine import build_engine
     from launcher.launch_env import discover, export_env
+    from launcher.precision import detect_device_support
+    from launcher.preflight import preflight
     from parallel.topology import build_process_groups, init_distributed, pick_device
-    from launcher.plan import make_plan
 
     import torch.distributed as dist
 
     cfg = load_config(REPO / "configs/default.yaml", MODEL + args.overrides)
     penv = discover()
     export_env(penv)
-    plan = make_plan(cfg, 1, has_gpu=False)
+    # The launcher's own preflight: the same plan and DeepSpeed config `launcher.train` would build.
+    plan, ds_config = preflight(cfg, 1, detect_device_support())
     device, backend = pick_device(0)
     init_distributed(backend)
     groups = build_process_groups(plan.layout, 0)
-    engine = build_engine(cfg, plan, groups, device, deepspeed_config(cfg, plan))
+    engine = build_engine(cfg, plan, groups, device, ds_config)
     base = Path(args.dir) if args.dir else REPO / "runs"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
@@ -80,13 +82,14 @@ def main() -> None:
         batches = GlobalBatches(load_tokens(cfg.data, Path(cache)).train, cfg.model.seq_len, global_batch=1,
                                 micro_batch=1, dp=1, dp_rank=0, seed=0)
         engine.train_step(batches.next_step())
+        verified = ckpt.Verified()  # what retention counts; every save here goes to a fresh root
         state = lambda step: ckpt.LauncherState(step, 0, step, ckpt.layout_record(cfg, plan), ckpt.fingerprint(cfg))  # noqa: E731
 
         save_s, dd_s, nbytes = [], [], 0
         for i in range(args.repeats):
             root = work / f"save{i}"
             start = time.perf_counter()
-            ckpt.save(engine.ds, root, state(1), 0, 0, 1, keep_last=1).wait()
+            ckpt.save(engine.ds, root, state(1), 0, 0, 1, keep_last=1, verified=verified).wait()
             save_s.append(time.perf_counter() - start)
             nbytes = dir_bytes(root / "step-00000001")
             shutil.rmtree(root)
@@ -100,7 +103,8 @@ def main() -> None:
             quiet.append(time.perf_counter() - start)
         busy = []
         for i in range(args.repeats):
-            pending = ckpt.save(engine.ds, work / f"async{i}", state(2 + i), 0, 0, 1, keep_last=1, background=True)
+            pending = ckpt.save(engine.ds, work / f"async{i}", state(2 + i), 0, 0, 1, keep_last=1, verified=verified,
+                                background=True)
             while pending._thread is not None and pending._thread.is_alive():
                 start = time.perf_counter()
                 engine.train_step(batches.next_step())

@@ -17,7 +17,6 @@ Target (issue 6): PowerSGD >= 8x fewer bytes with a final loss within 3% of `non
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from launcher.metrics import read_step_records  # noqa: E402
+
 DEFAULT_RUNS = "none,fp16,bf16,powersgd,none@zero0,powersgd@zero0"
 
 
@@ -40,8 +42,7 @@ def run(name: str, steps: int, nproc: int, overrides: list[str], work: Path) -> 
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if "loss" in r]
+    steps_ = read_step_records(run_dir / "metrics.jsonl")[0]
     settled = steps_[len(steps_) // 2:]  # past any warm-up (compression, allocator, caches)
     return {"run": name, "zero": 0 if variant == "zero0" else 1,
             "reduce_bytes": statistics.median(r["dp_reduce_bytes"] for r in settled),

@@ -13,7 +13,6 @@ launcher / bare (target >= 0.95).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from launcher.metrics import read_step_records  # noqa: E402
 WARMUP = 5
 
 
@@ -66,10 +66,12 @@ def launcher_run(overrides: list[str], steps: int) -> float:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
-        subprocess.run([sys.executable, "-m", "launcher.train", *overrides, f"train.steps={steps}",
-                        "train.log_every=1", "train.eval_every=0", f"run.dir={run_dir}"],
-                       cwd=REPO, env=env, check=True, capture_output=True, text=True)
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        result = subprocess.run([sys.executable, "-m", "launcher.train", *overrides, f"train.steps={steps}",
+                                 "train.log_every=1", "train.eval_every=0", f"run.dir={run_dir}"],
+                                cwd=REPO, env=env, capture_output=True, text=True)
+        if result.returncode:  # the output is captured: show why, not just the exit code
+            sys.exit(f"launcher.train failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        records = read_step_records(Path(run_dir) / "metrics.jsonl")[0]
     return statistics.median(r["tokens_per_s"] for r in records[WARMUP:])
 
 
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.steps <= WARMUP:  # every step would be warm-up: nothing left to time
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
     import torch
 
     from launcher.config import load_config

@@ -254,15 +254,18 @@ def fingerprint(cfg) -> dict:
             "seed": cfg.train.seed, "data.path": cfg.data.path, "data.val_fraction": cfg.data.val_fraction}
 
 
+_FINGERPRINT_KEYS = {"global_batch": "parallel.global_batch", "seed": "train.seed"}  # as the config spells them
+
+
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:
-    """Dotted names of the fields that differ, e.g. ['model.hidden', 'global_batch']."""
+    """Config keys of the fields that differ, e.g. ['model.hidden', 'parallel.global_batch']."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key}.{k}" for k in fingerprint_diff(a, b)]
         elif a != b:
-            out.append(key)
+            out.append(_FINGERPRINT_KEYS.get(key, key))
     return out
 
 

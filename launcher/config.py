@@ -3,8 +3,12 @@
 Data path: `load_config(path, overrides)` reads the YAML, applies `section.key=value`
 overrides, type-checks every value against the dataclass annotations below and runs the
 checks that do not depend on the world size (`check_config`). World-size checks live in
-`parallel.topology.resolve_layout`. Every mistake raises `ConfigError`, whose message is a
-single line naming the offending key; the entry point prints it and exits with code 2.
+`parallel.topology.resolve_layout`, the rest of what a launch checks in `launcher.preflight`.
+Every mistake raises `ConfigError`, whose message is a single line naming the offending key;
+the entry point prints it and exits with code 2. Any input ends that way, never in a
+traceback or a hang (tests/test_config_fuzz.py): numbers are finite, integers fit 64 bits,
+sizes that planning iterates over have upper bounds (`LIMITS`), YAML that is not UTF-8, too
+deep or an alias graph ("billion laughs") is refused, and user text is escaped to one line.
 
 Why not pydantic: its errors are multi-line tables and it has no "did you mean"; the
 type-checking we need (scalars, literals, lists, nested dataclasses) is ~80 lines below.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,12 +40,38 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again la
 
 
 class ConfigError(Exception):
-    """A configuration mistake, reported as one line: `<key>: <what was expected>`."""
+    """A configuration mistake, reported as one line: `<key>: <what was expected>`.
+
+    Keys and values come from the user (a YAML key, an override as typed) and may hold line
+    breaks or control characters: both parts are escaped so the report stays one line."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
-        self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
+        self.key = _one_line(str(key)) or "''"
+        self.message = _one_line(str(message))
+        super().__init__(f"{self.key}: {self.message}")
+
+
+def _one_line(text: str) -> str:
+    """`text` with every non-printable character (line breaks, tabs, controls, unassigned
+    code points) written as its escape, e.g. a newline as \\n."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_SHOW_CHARS = 100
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages: bounded for long strings, deep or aliased ("billion laughs")
+    YAML structures, and integers too long for str() (Python refuses more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a {'negative ' if value < 0 else ''}{value.bit_length()}-bit integer"
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------
@@ -65,13 +97,13 @@ class ModelConfig:
     seq_len: int = 128
     """Training sequence length in tokens."""
     rope_theta: float = 10000.0
-    """RoPE base frequency."""
+    """RoPE base frequency (> 1)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head (DeepSpeed TiedLayerSpec across stages)."""
     init_std: float = 0.02
-    """Std of the normal init; output projections use init_std / sqrt(2 * layers)."""
+    """Std of the normal init (> 0); output projections use init_std / sqrt(2 * layers)."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -105,7 +137,7 @@ class ParallelConfig:
     """Recompute each pipeline item's activations in the backward pass."""
     collective_timeout_s: float = 1800.0
     """A collective (or barrier) that waits longer than this fails: the survivors of a dead
-    peer exit and the job can restart instead of hanging."""
+    peer exit and the job can restart instead of hanging. 1 s to 1e7 s."""
 
 
 @dataclass
@@ -117,7 +149,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam/Lion betas (two numbers)."""
     eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (> 0)."""
     weight_decay: float = 0.1
     """Decoupled weight decay."""
     grad_clip: float = 1.0
@@ -127,7 +159,7 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 10
-    """Linear warm-up from 0 to optimizer.lr."""
+    """Linear warm-up from 0 to optimizer.lr; at most train.steps."""
     min_lr: float = 1e-4
     """Cosine decay ends at this learning rate, at the last training step."""
 
@@ -137,7 +169,7 @@ class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute dtype: `auto` = bf16 on GPU, fp32 on CPU."""
     fp16_initial_scale_power: int = 16
-    """fp16 only: the dynamic loss scale starts at 2**this."""
+    """fp16 only: the dynamic loss scale starts at 2**this (0 to 64)."""
 
 
 @dataclass
@@ -180,9 +212,9 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps to run."""
     seed: int = 1234
-    """Seed for initialization and data order."""
+    """Seed for initialization and data order (0 <= seed < 2**32)."""
     log_every: int = 10
-    """Log metrics every this many steps."""
+    """Log metrics every this many steps (and at the last step)."""
     eval_every: int = 50
     """Validation loss every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4
@@ -286,34 +318,93 @@ def _type_name(tp: Any) -> str:
             dict: "a mapping"}.get(tp, str(tp))
 
 
+INT64 = 2**63  # every integer ends up in an int64 (torch, numpy, DeepSpeed's C++ side)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _finite_float(value: Any, key: str) -> float:
+    """Every float in the config is a size, rate or time: nan and +-inf cannot train."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(key, f"expected a finite number, got {_show(value)} (too large for a float)") from None
+    if not math.isfinite(number):
+        raise ConfigError(key, f"expected a finite number, got {_show(value)}")
+    return number
+
+
+# The `deepspeed:` pass-through block becomes DeepSpeed's JSON config: a tree of mappings
+# with string keys, lists and JSON scalars. Its size is bounded (DeepSpeed's own configs have
+# a few dozen keys) so that a YAML alias graph ("billion laughs") is refused before anything
+# walks it as a tree.
+_DEEPSPEED_BLOCK_NODES = 10_000
+_DEEPSPEED_BLOCK_DEPTH = 32
+
+
+def _check_json_like(value: Any, key: str) -> None:
+    budget = [_DEEPSPEED_BLOCK_NODES]
+    open_nodes: set[int] = set()  # the containers on the path from the root: a YAML alias loop
+
+    def walk(node: Any, path: str, depth: int) -> None:
+        if id(node) in open_nodes:
+            raise ConfigError(path, "contains itself (a YAML alias inside its own anchor)")
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(key, f"more than {_DEEPSPEED_BLOCK_NODES} values (YAML aliases repeated?): "
+                              "a DeepSpeed config is a few dozen keys")
+        if depth > _DEEPSPEED_BLOCK_DEPTH:
+            raise ConfigError(path, f"nested more than {_DEEPSPEED_BLOCK_DEPTH} levels deep")
+        if isinstance(node, (dict, list)):
+            open_nodes.add(id(node))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                if isinstance(node, dict) and not isinstance(k, str):
+                    raise ConfigError(f"{path}.{_show(k)}", "DeepSpeed config keys must be strings (quote it)")
+                walk(v, f"{path}.{k}" if isinstance(node, dict) else f"{path}[{k}]", depth + 1)
+            open_nodes.discard(id(node))
+        elif isinstance(node, float):
+            _finite_float(node, path)
+        elif isinstance(node, int) and not -INT64 <= node < INT64:
+            raise ConfigError(path, f"{_show(node)} is out of range (a 64-bit integer)")
+        elif node is not None and not isinstance(node, (str, int)):  # bool is an int
+            raise ConfigError(path, f"expected a JSON value (mapping, list, string, number, true/false, null), "
+                              f"got {_show(node)}")
+
+    walk(value, key, 0)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return the typed value or raise."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        errors = []
         for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _coerce(value, arm, key)
-            except ConfigError:
-                continue
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+            except ConfigError as err:
+                errors.append(err)
+        # The value has the right type for an arm but a wrong value (nan for a float): say so.
+        specific = [e for e in errors if "finite" in e.message]
+        if specific:
+            raise specific[0]
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+        if type(value) in {type(a) for a in typing.get_args(tp)} and value in typing.get_args(tp):
             return value
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build_section(tp, value, key)
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads `3e-4` as a string; accept what users mean
+        return _finite_float(value, key)  # PyYAML (YAML 1.1) reads `3e-4` as a string; accept what users mean
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -324,8 +415,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if ok is None:
         raise TypeError(f"unsupported annotation {tp} for {key}")
     if not ok:
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+    if tp is int and not -INT64 <= value < INT64:
+        raise ConfigError(key, f"{_show(value)} is out of range (a 64-bit integer)")
+    if tp is dict:
+        _check_json_like(value, key)
+    return _finite_float(value, key) if tp is float else value
 
 
 def _unknown_key(key: str, name: str, known: list[str]) -> ConfigError:
@@ -338,15 +433,16 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(prefix or "<top level>", f"expected a mapping, got {raw!r}")
+        raise ConfigError(prefix or "<top level>", f"expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [_yaml_name(f.name) for f in dataclasses.fields(cls)]
     values = {}
     for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        field_name = f"{name}_" if keyword.iskeyword(str(name)) else name
-        if field_name not in hints:
-            raise _unknown_key(key, str(name), names)
+        shown = name if isinstance(name, str) else _show(name)  # YAML keys may be numbers, null, true
+        key = f"{prefix}.{shown}" if prefix else shown
+        field_name = f"{name}_" if isinstance(name, str) and keyword.iskeyword(name) else name
+        if not isinstance(name, str) or field_name not in hints:
+            raise _unknown_key(key, shown, names)
         values[field_name] = _coerce(value, hints[field_name], key)
     return cls(**values)
 
@@ -358,14 +454,16 @@ def _yaml_name(field_name: str) -> str:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(text, "an override must look like section.key=value")
+        raise ConfigError(text if text.strip() else repr(text), "an override must look like section.key=value")
     dotted, _, raw_value = text.partition("=")
     path = dotted.strip().split(".")
-    if len(path) < 2 or not all(path):
-        raise ConfigError(dotted, "an override must name section.key, e.g. parallel.tensor=2")
+    if len(path) < 2 or not all(part.strip() for part in path):
+        raise ConfigError(dotted if dotted.strip() else repr(text),
+                          "an override must name section.key, e.g. parallel.tensor=2")
+    path = [part.strip() for part in path]
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of more than 4300 digits
         value = raw_value  # not YAML: take it as a plain string and let the type check judge
     return path, value
 
@@ -376,7 +474,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = _parse_override(text)
         node = raw
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or an empty section (`model:` alone in the file)
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(".".join(path), f"'{part}' is not a section")
             node = child
@@ -384,21 +484,41 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a larger file is the wrong file (a checkpoint, a corpus)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path}: {path.stat().st_size:,} bytes is not a config file "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError("--config", f"{path}: cannot read it: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError("--config", f"{path}: not UTF-8 text (byte {err.start}, line {line})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError("--config", f"{path}: {problem}{where}") from None
+    except RecursionError:
+        raise ConfigError("--config", f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # PyYAML's int(): more than 4300 digits
+        raise ConfigError("--config", f"{path}: invalid YAML: {err}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("--config", f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError("--config", f"{path}: expected a mapping of sections at the top level, "
+                          f"got {_show(raw)}")
     return raw
 
 
@@ -434,23 +554,59 @@ def dump_config(cfg: Config) -> str:
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {_show(value)}")
+
+
+# Upper bounds on the sizes that planning iterates over or multiplies out. Generous for
+# real models up to ~1T parameters: Llama 3 405B has 126 layers, hidden 16384, ffn 53248,
+# vocab 128256; Megatron-LM's 1T example 128 layers, hidden 25600, pp 64; Gemma's vocab is
+# 256000; DeepNet trained 1000 layers. Beyond them a value is a typo (an extra digit), and
+# the stage partitioner (a dynamic program over the 2 * layers + 3 pipeline items and the
+# pp stages) would run for minutes to hours before saying anything.
+LIMITS = {
+    "model.layers": (1024, "DeepNet's 1000 layers are the deepest trained transformer"),
+    "model.hidden": (1 << 17, "1T-parameter models use hidden 25600"),
+    "model.ffn": (1 << 20, "8x the largest hidden size in use"),
+    "model.vocab": (1 << 22, "the largest vocabularies in use have 256K entries"),
+    "model.seq_len": (1 << 24, "16M tokens per sequence"),
+    "parallel.pipeline": (256, "the largest published pipelines have 64-128 stages"),
+    "parallel.global_batch": (1 << 24, "16M sequences per optimizer step"),
+}
+SEED_RANGE = 2**32  # numpy's legacy seed (np.random.seed) takes 0 <= seed < 2**32
+MAX_FP16_SCALE_POWER = 64  # the loss scale starts at 2**this: DeepSpeed's default is 16
+# A collective (or barrier) timeout: at least a second (the first barrier of a job takes
+# longer than that), at most ~115 days (a wait that long is a hang, not a timeout; inf and
+# far larger values overflow Python's timedelta, or int64 nanoseconds in C++).
+TIMEOUT_RANGE_S = (1.0, 1e7)
+
+
+def _at_most(key: str, value: int) -> None:
+    limit, why = LIMITS[key]
+    if value > limit:
+        raise ConfigError(key, f"{_show(value)} is more than {limit:,}, the most this launcher plans for ({why}); "
+                          "a typo?")
 
 
 def check_config(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
         _positive(f"model.{name}", getattr(m, name))
-    _positive("model.rope_theta", m.rope_theta)
+    for key in LIMITS:
+        section, name = key.split(".")
+        _at_most(key, getattr(getattr(cfg, section), name))
+    if m.rope_theta <= 1:
+        raise ConfigError("model.rope_theta", f"must be > 1 (RoPE's frequencies are theta**(-i/d); Llama uses "
+                          f"10000 or 500000), got {m.rope_theta}")
     _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
     if m.kv_heads is not None:
         _positive("model.kv_heads", m.kv_heads)
     if m.hidden % m.heads:
-        raise ConfigError("model.heads", f"hidden={m.hidden} is not divisible by heads={m.heads}")
+        raise ConfigError("model.heads", f"hidden={m.hidden} is not divisible by heads={_show(m.heads)}")
     if m.head_dim % 2:
         raise ConfigError("model.heads", f"head_dim=hidden/heads={m.head_dim} must be even for RoPE")
     if m.heads % m.n_kv_heads:
-        raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={m.n_kv_heads}")
+        raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={_show(m.n_kv_heads)}")
 
     for name in ("tensor", "pipeline", "micro_batch", "global_batch"):
         _positive(f"parallel.{name}", getattr(p, name))
@@ -460,49 +616,76 @@ def check_config(cfg: Config) -> None:
     for key, value in (("model.heads", m.heads), ("model.kv_heads", m.n_kv_heads),
                        ("model.ffn", m.ffn), ("model.vocab", m.vocab)):
         if value % tp:
-            raise ConfigError(key, f"{key.split('.')[1]}={value} is not divisible by parallel.tensor={tp}")
+            raise ConfigError(key, f"{key.split('.')[1]}={value} is not divisible by parallel.tensor={_show(tp)}")
     if m.layers < p.pipeline:
         raise ConfigError("parallel.pipeline",
                           f"pipeline={p.pipeline} stages but only model.layers={m.layers} layers")
+    if p.micro_batch > p.global_batch:
+        raise ConfigError("parallel.micro_batch", f"micro_batch={_show(p.micro_batch)} is more than "
+                          f"parallel.global_batch={p.global_batch}")
     if p.partition not in ("balanced", "uniform", "parameters") and not p.partition.startswith("type:"):
         raise ConfigError("parallel.partition",
-                          f"expected balanced, uniform, parameters or type:<regex>, got {p.partition!r}")
-    _positive("parallel.collective_timeout_s", p.collective_timeout_s)
+                          f"expected balanced, uniform, parameters or type:<regex>, got {_show(p.partition)}")
+    if p.partition.startswith("type:"):
+        try:
+            re.compile(p.partition[len("type:"):])
+        except (re.error, RecursionError, OverflowError) as err:
+            raise ConfigError("parallel.partition", f"type:<regex>: not a regular expression: {err}") from None
+    low, high = TIMEOUT_RANGE_S
+    if not low <= p.collective_timeout_s <= high:
+        raise ConfigError("parallel.collective_timeout_s", f"expected {low:g} to {high:g} seconds, got "
+                          f"{p.collective_timeout_s:g}")
     if p.stage_memory_gb is not None:
         _positive("parallel.stage_memory_gb", p.stage_memory_gb)
     if p.pipeline > 1 and cfg.zero.stage > 1:
         raise ConfigError("zero.stage", f"ZeRO stage {cfg.zero.stage} cannot be used with parallel.pipeline="
                           f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO 0 or 1")
+    power = cfg.precision.fp16_initial_scale_power
+    if not 0 <= power <= MAX_FP16_SCALE_POWER:
+        raise ConfigError("precision.fp16_initial_scale_power", f"expected 0 to {MAX_FP16_SCALE_POWER} (the loss "
+                          f"scale starts at 2**power; DeepSpeed's default is 16), got {_show(power)}")
 
     check_compression(cfg)
 
     o = cfg.optimizer
     _positive("optimizer.lr", o.lr)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError("optimizer.betas", f"expected two numbers in [0, 1), got {o.betas}")
+        raise ConfigError("optimizer.betas", f"expected two numbers in [0, 1), got {_show(o.betas)}")
+    _positive("optimizer.eps", o.eps)
     _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optimizer.grad_clip", o.grad_clip, allow_zero=True)
-    _positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
     _positive("schedule.min_lr", cfg.schedule.min_lr, allow_zero=True)
     if cfg.schedule.min_lr > o.lr:
         raise ConfigError("schedule.min_lr", f"min_lr={cfg.schedule.min_lr} is above optimizer.lr={o.lr}")
 
     t = cfg.train
     _positive("train.steps", t.steps)
+    _positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
+    if cfg.schedule.warmup_steps > t.steps:
+        # The learning rate would never reach optimizer.lr and the cosine decay never start.
+        raise ConfigError("schedule.warmup_steps", f"warmup_steps={_show(cfg.schedule.warmup_steps)} is longer "
+                          f"than the run (train.steps={_show(t.steps)}): lower it (0 = no warm-up) or train longer")
+    # log_every, eval_every and checkpoint.every may exceed the run: the last step is always
+    # logged, evaluated (eval_every > 0) and checkpointed.
     _positive("train.log_every", t.log_every)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.eval_batches", t.eval_batches)
+    if not 0 <= t.seed < SEED_RANGE:
+        raise ConfigError("train.seed", f"expected 0 <= seed < 2**32 (numpy's seed range), got {_show(t.seed)}")
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    if cfg.checkpoint.resume not in ("auto", "required", "none") and not Path(cfg.checkpoint.resume).is_dir():
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "required", "none") and (not resume.strip() or not Path(resume).is_dir()):
         raise ConfigError("checkpoint.resume", f"expected auto, required, none or a checkpoint directory; "
-                          f"not found: {cfg.checkpoint.resume}")
+                          f"not found: {resume}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.path != "embedded" and not Path(cfg.data.path).is_file():
         raise ConfigError("data.path", f"file not found: {cfg.data.path}")
     if cfg.logging.peak_tflops is not None:
         _positive("logging.peak_tflops", cfg.logging.peak_tflops)
+    if not cfg.run.name.strip():
+        raise ConfigError("run.name", "must not be empty (the run directory is runs/<name>)")
     if cfg.data.tokenizer == "byte" and m.vocab < 256:
         raise ConfigError("model.vocab", f"the byte tokenizer needs vocab >= 256, got {m.vocab}")
 
@@ -512,6 +695,8 @@ def check_compression(cfg: Config) -> None:
     if c.method != "powersgd":
         return
     _positive("compression.rank", c.rank)
+    # warmup_steps may exceed train.steps: the whole run then takes the exact reduction through
+    # our PowerSGD path (tests compare it with DeepSpeed's own reduction that way).
     _positive("compression.warmup_steps", c.warmup_steps, allow_zero=True)
     _positive("compression.min_compression_rate", c.min_compression_rate)
     if cfg.zero.stage > 1:

@@ -11,6 +11,7 @@ global gradient norm.
 
 from __future__ import annotations
 
+import argparse
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -47,6 +48,8 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": cfg.logging.time_breakdown,
     }
+    if plan.dtype == "bf16":
+        generated.update(bf16_gradient_settings(cfg, plan))
     method = cfg.compression.method
     if method in ("fp16", "bf16"):
         generated["communication_data_type"] = method
@@ -57,6 +60,28 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         # full-gradient all-reduce per bucket, in the step, in the order we reduce.
         generated["zero_optimization"].update(reduce_scatter=False, overlap_comm=False, contiguous_gradients=True)
     return merge_user_block(generated, cfg.deepspeed)
+
+
+def bf16_gradient_settings(cfg: Config, plan: Plan) -> dict:
+    """bf16 training accumulates micro-batch gradients and reduces them over data parallel
+    in fp32, as Megatron and torchtitan do: a bf16 sum of 16+ micro-batches loses the
+    small ones (8 bits of mantissa). DeepSpeed's paths:
+      - pipeline, ZeRO 0: its bf16 optimizer, which accumulates in fp32 by construction;
+      - ZeRO 1: `grad_accum_dtype: fp32` selects that same bf16 optimizer (fp32 master
+        weights and gradients, optimizer state sharded);
+      - ZeRO 2/3: `grad_accum_dtype: fp32` gives its partitions fp32 gradient buffers;
+      - no pipeline, ZeRO 0: DeepSpeed's bf16 wrapper sums micro-batch gradients in the bf16
+        `.grad` and refuses `grad_accum_dtype: fp32` (NotImplementedError), so it is refused.
+    The reduction's dtype follows `communication_data_type` (default: the model's, bf16),
+    so it is set to fp32 unless compression.method asks for less."""
+    if plan.layout.pp == 1 and cfg.zero.stage == 0:
+        raise ConfigError("zero.stage", "bf16 with zero.stage=0 and parallel.pipeline=1 would accumulate gradients "
+                          "in bf16 (DeepSpeed has no fp32 accumulation there); use zero.stage=1 (its bf16 "
+                          "optimizer, fp32 gradients), or precision.dtype=fp32")
+    settings: dict = {"communication_data_type": "fp32"}
+    if cfg.zero.stage > 0:
+        settings["data_types"] = {"grad_accum_dtype": "fp32"}
+    return settings
 
 
 def merge_user_block(generated: dict, user: dict, prefix: str = "deepspeed") -> dict:
@@ -266,7 +291,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     pipeline = plan.layout.pp > 1
     if pipeline:
         model = StagedPipelineModule(
-            specs, plan.parts, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
+            specs, plan.parts, device_index=device.index, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
             activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
             activation_checkpoint_func=checkpoint_fn)
         mpu = None  # the pipeline engine builds its grid from the topology
@@ -282,7 +307,10 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     for group in optimizer.param_groups:
         group.setdefault("step", 0)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    # DeepSpeed would set_device($LOCAL_RANK) itself, the wrong GPU under a per-task mask
+    # (srun --gpus-per-task=1: SLURM_LOCALID 3, one visible GPU): give it ours.
+    args = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)

@@ -9,6 +9,7 @@ GPU cluster the config is meant for.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from launcher.config import Config, ConfigError
 from launcher.plan import Plan, make_plan
@@ -22,11 +23,85 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
     from launcher.tracking import check_wandb_login
 
     plan = make_plan(cfg, world_size, device)
+    check_data_size(cfg)
     ds_config = deepspeed_config(cfg, plan)
     check_deepspeed_config(ds_config, cfg.deepspeed, plan)
-    check_resume_config(cfg, plan)
+    check_output_dirs(cfg)
+    check_explicit_resume(cfg)
+    try:
+        check_resume_config(cfg, plan)
+    except OSError as err:  # a checkpoint directory we may not list or read
+        raise ConfigError("checkpoint.dir", f"cannot read {err.filename}: {err.strerror or err}") from None
     check_wandb_login(cfg.logging.wandb)
     return plan, ds_config
+
+
+def check_output_dirs(cfg: Config) -> None:
+    """The run directory and the checkpoint directory can be created: no NUL in the path, no
+    file where a directory must be (writability is the launch's business: a dry run may
+    check a cluster's paths on a laptop)."""
+    from launcher.checkpoint import checkpoint_root
+    from launcher.metrics import run_dir
+
+    run_key = "run.dir" if cfg.run.dir else "run.name"
+    for key, path in ((run_key, run_dir(cfg)), ("checkpoint.dir" if cfg.checkpoint.dir else run_key,
+                                               checkpoint_root(cfg))):
+        if "\x00" in str(path):
+            raise ConfigError(key, f"{str(path)!r} contains a NUL character")
+        for parent in (path, *path.parents):
+            try:
+                if parent.is_dir():
+                    break
+                if parent.exists() or parent.is_symlink():
+                    raise ConfigError(key, f"{path} cannot be a directory: {parent} is a file")
+            except OSError as err:  # e.g. a parent we may not look into
+                raise ConfigError(key, f"cannot look at {parent}: {err.strerror or err}") from None
+
+
+def check_explicit_resume(cfg: Config) -> None:
+    """`checkpoint.resume: <path>` names a checkpoint (a step-NNNNNNNN directory), not any
+    directory: else the launch would stop with 'no checkpoint verifies'."""
+    from launcher.checkpoint import MANIFEST, STATE, explicit_resume
+
+    path = explicit_resume(cfg)
+    if path is None:
+        return
+    missing = [name for name in (STATE, MANIFEST) if not (path / name).is_file()]
+    if missing:
+        raise ConfigError("checkpoint.resume", f"{path} is not a checkpoint (no {missing[0]}): give one of a run's "
+                          "checkpoints/step-NNNNNNNN directories, or auto")
+
+
+def corpus_tokens(cfg: Config) -> int:
+    """Tokens of the corpus without reading it: the byte tokenizer has one token per byte
+    (the embedded corpus is gzip, whose trailer holds the size mod 2**32: it is < 4 GB)."""
+    from launcher.data import EMBEDDED_CORPUS
+
+    if cfg.data.path == "embedded":
+        with open(EMBEDDED_CORPUS, "rb") as f:
+            f.seek(-4, 2)
+            return int.from_bytes(f.read(4), "little")
+    try:
+        return Path(cfg.data.path).stat().st_size
+    except OSError as err:
+        raise ConfigError("data.path", f"cannot read {cfg.data.path}: {err.strerror or err}") from None
+
+
+def check_data_size(cfg: Config) -> None:
+    """The training and the held-out part each hold at least one sequence (seq_len + 1 tokens:
+    inputs and targets shifted by one), as launcher.data cuts them; else the launch fails
+    when it builds its batches."""
+    tokens = corpus_tokens(cfg)
+    split = int(tokens * (1 - cfg.data.val_fraction))  # as launcher.data.load_tokens
+    need = cfg.model.seq_len + 1
+    where = f"data.path={cfg.data.path}"
+    if split < need:
+        raise ConfigError("model.seq_len", f"a sequence needs {need:,} tokens, but the training part of {where} has "
+                          f"{split:,}: lower seq_len or use a larger corpus")
+    if tokens - split < need:
+        raise ConfigError("data.val_fraction", f"the held-out part of {where} ({cfg.data.val_fraction:g} of "
+                          f"{tokens:,} tokens = {tokens - split:,}) is shorter than one sequence ({need:,} tokens, "
+                          "model.seq_len + 1): raise val_fraction or lower seq_len")
 
 
 def check_deepspeed_config(ds_config: dict, user_block: dict, plan: Plan) -> None:

@@ -37,9 +37,22 @@ from launcher.plan import describe
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """A usage mistake is a configuration mistake: one line naming the option, exit 2
+    (argparse's own error() prints its usage block first)."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            key, what = message.split(": ", 1)[1].split()[0], "unknown option (python -m launcher.train --help)"
+        else:  # "argument --world-size: invalid int value: 'four'"
+            key, _, what = message.removeprefix("argument ").partition(": ")
+        print(f"config error: {ConfigError(key, what or message)}", file=sys.stderr)
+        self.exit(CONFIG_ERROR_EXIT_CODE)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(prog="python -m launcher.train", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the layout, start nothing")
@@ -93,16 +106,15 @@ class Run:
     tokens_seen: int = 0
 
 
-def train(cfg: Config, plan, ds_config: dict, penv) -> int:
+def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int:
     """Start the process group, set up, resume, run the loop. Returns the exit code."""
     from launcher.launch_env import export_env
-    from parallel.topology import init_distributed, pick_device
+    from parallel.topology import init_distributed
 
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     stop = StopSignal()
     export_env(penv)
-    device, backend = pick_device(penv.local_rank)
     init_distributed(backend, cfg.parallel.collective_timeout_s)
     import torch.distributed as dist
 
@@ -135,7 +147,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     from parallel.costs import flops_per_token
     from parallel.topology import build_process_groups
 
-    groups = build_process_groups(plan.layout, penv.rank)
+    groups = build_process_groups(plan.layout, penv.rank, cfg.parallel.collective_timeout_s)
     is_writer, root, verified = penv.rank == 0, ckpt.checkpoint_root(cfg), ckpt.Verified()
     resume_from = None
     if cfg.checkpoint.resume != "none":
@@ -217,7 +229,7 @@ def train_loop(run: Run, stop: StopSignal) -> int:
         if run.dp_bytes:
             extra.update(step_bytes(run))
         run.tokens_seen += lay.global_batch * cfg.model.seq_len
-        if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
+        if is_record_step(cfg, run.step):
             last = step_record(run, loss, lr, grad_norm, step_time, extra)
             run.log.log(last, cfg.train.steps)
         stopping = stop.agreed(run.device)
@@ -238,6 +250,12 @@ def train_loop(run: Run, stop: StopSignal) -> int:
     run.log.close({"final_step": run.step, "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
                    "tokens_seen": run.tokens_seen})
     return 0
+
+
+def is_record_step(cfg: Config, step: int) -> bool:
+    """Log steps, validation steps (their record carries val_loss) and the last step."""
+    every_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
+    return step % cfg.train.log_every == 0 or bool(every_eval) or step == cfg.train.steps
 
 
 def validation_loss(run: Run) -> float:
@@ -301,7 +319,10 @@ def save_checkpoint(run: Run, background: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_:  # --help (0), or a usage error, already printed as one line (2)
+        return exit_.code
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -317,19 +338,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from launcher.plan import default_world_size
 
-            world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or default_world_size(cfg)
+            world_size = args.world_size  # 0 or less is refused by the layout check, not taken for "unset"
+            if world_size is None and os.environ.get("WORLD_SIZE", "").strip():
+                try:
+                    world_size = int(os.environ["WORLD_SIZE"])
+                except ValueError:
+                    raise ConfigError("WORLD_SIZE", f"expected a number of ranks, got {os.environ['WORLD_SIZE']!r}"
+                                      ) from None
+            if world_size is None:
+                world_size = default_world_size(cfg)
             plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
             print(describe(cfg, plan, device=ASSUMED_GPU.name))
             return 0
         from launcher.launch_env import discover
 
+        from parallel.topology import pick_device
+
         penv = discover()
+        device, backend = pick_device(penv.local_rank, penv.local_world_size)  # the GPU this rank drives
         plan, ds_config = preflight(cfg, penv.world_size, detect_device_support())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    return train(cfg, plan, ds_config, penv)
+    return train(cfg, plan, ds_config, penv, device, backend)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,71 @@ def minmax_split(n: int, stages: int, cost: Callable[[int, int, int], float],
     return parts[::-1]
 
 
+def monotone_minmax_split(n: int, stages: int, cost: Callable[[int, int, int], float],
+                          fits: Optional[Callable[[int, int, int], bool]] = None) -> Optional[list[int]]:
+    """`minmax_split(n, stages, cost, fits)`, the same boundaries (ties included), in
+    O(stages * n) evaluations instead of O(stages * n^2), for monotone costs: cost(s, i, j)
+    of items [i, j) on stage s is nondecreasing in j and nonincreasing in i and in s, and
+    fits(s, i, j) holds for every i' >= i when it holds for i (stage costs that are sums of
+    non-negative item costs, and a memory that falls from stage to stage, as in 1F1B).
+
+    Why it is exact: with such costs best[s][i] (the minimal max cost of items [0, i) in s
+    stages) is nondecreasing in i, and finite on a prefix of i. For stage s ending at j,
+    f(i) = max(best[s-1][i], cost(s-1, i, j)) therefore falls while the cost term dominates
+    and rises after; its minimum is at the crossing, which only moves right as j grows (one
+    pointer per stage). Ties go to the smallest start, as in minmax_split."""
+    if stages < 1 or n < stages:
+        return None
+    inf = float("inf")
+    prev_best = [inf] * (n + 1)
+    prev_best[0] = 0
+    prev_last = 0  # prev_best is finite on [stages-so-far, prev_last]
+    back = [[-1] * (n + 1) for _ in range(stages + 1)]
+    for s in range(1, stages + 1):
+        best = [inf] * (n + 1)
+        last = -1
+        cross = fit = s - 1
+        for j in range(s, n - (stages - s) + 1):
+            if fits is not None:
+                fit = max(fit, s - 1)
+                while fit < j and not fits(s - 1, fit, j):
+                    fit += 1
+            lo, hi = max(s - 1, fit), min(j - 1, prev_last)
+            if lo > hi:
+                continue
+            cross = max(cross, lo)
+            while cross <= hi and prev_best[cross] < cost(s - 1, cross, j):
+                cross += 1
+            # [lo, cross): the cost term dominates (and falls); [cross, hi]: best[s-1] does (and rises)
+            left = cost(s - 1, cross - 1, j) if cross > lo else inf
+            right = prev_best[cross] if cross <= hi else inf
+            if left <= right:
+                value, start = left, cross - 1
+                if start > lo and cost(s - 1, start - 1, j) <= value:  # a plateau: find its first start
+                    a, b = lo, start  # cost(s-1, a..start, j) >= value; first i with cost <= value
+                    while a < b:
+                        mid = (a + b) // 2
+                        if cost(s - 1, mid, j) <= value:
+                            b = mid
+                        else:
+                            a = mid + 1
+                    start = a
+            else:
+                value, start = right, cross
+            if value < inf:
+                best[j], back[s][j], last = value, start, j
+        prev_best, prev_last = best, last
+        if last < 0:
+            return None
+    if prev_best[n] == inf:
+        return None
+    parts, j = [n], n
+    for s in range(stages, 0, -1):
+        j = back[s][j]
+        parts.append(j)
+    return parts[::-1]
+
+
 def _prefix(values: Sequence[int]) -> list[int]:
     out = [0]
     for v in values:
@@ -95,16 +160,25 @@ def balanced(costs: Sequence[ItemCost], stages: int, memory: Optional[MemoryMode
     """Min-max FLOPs split of the items, each stage under cap_bytes (if given)."""
     flops = _prefix([c.flops_per_token for c in costs])
     flops_cost = lambda s, i, j: flops[j] - flops[i]  # noqa: E731
-    feasible = lambda s, i, j: True  # noqa: E731
+    fits = None
     if cap_bytes is not None:
         if memory is None:
             raise ValueError("a memory cap needs a MemoryModel")
-        feasible = lambda s, i, j: memory.stage_bytes(costs, s, i, j) <= cap_bytes  # noqa: E731
-    parts = minmax_split(len(costs), stages, flops_cost, feasible)
+        params, acts = _prefix([c.params_per_rank for c in costs]), _prefix([c.act_bytes for c in costs])
+        per_param, flight = memory.bytes_per_param, [memory.in_flight(s) for s in range(stages)]
+
+        def stage_bytes(s: int, i: int, j: int) -> float:
+            """memory.stage_bytes(costs, s, i, j) from prefix sums: the same integers, the same float."""
+            return (params[j] - params[i]) * per_param + (acts[j] - acts[i]) * flight[s]
+
+        fits = lambda s, i, j: stage_bytes(s, i, j) <= cap_bytes  # noqa: E731
+    parts = monotone_minmax_split(len(costs), stages, flops_cost, fits)
+    if parts is None and cap_bytes is None:
+        raise PartitionError(f"{len(costs)} items cannot fill {stages} stages (at least one item each)")
     if parts is None:
         # Say how much would be needed: the split with the smallest largest stage.
-        need = minmax_split(len(costs), stages, lambda s, i, j: memory.stage_bytes(costs, s, i, j))
-        worst = max(memory.stage_bytes(costs, s, need[s], need[s + 1]) for s in range(stages))
+        need = monotone_minmax_split(len(costs), stages, stage_bytes)
+        worst = max(stage_bytes(s, need[s], need[s + 1]) for s in range(stages))
         raise PartitionError(f"no split of {len(costs)} items into {stages} stages fits "
                              f"stage_memory_gb={cap_bytes / GB:.2f}; the best split needs "
                              f"{worst / GB:.2f} GB on its largest stage")

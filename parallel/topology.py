@@ -106,12 +106,23 @@ def resolve_layout(parallel: ParallelConfig, world_size: int) -> Layout:
 # --------------------------------------------------------------------------------------
 
 
-def pick_device(local_rank: int = 0) -> tuple[Any, str]:
-    """(device, backend): cuda + nccl when a GPU is visible, cpu + gloo otherwise."""
+def pick_device(local_rank: int = 0, local_world_size: Optional[int] = None) -> tuple[Any, str]:
+    """(device, backend): cuda + nccl when a GPU is visible, cpu + gloo otherwise.
+
+    The CUDA index is `launcher.launch_env.device_index` of the local rank, the ranks on this
+    node (`local_world_size`, else $LOCAL_WORLD_SIZE as torchrun and `export_env` set it) and
+    torch's device count: 0 under a per-task GPU mask (srun --gpus-per-task=1), else the local
+    rank; fewer GPUs than local ranks raises ConfigError. Give DeepSpeed the same index
+    (`device.index`). Sets torch's current CUDA device."""
     import torch
 
+    from launcher.launch_env import device_index
+
     if torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
+        if local_world_size is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+            local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
+        index = device_index(local_rank, local_world_size, torch.cuda.device_count(),
+                             os.environ.get("CUDA_VISIBLE_DEVICES"))
         torch.cuda.set_device(index)
         return torch.device("cuda", index), "nccl"
     return torch.device("cpu"), "gloo"
@@ -143,37 +154,78 @@ class ProcessGroups:
 def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
     """Initialise torch.distributed from torchrun-style env vars (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT) and register it with DeepSpeed's comm layer (idempotent).
-    `timeout_s` bounds every collective: survivors of a dead peer fail instead of hanging."""
+
+    `timeout_s` bounds every collective on every group (world, ours from
+    `build_process_groups`, DeepSpeed's own): survivors of a dead peer fail instead of hanging.
+
+    We create the world group ourselves under every launcher. Left to DeepSpeed
+    (`TorchBackend.init_process_group`), it binds NCCL to cuda:$LOCAL_RANK, which is not this
+    process's GPU under a per-task mask (srun --gpus-per-task=1: SLURM_LOCALID 3, one GPU,
+    device 0); `pick_device` has already made the right one current."""
     import deepspeed
     import torch.distributed as dist
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
-    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # Under torchrun the workers share the agent's TCPStore, and after a restart
-        # (--max-restarts) it still holds the previous attempt's keys: gloo then dials peers
-        # that no longer exist ("Gloo connectFullMesh failed ... Connection refused", seen with
-        # torch 2.13 in every rendezvous mode). A key prefix per attempt keeps them apart.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"launcher/attempt_{attempt}",
-                                 dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                               is_master=False, timeout=timeout))
+    timeout = group_timeout(timeout_s)
+    if not dist.is_initialized():
+        store = None  # env:// (MASTER_ADDR, MASTER_PORT)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the workers share the agent's TCPStore, and after a restart
+            # (--max-restarts) it still holds the previous attempt's keys: gloo then dials peers
+            # that no longer exist ("Gloo connectFullMesh failed ... Connection refused", seen with
+            # torch 2.13 in every rendezvous mode). A key prefix per attempt keeps them apart.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"launcher/attempt_{attempt}",
+                                     dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                   is_master=False, timeout=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
                                timeout=timeout)
+    _deepspeed_groups_get_timeout(timeout)
 
 
-def build_process_groups(layout: Layout, rank: int) -> ProcessGroups:
-    """Create every tp, dp and pp group (collectively: all ranks must call this)."""
+def group_timeout(timeout_s: Optional[float]) -> timedelta:
+    """The timeout every process group gets (torch's gloo default, 30 min, when unset)."""
+    return timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
+
+
+def _deepspeed_groups_get_timeout(timeout: timedelta) -> None:
+    """Make the groups DeepSpeed creates itself (pipeline grid, p2p, tied weights, ZeRO,
+    deepspeed.utils.groups) carry our timeout.
+
+    torch gives a group made without `timeout=` its backend's default (30 min gloo, 10 min
+    NCCL; torch 2.13 `_new_group_with_tag` -> `_get_default_timeout`), not the world group's.
+    Every DeepSpeed group goes through `deepspeed.comm.new_group(ranks)` ->
+    `TorchBackend.new_group(ranks)` -> `torch.distributed.new_group(ranks)`, with no timeout.
+    So we replace that one method on DeepSpeed's backend object (`deepspeed.comm.comm.cdb`),
+    leaving torch.distributed itself untouched; assigning it again on a second call replaces,
+    never stacks. (DeepSpeed's `init_device_mesh` path is not covered; we do not use it.)"""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    def new_group(ranks, **kwargs):
+        kwargs.setdefault("timeout", timeout)
+        return dist.new_group(ranks, **kwargs)
+
+    ds_comm.cdb.new_group = new_group
+
+
+def build_process_groups(layout: Layout, rank: int, timeout_s: Optional[float] = None) -> ProcessGroups:
+    """Create every tp, dp and pp group (collectively: all ranks must call this).
+
+    Each group gets `timeout_s` (parallel.collective_timeout_s, as the world group): without
+    `timeout=` torch gives a subgroup its backend's default (30 min gloo, 10 min NCCL), not
+    the world's."""
     import torch.distributed as dist
 
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks, process group has {dist.get_world_size()}")
+    timeout = group_timeout(timeout_s)
     mine: dict[str, tuple[Any, list[int]]] = {}
     for name, all_groups in (("tp", layout.tp_group_ranks()), ("dp", layout.dp_group_ranks()),
                              ("pp", layout.pp_group_ranks())):
         for ranks in all_groups:  # new_group is collective over the world, in the same order
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine[name] = (group, ranks)
     return ProcessGroups(layout=layout, rank=rank, coord=layout.coord(rank),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["train.steps=5", "train.log_every=1", "train.eval_every=0"]
+SHORT = ["train.steps=5", "schedule.warmup_steps=2", "train.log_every=1", "train.eval_every=0"]
 
 
 def base_env(**extra) -> dict:

@@ -17,7 +17,7 @@ import torch
 from launch import (REPO, base_env, losses, python_cmd, read_events, read_metrics, read_records, run_cli,
                     torchrun_cmd, train)
 
-FAST = ["train.eval_every=0", "train.log_every=1"]
+FAST = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1"]
 PP2_DP2 = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.data=2", "zero.stage=1"]
 
@@ -228,7 +228,7 @@ def test_resume_modes_and_refusals(two_checkpoints, tmp_path):
         assert result.returncode == 2, (extra, result.stdout[-2000:], result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     dry = _cli(*FAST, "parallel.tensor=2", "parallel.pipeline=1", f"run.dir={run_dir}", "--dry-run")
-    assert dry.returncode == 0, dry.stderr  # dry runs never look at checkpoints
+    assert dry.returncode == 2 and dry.stderr.startswith("config error: parallel.tensor: checkpoint ")  # as at launch
     empty = _cli(*FAST, *SINGLE, f"run.dir={tmp_path / 'empty'}", "checkpoint.resume=required")
     assert empty.returncode == 2 and "checkpoint.resume: required, but" in empty.stderr
 
@@ -243,12 +243,86 @@ def test_tensor_degree_change_is_refused_with_how_to(two_checkpoints):
             "tensor=2 pipeline=1; resume with those two degrees" in result.stderr)
 
 
-def test_overwrite_starts_over(two_checkpoints, tmp_path):
+def test_overwrite_starts_over_and_keeps_the_old_records(two_checkpoints, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, run_dir)
-    train(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=3", "checkpoint.resume=none", "checkpoint.overwrite=true")
+    before = (run_dir / "metrics.jsonl").read_text()
+    metrics = train(python_cmd(), run_dir, *FAST, *SINGLE, "train.steps=3", "checkpoint.resume=none",
+                    "checkpoint.overwrite=true")
     assert read_events(run_dir, "resume") == []
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000003"]
+    assert (run_dir / "metrics.jsonl").read_text().startswith(before)  # appended to, never truncated
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # the new attempt's records supersede steps 1-20
+    assert [e["step"] for e in read_events(run_dir, "launch")] == [0, 0]
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_bad_newer_checkpoint_never_pushes_a_good_one_out(two_checkpoints, tmp_path):
+    """step-20 corrupt, step-99 abandoned (no manifest), keep_last 1: the run resumes from
+    step 10, and its step-15 save keeps step 15 (the newest good one), not the bad ones."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    _corrupt(sorted((root / "step-00000020").glob("*.pt"))[0])
+    shutil.copytree(root / "step-00000010", root / "step-00000099")
+    (root / "step-00000099/manifest.json").unlink()
+    args = [*FAST, *SINGLE, "checkpoint.every=5", "checkpoint.keep_last=1"]
+    train(python_cmd(), run_dir, *args, "train.steps=15")
+    assert [e["step"] for e in read_events(run_dir, "resume")] == [10]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000015", "step-00000020", "step-00000099"]
+    assert (root / "latest").read_text().strip() == "step-00000015"
+    train(python_cmd(), run_dir, *args, "train.steps=16")
+    assert [e["step"] for e in read_events(run_dir, "resume")] == [10, 15]
+
+
+def test_auto_resume_refuses_when_no_checkpoint_verifies(two_checkpoints, tmp_path):
+    """Checkpoints exist but none verifies: exit 2 naming the newest and its bad file, not a
+    silent start from step 0 over the run's history (which stays untouched)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    victims = [sorted((run_dir / f"checkpoints/step-000000{s}").glob("*.pt"))[0] for s in ("10", "20")]
+    for victim in victims:
+        _corrupt(victim)
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = _cli(*FAST, *SINGLE, f"run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"config error: checkpoint.resume: auto, but no checkpoint verifies (newest {run_dir}/checkpoints/step-00000020: "
+        f"{victims[1]}: checksum mismatch); resume an older one with checkpoint.resume=PATH, or start over with "
+        "checkpoint.resume=none checkpoint.overwrite=true"]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_cannot_execute_code(two_checkpoints, tmp_path):
+    """Files are loaded with torch.load(weights_only=True): a pickle that would run a command
+    (planted with a matching manifest entry, as an attacker would) is refused, not run."""
+    import xxhash
+
+    for name in ("rng/rank-00000.pt", "mp_rank_00_model_states.pt"):  # ours, DeepSpeed's
+        run_dir = tmp_path / name.replace("/", "_")
+        shutil.copytree(two_checkpoints, run_dir)
+        ckpt = run_dir / "checkpoints/step-00000020"
+        marker = tmp_path / f"pwned-{ckpt.name}-{name.replace('/', '_')}"
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"payload": Exploit()}, ckpt / name)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        for entry in manifest["files"]:
+            if entry["file"] == name:
+                entry.update(size=(ckpt / name).stat().st_size, xxh3=xxhash.xxh3_64((ckpt / name).read_bytes()).hexdigest())
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        result = _cli(*FAST, *SINGLE, "train.steps=21", f"run.dir={run_dir}")
+        assert result.returncode != 0
+        assert "weights_only" in result.stderr or "Unsupported global" in result.stderr, result.stderr[-2000:]
+        assert not marker.exists()
 
 
 def test_keep_last_retention(tmp_path):

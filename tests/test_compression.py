@@ -13,7 +13,7 @@ from distributed import run_distributed
 from launch import losses, read_metrics, torchrun_cmd, train
 from parallel.compression import PowerSGDReducer
 
-FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0"]
+FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0", "schedule.warmup_steps=2"]
 STEPS = 16
 EXACT = 1000  # powersgd warm-up longer than the run: our reduction, uncompressed
 

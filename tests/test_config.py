@@ -51,6 +51,15 @@ BAD = [  # (extra args, key the one-line error must name)
     (["compression.method=powersgd", "precision.dtype=fp16"],
      "compression.method: powersgd cannot be used with precision.dtype=fp16"),
     (["compression.method=powersgd", "compression.rank=0"], "compression.rank: must be > 0"),
+    (["optimizer.lr=.nan"], "optimizer.lr: expected a finite number, got nan"),
+    (["train.steps=5"], "schedule.warmup_steps: warmup_steps=10 is longer than the run (train.steps=5)"),
+    (["model.layers=100000"], "model.layers: 100000 is more than 1,024, the most this launcher plans for"),
+    (["train.seed=-1"], "train.seed: expected 0 <= seed < 2**32"),
+    (["=4"], "'=4': an override must name section.key"),
+    (["deepspeed.zero_optimization={1: 2}"], "deepspeed.zero_optimization.1: DeepSpeed config keys must be strings"),
+    (["--dry-run", "model.seq_len=32768"], "data.val_fraction: the held-out part of data.path=embedded"),
+    (["--dry-run", "run.dir=/dev/null"], "run.dir: /dev/null cannot be a directory: /dev/null is a file"),
+    (["--dry-run", "checkpoint.resume=configs"], "checkpoint.resume: configs is not a checkpoint (no launcher_state"),
 ]
 
 
@@ -68,7 +77,13 @@ def test_bad_config_is_one_line_naming_the_key(args, expected):
 def test_bad_yaml_file(tmp_path):
     (tmp_path / "broken.yaml").write_text("model:\n  layers: [1, 2\n")
     (tmp_path / "section.yaml").write_text("model: 5\n")
-    for name, key in (("broken.yaml", "--config"), ("section.yaml", "model: expected a mapping")):
+    (tmp_path / "latin1.yaml").write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "list.yaml").write_text("- model\n- train\n")
+    (tmp_path / "unsafe.yaml").write_text("model:\n  layers: !!python/object/apply:os.system ['true']\n")
+    for name, key in (("broken.yaml", "--config"), ("section.yaml", "model: expected a mapping"),
+                      ("latin1.yaml", f"--config: {tmp_path / 'latin1.yaml'}: not UTF-8 text (byte 16, line 2)"),
+                      ("list.yaml", "expected a mapping of sections at the top level, got ['model', 'train']"),
+                      ("unsafe.yaml", "could not determine a constructor for the tag")):
         result = cli("--config", str(tmp_path / name))
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1
@@ -90,9 +105,13 @@ def test_shipped_config_loads_and_dry_runs(config):
 
 
 def test_dry_run_of_a_512_gpu_config_starts_nothing():
+    # The dry run runs the launch's checks (launcher.preflight), DeepSpeed's config parser
+    # among them, so torch is imported; but no process group is started, no GPU touched.
     code = ("import sys; from launcher.train import main; "
             "rc = main(['--config', 'configs/llama_70b.yaml', '--dry-run', '--world-size', '512']); "
-            "assert 'torch' not in sys.modules, 'dry run imported torch'; sys.exit(rc)")
+            "import torch, torch.distributed as dist; "
+            "assert not dist.is_initialized(), 'dry run started a process group'; "
+            "assert not torch.cuda.is_initialized(), 'dry run initialised CUDA'; sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "world 512 = tp 8 x pp 8 x dp 8" in result.stdout

@@ -13,7 +13,7 @@ import pytest
 
 from launch import REPO, read_events, read_metrics
 
-TINY = ["parallel.tensor=1", "parallel.pipeline=2", "train.log_every=1", "train.eval_every=0"]
+TINY = ["parallel.tensor=1", "parallel.pipeline=2", "train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2"]
 
 
 def _have_slurm() -> bool:

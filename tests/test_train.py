@@ -131,9 +131,9 @@ def test_tied_embeddings_across_stages_match_single_process(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [["optimizer.name=lion", "optimizer.lr=3e-4"], ["precision.dtype=bf16"],
-                                       ["precision.dtype=fp16"], ["model.tie_embeddings=true"]],
-                         ids=["lion", "bf16", "fp16", "tied"])
+@pytest.mark.parametrize("overrides", [["optimizer.name=lion", "optimizer.lr=3e-4"], ["precision.dtype=bf16", "zero.stage=1"],
+                                       ["model.tie_embeddings=true"]],
+                         ids=["lion", "bf16", "tied"])  # fp16 (where the CPU has it): tests/test_precision.py
 def test_variants_train(tmp_path, overrides):
     metrics = train(python_cmd(), tmp_path, "train.steps=12", "train.log_every=1", "train.eval_every=6",
                     *SINGLE, *overrides)
@@ -147,6 +147,6 @@ def test_deepspeed_block_passes_through_and_rejects_contradictions(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: deepspeed.zero_optimization.stage: 3 contradicts the value "
                                      "generated from the config (0); set it through the launcher's own keys")
-    metrics = train(python_cmd(), tmp_path, "train.steps=2", "train.log_every=1", "train.eval_every=0", *SINGLE,
+    metrics = train(python_cmd(), tmp_path, "train.steps=2", "schedule.warmup_steps=2", "train.log_every=1", "train.eval_every=0", *SINGLE,
                     "deepspeed.zero_optimization.stage=0", "deepspeed.memory_breakdown=false")
     assert len(metrics) == 2

@@ -1,0 +1,76 @@
+"""Derive, from a shipped config file, the same structure at a size that trains in at most
+8 CPU processes: a new file in configs/ is covered by the shipped-config test as it is.
+
+Kept from the file: pipeline degree (up to 8), tensor degree as far as the 8 processes allow
+(a divisor of the file's), ZeRO stage, activation checkpointing, tied embeddings, the GQA
+ratio, the partition method, RoPE theta, norm epsilon, optimizer, compression, and the
+precision when this CPU supports it (else fp32). Shrunk: layers (one per stage, at least
+two), width (8 per head), vocabulary (the byte tokenizer's 256), sequence length, batch,
+steps and schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from launcher.config import load_config
+from launcher.precision import detect_device_support, resolve_dtype
+
+MAX_PROCS = 8
+HEAD_DIM = 8
+SEQ_LEN = 32
+
+
+@dataclass(frozen=True)
+class Shrunk:
+    overrides: list[str]  # section.key=value, applied on top of the shipped file
+    nproc: int
+    tp: int
+    pp: int
+    dp: int
+    dtype: str
+
+    def describe(self) -> str:
+        return f"tp {self.tp} x pp {self.pp} x dp {self.dp} ({self.nproc} processes), {self.dtype}"
+
+
+def _divisors_down(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def shrink(path) -> Shrunk:
+    cfg = load_config(path)
+    m, p = cfg.model, cfg.parallel
+    pp = min(p.pipeline, MAX_PROCS)
+    tp = next(d for d in _divisors_down(p.tensor) if d * pp <= MAX_PROCS)
+    dp = 2 if tp * pp * 2 <= MAX_PROCS else 1  # a second data-parallel rank where it fits: ZeRO shards
+    ratio = m.heads // m.n_kv_heads
+    kv_heads = tp * max(1, -(-4 // (ratio * tp)))  # a multiple of tp, and at least 4 query heads
+    heads = kv_heads * ratio
+    hidden = heads * HEAD_DIM
+    ffn = max(2 * tp, round(hidden * m.ffn / m.hidden / (2 * tp)) * 2 * tp)  # the file's ffn/hidden ratio
+    layers = max(pp, 2)
+    micro_batches = max(pp, 2)  # per data-parallel rank: enough to fill the pipeline
+    dtype = cfg.precision.dtype
+    if dtype in ("bf16", "fp16"):
+        support = detect_device_support()
+        dtype = dtype if getattr(support, dtype) else "fp32"
+    else:
+        dtype = resolve_dtype(cfg, detect_device_support())
+    overrides = {
+        "model.layers": layers, "model.hidden": hidden, "model.heads": heads,
+        "model.kv_heads": None if m.kv_heads is None else kv_heads, "model.ffn": ffn, "model.vocab": 256,
+        "model.seq_len": SEQ_LEN,
+        "parallel.tensor": tp, "parallel.pipeline": pp, "parallel.data": dp, "parallel.micro_batch": 1,
+        "parallel.global_batch": micro_batches * dp, "parallel.stage_memory_gb": None,
+        "precision.dtype": dtype,
+        "data.path": "embedded", "data.tokenizer": "byte",
+        "train.steps": 4, "train.log_every": 1, "train.eval_every": 2, "train.eval_batches": 1,
+        "schedule.warmup_steps": 1, "checkpoint.every": 2, "checkpoint.keep_last": 2,
+        "compression.warmup_steps": 1,
+    }
+    return Shrunk(overrides=[f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}"
+                             for k, v in overrides.items()],
+                  nproc=tp * pp * dp, tp=tp, pp=pp, dp=dp, dtype=dtype)

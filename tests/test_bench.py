@@ -1,0 +1,48 @@
+"""Every script in bench/ runs at its smallest settings and prints its figures.
+
+The benchmarks are run by hand, rarely, so nothing else notices when a change elsewhere
+breaks one (a new record kind in metrics.jsonl, a changed signature). Each runs here for a
+few seconds on a tiny model; the figures are not checked against targets, only that they
+are numbers (a NaN or a missing line fails).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from launch import REPO, base_env
+
+BENCHES = sorted((REPO / "bench").glob("*.py"))
+
+# Per script: its smallest arguments ("{tmp}" is the test's temporary directory) and a
+# figure line it must print. A new bench script fails below until it has an entry.
+SMOKE = {
+    # 5 warm-up steps + 1 timed step, one repeat of each side, a 2-layer model.
+    "overhead.py": (["--steps", "6", "--repeats", "1", "model.layers=2", "model.seq_len=32",
+                     "parallel.global_batch=2", "parallel.micro_batch=1", "schedule.warmup_steps=1"],
+                    r"^ratio launcher / bare: \d+\.\d{3}$"),
+    # One save against one dd, on a checkpoint of a few MB instead of a few hundred.
+    "checkpoint.py": (["--repeats", "1", "--dir", "{tmp}", "model.hidden=128", "model.ffn=344",
+                       "model.heads=4", "model.kv_heads=4"],
+                      r"^ratio save / dd: \d+\.\d{2}$"),
+    # One run on 2 processes, data parallel only (the default config needs 8: tp 2 x pp 2 x dp 2).
+    "compression.py": (["--steps", "2", "--nproc", "2", "--runs", "none", "parallel.tensor=1",
+                        "parallel.pipeline=1", "model.layers=2", "parallel.global_batch=4", "schedule.warmup_steps=1"],
+                       r"^\| none \| 1 \| [\d,.]+ kB \| [\d.]+x \| [\d,.]+ kB \| [\d.]+x \| [\d.]+ \| [\d.]+ \| "
+                       r"[\d.]+ \| [+-][\d.]+% \| [\d.]+ \|$"),
+}
+
+
+@pytest.mark.parametrize("script", BENCHES, ids=lambda path: path.name)
+def test_bench_runs(script, tmp_path):
+    assert script.name in SMOKE, f"bench/{script.name}: add its smallest arguments to SMOKE in {__file__}"
+    args, figure = SMOKE[script.name]
+    # timeout: a hang fails; generous because a fresh machine first builds DeepSpeed's CPU ops.
+    result = subprocess.run([sys.executable, f"bench/{script.name}", *(a.format(tmp=tmp_path) for a in args)],
+                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\n"
+                                    f"STDERR:\n{result.stderr[-6000:]}")
+    assert re.search(figure, result.stdout, re.MULTILINE), f"no line matches {figure!r}:\n{result.stdout}"
