@@ -195,7 +195,7 @@ def test_uncompressed_powersgd_path_equals_deepspeeds_reduction(default_runs):
 SMALL_LAYOUTS = {  # the other DeepSpeed paths our reduction replaces, on 2 or 4 processes
     "pp1_zero0_fp32": (2, ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=0"]),
     "pp1_zero1_fp32": (2, ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=1"]),
-    "pp1_zero0_bf16": (2, ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=0", "precision.dtype=bf16"]),
+    "pp1_zero1_bf16": (2, ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=1", "precision.dtype=bf16"]),
     "pp2_zero1_bf16": (4, ["parallel.tensor=1", "parallel.pipeline=2", "zero.stage=1", "precision.dtype=bf16"]),
 }
 
@@ -270,7 +270,7 @@ def test_weights_tied_across_stages_stay_equal_under_powersgd(tmp_path):
     exactly, so after PowerSGD steps both copies are still equal bit for bit."""
     overrides = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.data=2", "zero.stage=1",
                  "model.tie_embeddings=true", "compression.method=powersgd", "compression.warmup_steps=1",
-                 "train.steps=4"]
+                 "train.steps=4", "schedule.warmup_steps=1"]
     results = run_distributed(_tied_copies, 4, overrides, tmp_path)
     by_stage = {pp: weight for pp, weight, _ in results}
     assert all(compressing for _, _, compressing in results)
