@@ -99,6 +99,7 @@ class Run:
     ckpt_root: Path
     verified: Any  # launcher.checkpoint.Verified
     resume_from: Optional[Path]
+    resume_state: Any  # launcher.checkpoint.LauncherState of resume_from, else None
     dp_bytes: Any = None  # parallel.comm_bytes.CollectiveBytes with logging.comm_bytes
     peak_tflops: Optional[float] = None
     flops_per_token: float = 0.0
@@ -158,7 +159,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
             raise ckpt.nothing_to_resume(cfg, root, verified)
     elif cfg.checkpoint.overwrite and is_writer and root.exists():
         shutil.rmtree(root)
-    start_step = ckpt.LauncherState.read(resume_from).step if resume_from else 0
+    saved = ckpt.LauncherState.read(resume_from) if resume_from else None
     log = RunLog(run_dir(cfg), is_writer=is_writer)
     log.tracker = Tracker(cfg, log.path, is_writer)
     nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
@@ -167,7 +168,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
              f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
     # `step` is where this attempt starts: it supersedes earlier records of later steps.
-    log.event({"event": "launch", "step": start_step, "world_size": penv.world_size, "nodes": nodes,
+    log.event({"event": "launch", "step": saved.step if saved else 0, "world_size": penv.world_size, "nodes": nodes,
                "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))})
     log.info(describe(cfg, plan, device=f"{device.type} + {'nccl' if device.type == 'cuda' else 'gloo'}"))
     log.write_config(cfg)
@@ -186,7 +187,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     return Run(cfg=cfg, plan=plan, penv=penv, device=device, groups=groups, engine=engine, log=log,
                train_batches=GlobalBatches(splits.train, cfg.model.seq_len, **batch_args),
                val_batches=GlobalBatches(splits.val, cfg.model.seq_len, **batch_args),  # fixed set: from position 0
-               ckpt_root=root, verified=verified, resume_from=resume_from, dp_bytes=dp_bytes, peak_tflops=peak,
+               ckpt_root=root, verified=verified, resume_from=resume_from, resume_state=saved, dp_bytes=dp_bytes, peak_tflops=peak,
                flops_per_token=flops_per_token(cfg.model))
 
 
@@ -196,7 +197,7 @@ def resume(run: Run) -> None:
 
     if run.resume_from is None:
         return
-    saved = ckpt.LauncherState.read(run.resume_from)
+    saved = run.resume_state
     note = ckpt.load(run.engine.ds, run.resume_from, saved_dp=saved.layout["dp"], current_dp=run.plan.layout.dp,
                      rank=run.penv.rank, same_layout=saved.layout == ckpt.layout_record(run.cfg, run.plan),
                      compressor=run.engine.compressor, device=run.device)
