@@ -61,8 +61,13 @@ def load_tokens(data: DataConfig, cache_dir: Path) -> TokenSplits:
     if not path.exists():
         write_atomic(path, byte_tokenize(raw).tobytes())  # ranks may race: atomic
     tokens = np.memmap(path, dtype=np.uint8, mode="r")
-    split = int(len(tokens) * (1 - data.val_fraction))
+    split = train_tokens(len(tokens), data.val_fraction)
     return TokenSplits(train=tokens[:split], val=tokens[split:])
+
+
+def train_tokens(n_tokens: int, val_fraction: float) -> int:
+    """Where the held-out tail starts: tokens [0, this) train, the rest validate."""
+    return int(n_tokens * (1 - val_fraction))
 
 
 class SampleStream:

@@ -91,8 +91,10 @@ def check_data_size(cfg: Config) -> None:
     """The training and the held-out part each hold at least one sequence (seq_len + 1 tokens:
     inputs and targets shifted by one), as launcher.data cuts them; else the launch fails
     when it builds its batches."""
+    from launcher.data import train_tokens
+
     tokens = corpus_tokens(cfg)
-    split = int(tokens * (1 - cfg.data.val_fraction))  # as launcher.data.load_tokens
+    split = train_tokens(tokens, cfg.data.val_fraction)
     need = cfg.model.seq_len + 1
     where = f"data.path={cfg.data.path}"
     if split < need:
