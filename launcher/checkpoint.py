@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -88,8 +89,9 @@ def _files(root: Path) -> list[Path]:
                   if p.is_file() and p.name != MANIFEST and PARTS not in p.relative_to(root).parts)
 
 
-def verify_files(ckpt: Path, entries: list[dict]) -> Optional[str]:
-    """None when every listed file matches, else '<file>: <what is wrong>'."""
+def verify_files(ckpt: Path, entries: list[dict], checksums: bool = True) -> Optional[str]:
+    """None when every listed file matches (present, its size, its checksum unless
+    checksums=False), else '<file>: <what is wrong>'."""
     for entry in entries:
         path = ckpt / entry["file"]
         if not path.is_file():
@@ -97,7 +99,7 @@ def verify_files(ckpt: Path, entries: list[dict]) -> Optional[str]:
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{path}: size {size}, manifest says {entry['size']}"
-        if checksum_file(path) != entry["xxh3"]:
+        if checksums and checksum_file(path) != entry["xxh3"]:
             return f"{path}: checksum mismatch"
     return None
 
@@ -137,8 +139,10 @@ def verify_in_parallel(ckpt: Path, rank: int, world_size: int) -> Optional[str]:
 class Verified:
     """What this run knows of the checkpoints on disk: those it verified or wrote itself
     (good) and those that failed verification (bad, with the first problem). Retention
-    counts only good ones; a checkpoint it has not seen yet is verified once before it
-    counts (so keeping one costs a read of it once per job, not once per save)."""
+    counts only good ones. A checkpoint the resume scan did not reach (older than the one
+    resumed from) gets the quick check once: manifest, every file present at its size, which
+    an abandoned or truncated save fails; its checksums are the resume scan's business
+    (all ranks in parallel), not rank 0's alone in the middle of training."""
 
     good: set = dataclasses.field(default_factory=set)
     bad: dict = dataclasses.field(default_factory=dict)  # path -> problem
@@ -154,7 +158,7 @@ class Verified:
     def is_good(self, ckpt: Path) -> bool:
         if ckpt not in self.good and ckpt not in self.bad:
             entries, problem = read_manifest(ckpt)
-            self.mark(ckpt, problem if entries is None else verify_files(ckpt, entries))
+            self.mark(ckpt, problem if entries is None else verify_files(ckpt, entries, checksums=False))
         return ckpt in self.good
 
 
@@ -238,6 +242,12 @@ def check_resume_config(cfg, plan) -> None:
                               f"pipeline={saved.layout['pp']}, this run has tensor={current['tp']} pipeline="
                               f"{current['pp']}; resume with those two degrees (the data degree may change): "
                               "converting across tensor/pipeline degrees is not supported yet (docs/CHECKPOINTS.md)")
+        if (saved.layout["dp"] != current["dp"] and saved.layout["dtype"] == "bf16"
+                and saved.layout["zero_stage"] <= 1):
+            raise ConfigError("parallel.data", f"checkpoint {candidate} has dp={saved.layout['dp']}, this run dp="
+                              f"{current['dp']}: with bf16 and ZeRO {saved.layout['zero_stage']} DeepSpeed's bf16 "
+                              "optimizer (fp32 gradients) holds per-rank optimizer shards it cannot re-partition; "
+                              f"resume with dp={saved.layout['dp']} (changing dp is supported in fp32)")
         if saved.layout["dp"] != current["dp"] and 3 in (saved.layout["zero_stage"], current["zero_stage"]):
             raise ConfigError("zero.stage", f"checkpoint {candidate} has dp={saved.layout['dp']}, this run dp="
                               f"{current['dp']}: changing the data degree works with ZeRO 0-2, not ZeRO 3")
@@ -436,21 +446,40 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
     write_atomic(root / "latest", (tag + "\n").encode())
     shutil.rmtree(replaced, ignore_errors=True)
     verified.mark(final, None)  # its checksums were just computed from the files themselves
+    set_aside_newer(root, step_of(final))
     apply_retention(root, keep_last, verified)
 
 
+ABANDONED = ".abandoned"
+
+
+def set_aside_newer(root: Path, step: int) -> None:
+    """Checkpoints newer than the one just published belong to a timeline this run left (a
+    resume from an older checkpoint by path, or newer ones that failed verification): move
+    them to <root>/.abandoned/, so `resume: auto` follows the run that is going on and
+    retention never counts them, without deleting anything."""
+    for newer in [p for p in published(root) if step_of(p) > step]:
+        target = root / ABANDONED / newer.name
+        target.parent.mkdir(exist_ok=True)
+        n = 0
+        while target.exists():
+            n += 1
+            target = root / ABANDONED / f"{newer.name}.{n}"
+        os.rename(newer, target)
+
+
 def apply_retention(root: Path, keep_last: int, verified: Verified) -> None:
-    """Keep the newest keep_last checkpoints that verify; delete older good ones, and bad
-    ones older than the newest good one (nothing would ever resume from them). A bad
-    checkpoint newer than every good one is left for inspection and never counts, so it
-    cannot push a good one out. Also drops abandoned partial saves older than the newest
-    good checkpoint."""
-    good = [p for p in published(root) if verified.is_good(p)]
-    for old in good[max(1, keep_last):]:
-        shutil.rmtree(old, ignore_errors=True)
-    if good:
-        for bad in [p for p in published(root) if p in verified.bad and step_of(p) < step_of(good[0])]:
-            shutil.rmtree(bad, ignore_errors=True)
+    """Keep the newest keep_last checkpoints that verify (the newest good one always); delete
+    older ones, good or not, and bad ones older than the newest good one (nothing would
+    resume from them). Also drops abandoned partial saves older than the newest good one."""
+    good: list[Path] = []
+    for ckpt in published(root):  # newest first
+        if len(good) >= max(1, keep_last):
+            shutil.rmtree(ckpt, ignore_errors=True)  # past the kept ones: not even looked at
+        elif verified.is_good(ckpt):
+            good.append(ckpt)
+        elif good:
+            shutil.rmtree(ckpt, ignore_errors=True)  # bad, and a good one is newer
     if good and (root / PARTIAL).is_dir():
         newest = step_of(good[0])
         for leftover in (root / PARTIAL).iterdir():
@@ -528,14 +557,23 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
     if ds_engine.lr_scheduler is not None:
         for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
+    notes = []
     rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
     if same_layout and rng_file.exists():
-        set_rng_state(load_weights_only(rng_file))
-    if compressor is None:
-        return None
-    compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
-    if not same_layout or not compression_file.exists():
-        return (f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors "
-                "start afresh")
-    return compressor.load_state_dict(load_weights_only(compression_file, map_location=device))
+        try:
+            set_rng_state(load_weights_only(rng_file))
+        except pickle.UnpicklingError:  # written before RNG states were plain data (numpy objects)
+            notes.append(f"{rng_file}: not plain data (an older checkpoint), refused unread; RNG states start "
+                         "from the seed, so this resume is not bit-exact")
+    if compressor is not None:
+        compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
+        try:
+            saved = load_weights_only(compression_file, map_location=device) if same_layout else None
+        except (FileNotFoundError, pickle.UnpicklingError):
+            saved = None
+        note = compressor.load_state_dict(saved) if saved is not None else (
+            f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors start afresh")
+        if note:
+            notes.append(note)
+    return "; ".join(notes) or None
 

@@ -167,7 +167,8 @@ class ScheduleConfig:
 @dataclass
 class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute dtype: `auto` = bf16 on GPU, fp32 on CPU."""
+    """Compute dtype: `auto` = bf16 on a GPU that has it (with ZeRO >= 1 or a pipeline, where
+    its gradients accumulate in fp32; else fp32), fp32 on CPU (launcher/precision.py)."""
     fp16_initial_scale_power: int = 16
     """fp16 only: the dynamic loss scale starts at 2**this (0 to 64)."""
 

@@ -11,7 +11,6 @@ global gradient norm.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -291,7 +290,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     pipeline = plan.layout.pp > 1
     if pipeline:
         model = StagedPipelineModule(
-            specs, plan.parts, device_index=device.index, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
+            specs, plan.parts, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
             activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
             activation_checkpoint_func=checkpoint_fn)
         mpu = None  # the pipeline engine builds its grid from the topology
@@ -307,10 +306,8 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     for group in optimizer.param_groups:
         group.setdefault("step", 0)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
-    # DeepSpeed would set_device($LOCAL_RANK) itself, the wrong GPU under a per-task mask
-    # (srun --gpus-per-task=1: SLURM_LOCALID 3, one visible GPU): give it ours.
-    args = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    # DeepSpeed picks its device from $LOCAL_RANK, which export_env set to our device index.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)

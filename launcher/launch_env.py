@@ -171,10 +171,18 @@ def _shown(visible_env: Optional[str]) -> str:
     return f" (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
 
 
-def export_env(penv: ProcessEnv) -> None:
+def export_env(penv: ProcessEnv, device_index: Optional[int] = None) -> None:
     """Publish the discovered values as the variables torch.distributed and DeepSpeed read
-    (LOCAL_WORLD_SIZE too when known, as torchrun sets it: `pick_device` reads it)."""
-    os.environ.update(RANK=str(penv.rank), WORLD_SIZE=str(penv.world_size), LOCAL_RANK=str(penv.local_rank),
+    (LOCAL_WORLD_SIZE too when known, as torchrun sets it: `pick_device` reads it).
+
+    DeepSpeed takes $LOCAL_RANK for the CUDA device index in many places (the engine, the
+    pipeline module's `.to()`, ZeRO 3's `Init`, its ZeRO utilities), which is wrong under a
+    per-task GPU mask (srun --gpus-per-task=1: SLURM_LOCALID 3, one visible GPU, index 0). So
+    on a GPU, LOCAL_RANK is the device index `pick_device` chose; our own code uses
+    `ProcessEnv.local_rank` for the node-local rank. (Under mpirun DeepSpeed asserts
+    LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK: mpirun with per-task GPU masks is unsupported.)"""
+    local_rank = penv.local_rank if device_index is None else device_index
+    os.environ.update(RANK=str(penv.rank), WORLD_SIZE=str(penv.world_size), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=penv.master_addr, MASTER_PORT=str(penv.master_port))
     if penv.local_world_size is not None:
         os.environ["LOCAL_WORLD_SIZE"] = str(penv.local_world_size)

@@ -38,9 +38,10 @@ def run_dir(cfg: Config) -> Path:
 
 
 def read_step_records(path: Path) -> tuple[list[dict], list[int]]:
-    """(the step records that count, sorted by step; the steps attempts started from) of a
-    metrics.jsonl. Every attempt appends and starts with a `launch` event at the step it
-    starts from; its records replace the earlier attempts' records of later steps."""
+    """(the step records that count, sorted by step; the steps the attempts that count
+    started from) of a metrics.jsonl. Every attempt appends and starts with a `launch` event
+    at the step it starts from; it replaces the earlier attempts' records (and starts) of
+    later steps."""
     by_step: dict[int, dict] = {}
     starts = []
     for line in path.read_text().splitlines():
@@ -49,7 +50,7 @@ def read_step_records(path: Path) -> tuple[list[dict], list[int]]:
         except ValueError:
             continue  # a line cut short by a crash
         if record.get("event") == "launch":
-            starts.append(record["step"])
+            starts = [s for s in starts if s <= record["step"]] + [record["step"]]
             by_step = {s: r for s, r in by_step.items() if s <= record["step"]}
         elif "loss" in record and "event" not in record:
             by_step[record["step"]] = record

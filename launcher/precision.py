@@ -1,7 +1,8 @@
 """Which dtype a run trains in, decided before launch from what the device can do.
 
 `precision.dtype: auto` is bf16 on a GPU that supports it (fp16 on one that only has fp16,
-e.g. V100), and fp32 on CPU (CPU bf16/fp16 kernels are slower than fp32 on most hosts and
+e.g. V100; fp32 with ZeRO 0 and no pipeline, where DeepSpeed would accumulate bf16
+gradients in bf16), and fp32 on CPU (CPU bf16/fp16 kernels are slower than fp32 on most hosts and
 the CPU is our test bed, where fp32 gives exact comparisons). An explicit bf16 or fp16 that
 the device cannot run is refused with one line (exit 2) instead of DeepSpeed's traceback
 ("Type fp16 is not supported on your device") from inside `deepspeed.initialize`.
@@ -52,8 +53,12 @@ def resolve_dtype(cfg: Config, device: DeviceSupport) -> str:
     """fp32 | bf16 | fp16; a ConfigError naming precision.dtype when the device can't."""
     requested = cfg.precision.dtype
     if requested == "auto":
-        if device.is_gpu and device.bf16:
+        # bf16 only where DeepSpeed accumulates its gradients in fp32: ZeRO >= 1 or a pipeline
+        # (launcher.engine.bf16_gradient_settings refuses the rest)
+        if device.is_gpu and device.bf16 and (cfg.zero.stage > 0 or cfg.parallel.pipeline > 1):
             return "bf16"
+        if device.is_gpu and device.bf16:
+            return "fp32"
         if device.is_gpu and device.fp16:
             return "fp16"
         return "fp32"

@@ -9,7 +9,6 @@ With --compare the runs are overlaid (default output: <first run>/report-compare
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,10 +29,8 @@ PANELS = [  # (file, y label, [(metric key, line label suffix)])
 
 def load_run(run_dir: Path) -> tuple[list[dict], list[int]]:
     """(step records sorted by step, steps the run resumed from)."""
-    records, _ = read_step_records(run_dir / "metrics.jsonl")
-    resumes = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-               if r.get("event") == "resume"]
-    return records, resumes
+    records, starts = read_step_records(run_dir / "metrics.jsonl")
+    return records, [step for step in starts if step > 0]  # an attempt from a checkpoint
 
 
 def build_figures(run_dirs: list[Path]) -> dict[str, plt.Figure]:

@@ -115,7 +115,7 @@ def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     stop = StopSignal()
-    export_env(penv)
+    export_env(penv, device.index)  # on a GPU, LOCAL_RANK becomes the device index DeepSpeed reads
     init_distributed(backend, cfg.parallel.collective_timeout_s)
     import torch.distributed as dist
 

@@ -8,15 +8,13 @@ one that takes the given boundaries.
 
 from __future__ import annotations
 
-import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from deepspeed.pipe import PipelineModule
 
 
 class StagedPipelineModule(PipelineModule):
-    def __init__(self, layers: Sequence, parts: Sequence[int], device_index: Optional[int] = None, **kwargs):
-        """`device_index`: the CUDA device this rank drives (None on CPU)."""
+    def __init__(self, layers: Sequence, parts: Sequence[int], **kwargs):
         layers = list(layers)
         stages = kwargs["topology"].get_dim("pipe")
         if len(parts) != stages + 1 or parts[0] != 0 or parts[-1] != len(layers):
@@ -24,17 +22,9 @@ class StagedPipelineModule(PipelineModule):
         if any(b <= a for a, b in zip(parts, parts[1:])):
             raise ValueError(f"boundaries {list(parts)} leave a stage empty")
         self._explicit_parts = [int(p) for p in parts]
-        # DeepSpeed's constructor ends with `self.to(cuda:$LOCAL_RANK)`, which is the wrong GPU
-        # (or none) under a per-task mask (srun --gpus-per-task=1: LOCAL_RANK 3, one GPU, index
-        # 0); for the length of the constructor it reads the device we picked.
-        local_rank = os.environ.get("LOCAL_RANK")
-        if device_index is not None:
-            os.environ["LOCAL_RANK"] = str(device_index)
-        try:
-            super().__init__(layers, partition_method="explicit", **kwargs)
-        finally:
-            if local_rank is not None:
-                os.environ["LOCAL_RANK"] = local_rank
+        # (DeepSpeed's constructor ends with `self.to(cuda:$LOCAL_RANK)`: launcher.launch_env.
+        # export_env makes LOCAL_RANK the device index we picked.)
+        super().__init__(layers, partition_method="explicit", **kwargs)
 
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = list(self._explicit_parts)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
-from launch import losses, read_metrics, torchrun_cmd, train
+from launch import losses, torchrun_cmd, train
 from parallel.compression import PowerSGDReducer
 
 FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0", "schedule.warmup_steps=2"]

@@ -129,6 +129,18 @@ def test_export_env_publishes_local_world_size(monkeypatch):
     assert os.environ["LOCAL_WORLD_SIZE"] == "8" and os.environ["LOCAL_RANK"] == "3"
 
 
+def test_export_env_gives_deepspeed_the_device_index_as_local_rank(monkeypatch):
+    """srun --gpus-per-task=1: SLURM_LOCALID 3 sees one GPU, index 0. DeepSpeed reads
+    $LOCAL_RANK as a device index (engine, PipelineModule.to, ZeRO 3 Init): it must say 0,
+    while the launcher keeps the node-local rank 3 for itself."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")
+    penv = discover(SRUN)
+    index = device_index(penv.local_rank, penv.local_world_size, visible_devices=1)
+    export_env(penv, index)
+    assert (penv.local_rank, index, os.environ["LOCAL_RANK"]) == (3, 0, "0")
+
+
 def test_pick_device_uses_device_index(monkeypatch):
     """pick_device feeds torch's device count to device_index and makes that device current
     (torch.cuda faked: this runs without a GPU)."""

@@ -25,8 +25,14 @@ CPU_NO_FP16 = DeviceSupport("cpu", is_gpu=False, bf16=True, fp16=False)
 CPU_NONE = DeviceSupport("cpu", is_gpu=False, bf16=False, fp16=False)
 
 
-def dtype_for(requested: str, device: DeviceSupport) -> str:
-    return resolve_dtype(load_config(DEFAULT_CONFIG, [f"precision.dtype={requested}"]), device)
+def dtype_for(requested: str, device: DeviceSupport, *overrides: str) -> str:
+    return resolve_dtype(load_config(DEFAULT_CONFIG, [f"precision.dtype={requested}", *overrides]), device)
+
+
+def test_auto_takes_bf16_only_where_gradients_accumulate_in_fp32():
+    assert dtype_for("auto", H100, "parallel.pipeline=1", "zero.stage=1") == "bf16"
+    assert dtype_for("auto", H100, "parallel.pipeline=2", "zero.stage=0") == "bf16"
+    assert dtype_for("auto", H100, "parallel.pipeline=1", "zero.stage=0") == "fp32"  # bf16 would be refused there
 
 
 @pytest.mark.parametrize("device,expected", [(H100, "bf16"), (V100, "fp16"), (OLD_GPU, "fp32"), (CPU_FULL, "fp32"),
