@@ -76,11 +76,7 @@ def minmax_split(n: int, stages: int, cost: Callable[[int, int, int], float],
                     best[s][j], prev[s][j] = value, i
     if best[stages][n] == inf:
         return None
-    parts, j = [n], n
-    for s in range(stages, 0, -1):
-        j = prev[s][j]
-        parts.append(j)
-    return parts[::-1]
+    return _boundaries(prev, n, stages)
 
 
 def monotone_minmax_split(n: int, stages: int, cost: Callable[[int, int, int], float],
@@ -141,9 +137,14 @@ def monotone_minmax_split(n: int, stages: int, cost: Callable[[int, int, int], f
             return None
     if prev_best[n] == inf:
         return None
+    return _boundaries(back, n, stages)
+
+
+def _boundaries(start_of: list[list[int]], n: int, stages: int) -> list[int]:
+    """Walk back from item n: start_of[s][j] is where stage s-1 starts when it ends at j."""
     parts, j = [n], n
     for s in range(stages, 0, -1):
-        j = back[s][j]
+        j = start_of[s][j]
         parts.append(j)
     return parts[::-1]
 
