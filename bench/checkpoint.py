@@ -57,7 +57,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from launcher import checkpoint as ckpt
     from launcher.config import load_config
-    from launcher.data import GlobalBatches, load_tokens
+    from launcher.data import training_batches
     from launcher.engine import build_engine
     from launcher.launch_env import discover, export_env
     from launcher.precision import detect_device_support
@@ -79,8 +79,7 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
     with tempfile.TemporaryDirectory() as cache:
-        batches = GlobalBatches(load_tokens(cfg.data, Path(cache)).train, cfg.model.seq_len, global_batch=1,
-                                micro_batch=1, dp=1, dp_rank=0, seed=0)
+        batches = training_batches(cfg, Path(cache), global_batch=1, micro_batch=1)
         engine.train_step(batches.next_step())
         verified = ckpt.Verified()  # what retention counts; every save here goes to a fresh root
         state = lambda step: ckpt.LauncherState(step, 0, step, ckpt.layout_record(cfg, plan), ckpt.fingerprint(cfg))  # noqa: E731

@@ -31,7 +31,7 @@ def bare_loop(cfg, steps: int) -> float:
     """Median tokens/s of a plain PyTorch training loop (no DeepSpeed)."""
     import torch
 
-    from launcher.data import GlobalBatches, load_tokens
+    from launcher.data import training_batches
     from launcher.model import LlamaModel, LossFn, layer_specs
     from launcher.optim import build_optimizer, build_scheduler
     from parallel.tensor_parallel import NO_TP
@@ -43,9 +43,7 @@ def bare_loop(cfg, steps: int) -> float:
     loss_fn = LossFn(NO_TP)
     p = cfg.parallel
     with tempfile.TemporaryDirectory() as cache:
-        batches = GlobalBatches(load_tokens(cfg.data, Path(cache)).train, cfg.model.seq_len,
-                                global_batch=p.global_batch, micro_batch=p.micro_batch, dp=1, dp_rank=0,
-                                seed=cfg.train.seed)
+        batches = training_batches(cfg, Path(cache), global_batch=p.global_batch, micro_batch=p.micro_batch)
         times = []
         for _ in range(steps):
             start = time.perf_counter()

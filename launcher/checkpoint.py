@@ -260,8 +260,11 @@ def fingerprint(cfg) -> dict:
     """Config fields a resume must not change: they define the weights' shapes, the
     optimizer step's batch and the sample stream (changing them would silently train a
     different run)."""
+    from launcher.tokenizer import load_tokenizer
+
     return {"model": dataclasses.asdict(cfg.model), "global_batch": cfg.parallel.global_batch,
-            "seed": cfg.train.seed, "data.path": cfg.data.path, "data.val_fraction": cfg.data.val_fraction}
+            "seed": cfg.train.seed, "data.tokenizer": load_tokenizer(cfg.data.tokenizer).sha256,
+            "data.val_fraction": cfg.data.val_fraction}
 
 
 _FINGERPRINT_KEYS = {"global_batch": "parallel.global_batch", "seed": "train.seed"}  # as the config spells them
@@ -286,6 +289,7 @@ class LauncherState:
     consumed_samples: int
     layout: dict  # tp, pp, dp, zero_stage, dtype
     fingerprint: dict  # config fields that must not change across a resume
+    data: Optional[dict] = None  # launcher.data.SampleSource.state_dict: the position in every source
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)

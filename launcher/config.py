@@ -92,8 +92,10 @@ class ModelConfig:
     """Key/value heads for grouped-query attention; null means = heads (plain MHA)."""
     ffn: int = 344
     """Hidden size of the SwiGLU feed-forward block."""
-    vocab: int = 256
-    """Vocabulary size (256 for the embedded byte-level tokenizer)."""
+    vocab: Union[int, Literal["auto"]] = 256
+    """Vocabulary size: at least the tokenizer's (256 for the byte tokenizer); `auto` = the
+    tokenizer's size rounded up to a multiple of 128 x parallel.tensor (even vocabulary-
+    parallel shards, tensor-core-friendly), resolved when the config is loaded."""
     seq_len: int = 128
     """Training sequence length in tokens."""
     rope_theta: float = 10000.0
@@ -199,13 +201,35 @@ class CompressionConfig:
 
 
 @dataclass
+class DataSource:
+    path: str = ""
+    """A directory written by `python -m launcher.prepare`."""
+    weight: float = 1.0
+    """Relative share of the training samples drawn from it (> 0; normalised over sources)."""
+
+
+@dataclass
 class DataConfig:
-    path: str = "embedded"
-    """`embedded` (the corpus shipped in the repo) or a path to a UTF-8 text file."""
-    tokenizer: Literal["byte"] = "byte"
-    """Byte-level tokenizer: vocabulary of 256, nothing to download."""
+    path: Optional[str] = None
+    """A directory written by `python -m launcher.prepare`, or `embedded` (the Python reference
+    topics shipped in the repo); null = embedded, unless `sources` is set."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several prepared directories blended by weight, e.g. [{path: web, weight: 3},
+    {path: code, weight: 1}] (instead of `path`); docs/DATA.md."""
+    tokenizer: str = "byte"
+    """`byte` (built in), or a Hugging Face tokenizer.json or a directory holding one. Prepared
+    data must have been tokenized by the same tokenizer."""
     val_fraction: float = 0.05
-    """Share of the corpus held out for validation."""
+    """Share of each dataset's documents held out for validation (unused with `val_path`)."""
+    val_path: Optional[str] = None
+    """A prepared directory to validate on instead (training then uses all documents)."""
+    document_attention: bool = False
+    """Keep attention inside each packed document and restart positions at its start
+    (boundaries from the prepared index); otherwise documents attend across boundaries,
+    separated by the end-of-document token (the GPT-NeoX/Megatron default)."""
+    eod_mask_loss: bool = False
+    """No loss where the input is a document's last token (predicting the next document's
+    first token from the previous one's text)."""
 
 
 @dataclass
@@ -525,8 +549,19 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(raw: dict) -> Config:
     cfg = _build_section(Config, raw, "")
+    resolve_vocab(cfg)
     check_config(cfg)
     return cfg
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """`model.vocab: auto` -> the tokenizer's size padded for tensor parallelism."""
+    if cfg.model.vocab != "auto":
+        return
+    from launcher.tokenizer import load_tokenizer, padded_vocab
+
+    _positive("parallel.tensor", cfg.parallel.tensor)
+    cfg.model.vocab = padded_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.parallel.tensor)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -681,14 +716,46 @@ def check_config(cfg: Config) -> None:
                           f"not found: {resume}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
-    if cfg.data.path != "embedded" and not Path(cfg.data.path).is_file():
-        raise ConfigError("data.path", f"file not found: {cfg.data.path}")
+    check_data_sources(cfg.data)
     if cfg.logging.peak_tflops is not None:
         _positive("logging.peak_tflops", cfg.logging.peak_tflops)
     if not cfg.run.name.strip():
         raise ConfigError("run.name", "must not be empty (the run directory is runs/<name>)")
-    if cfg.data.tokenizer == "byte" and m.vocab < 256:
-        raise ConfigError("model.vocab", f"the byte tokenizer needs vocab >= 256, got {m.vocab}")
+    check_vocab_covers_tokenizer(cfg)
+
+
+MAX_DATA_SOURCES = 256  # launcher.data.Blend's schedule is exact for up to this many
+
+
+def check_data_sources(data: DataConfig) -> None:
+    """The shape of `data.path` / `data.sources` (what the directories hold is checked at
+    launch: launcher.preflight.check_data)."""
+    for key, value in (("data.path", data.path), ("data.val_path", data.val_path)):
+        if value is not None and not value.strip():
+            raise ConfigError(key, "must not be empty (null = the default)")
+    if not data.sources:
+        return
+    if data.path is not None:
+        raise ConfigError("data.path", "set either data.path (one dataset) or data.sources (a blend), not both")
+    if len(data.sources) > MAX_DATA_SOURCES:
+        raise ConfigError("data.sources", f"{len(data.sources)} sources; at most {MAX_DATA_SOURCES} are supported")
+    seen = set()
+    for i, source in enumerate(data.sources):
+        if not source.path.strip():
+            raise ConfigError(f"data.sources[{i}].path", "must name a prepared directory")
+        if source.path in seen:
+            raise ConfigError(f"data.sources[{i}].path", f"{_show(source.path)} is listed twice; give it one weight")
+        seen.add(source.path)
+        _positive(f"data.sources[{i}].weight", source.weight)
+
+
+def check_vocab_covers_tokenizer(cfg: Config) -> None:
+    from launcher.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab < tokenizer.vocab_size:
+        raise ConfigError("model.vocab", f"{cfg.model.vocab} does not cover the {tokenizer.vocab_size:,} tokens of "
+                          f"data.tokenizer={_show(cfg.data.tokenizer)}: raise it, or set model.vocab: auto")
 
 
 def check_compression(cfg: Config) -> None:

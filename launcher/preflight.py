@@ -23,7 +23,7 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
     from launcher.tracking import check_wandb_login
 
     plan = make_plan(cfg, world_size, device)
-    check_data_size(cfg)
+    check_data(cfg)
     ds_config = deepspeed_config(cfg, plan)
     check_deepspeed_config(ds_config, cfg.deepspeed, plan)
     check_output_dirs(cfg)
@@ -72,38 +72,45 @@ def check_explicit_resume(cfg: Config) -> None:
                           "checkpoints/step-NNNNNNNN directories, or auto")
 
 
-def corpus_tokens(cfg: Config) -> int:
-    """Tokens of the corpus without reading it: the byte tokenizer has one token per byte
-    (the embedded corpus is gzip, whose trailer holds the size mod 2**32: it is < 4 GB)."""
-    from launcher.data import EMBEDDED_CORPUS
+def check_data(cfg: Config) -> None:
+    """Every dataset is a prepared directory tokenized by this run's tokenizer, and its
+    training and held-out parts each hold at least one sequence (seq_len + 1 tokens). Reads
+    manifests and boundary indexes only. The embedded corpus is prepared at launch, into the
+    run directory, and checked there."""
+    from launcher.data import EMBEDDED, data_sources, embedded_byte_streams, open_dataset, source_key
+    from launcher.shards import read_manifest
+    from launcher.tokenizer import load_tokenizer
 
-    if cfg.data.path == "embedded":
-        with open(EMBEDDED_CORPUS, "rb") as f:
-            f.seek(-4, 2)
-            return int.from_bytes(f.read(4), "little")
-    try:
-        return Path(cfg.data.path).stat().st_size
-    except OSError as err:
-        raise ConfigError("data.path", f"cannot read {cfg.data.path}: {err.strerror or err}") from None
+    data = cfg.data
+    tokenizer = load_tokenizer(data.tokenizer)
+    named = [(source_key(i, data), s.path) for i, s in enumerate(data_sources(data))]
+    if data.val_path:
+        named.append(("data.val_path", data.val_path))
+    for key, path in named:
+        held_out = key != "data.val_path" and not data.val_path
+        if path == EMBEDDED:
+            if data.tokenizer == "byte":  # other tokenizers: checked once prepared, at launch
+                train, val = embedded_byte_streams(data.val_fraction if held_out else None)
+                _check_splits(cfg, key, path, train, val if held_out else None)
+            continue
+        made_by = read_manifest(path, key)["tokenizer"]
+        if made_by.get("sha256") != tokenizer.sha256:
+            raise ConfigError(key, f"{path} was prepared with tokenizer {made_by.get('name')} "
+                              f"({str(made_by.get('sha256'))[:12]}), not data.tokenizer={data.tokenizer} "
+                              f"({tokenizer.sha256[:12]}): prepare it again with --tokenizer {data.tokenizer}, "
+                              "or train with the tokenizer it was prepared with")
+        dataset = open_dataset(path, Path(path), data.val_fraction if held_out else None, key)
+        _check_splits(cfg, key, path, dataset.train, dataset.val if held_out else None)
 
 
-def check_data_size(cfg: Config) -> None:
-    """The training and the held-out part each hold at least one sequence (seq_len + 1 tokens:
-    inputs and targets shifted by one), as launcher.data cuts them; else the launch fails
-    when it builds its batches."""
-    from launcher.data import train_tokens
+def _check_splits(cfg: Config, key: str, path: str, train, val) -> None:
+    from launcher.data import check_split_size
 
-    tokens = corpus_tokens(cfg)
-    split = train_tokens(tokens, cfg.data.val_fraction)
-    need = cfg.model.seq_len + 1
-    where = f"data.path={cfg.data.path}"
-    if split < need:
-        raise ConfigError("model.seq_len", f"a sequence needs {need:,} tokens, but the training part of {where} has "
-                          f"{split:,}: lower seq_len or use a larger corpus")
-    if tokens - split < need:
-        raise ConfigError("data.val_fraction", f"the held-out part of {where} ({cfg.data.val_fraction:g} of "
-                          f"{tokens:,} tokens = {tokens - split:,}) is shorter than one sequence ({need:,} tokens, "
-                          "model.seq_len + 1): raise val_fraction or lower seq_len")
+    check_split_size(train, cfg.model.seq_len, key, f"{'validation' if key == 'data.val_path' else 'training'} "
+                     f"({path})")
+    if val is not None:
+        check_split_size(val, cfg.model.seq_len, "data.val_fraction", f"held-out ({path}, {cfg.data.val_fraction:g} "
+                         "of the documents)")
 
 
 def check_deepspeed_config(ds_config: dict, user_block: dict, plan: Plan) -> None:

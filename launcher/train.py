@@ -96,6 +96,7 @@ class Run:
     log: Any  # launcher.metrics.RunLog
     train_batches: Any  # launcher.data.GlobalBatches
     val_batches: Any
+    data: Any  # launcher.data.RunData: the datasets and both batch streams
     ckpt_root: Path
     verified: Any  # launcher.checkpoint.Verified
     resume_from: Optional[Path]
@@ -141,7 +142,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     import torch.distributed as dist
 
     from launcher import checkpoint as ckpt
-    from launcher.data import GlobalBatches, load_tokens
+    from launcher.data import describe_data, open_run_data, prepare_embedded
     from launcher.engine import build_engine, count_dp_bytes
     from launcher.metrics import RunLog, gpu_peak_tflops, run_dir
     from launcher.tracking import Tracker
@@ -178,15 +179,17 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
 
     dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
     engine = build_engine(cfg, plan, groups, device, ds_config)
-    splits = load_tokens(cfg.data, log.path / "data")
+    if penv.local_rank == 0:  # one writer per node prepares the embedded corpus, if used
+        prepare_embedded(cfg.data, log.path / "data")
+    dist.barrier()
     lay = plan.layout
-    batch_args = dict(global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
-                      dp_rank=groups.coord.dp, seed=cfg.train.seed)
+    data = open_run_data(cfg.data, cfg.model.seq_len, cfg.train.seed, log.path / "data", global_batch=lay.global_batch,
+                         micro_batch=lay.micro_batch, dp=lay.dp, dp_rank=groups.coord.dp)
+    log.info(describe_data(data))
     peak = cfg.logging.peak_tflops or (
         gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     return Run(cfg=cfg, plan=plan, penv=penv, device=device, groups=groups, engine=engine, log=log,
-               train_batches=GlobalBatches(splits.train, cfg.model.seq_len, **batch_args),
-               val_batches=GlobalBatches(splits.val, cfg.model.seq_len, **batch_args),  # fixed set: from position 0
+               train_batches=data.train, val_batches=data.val, data=data,
                ckpt_root=root, verified=verified, resume_from=resume_from, resume_state=saved, dp_bytes=dp_bytes, peak_tflops=peak,
                flops_per_token=flops_per_token(cfg.model))
 
@@ -204,7 +207,9 @@ def resume(run: Run) -> None:
     if note:
         run.log.info(f"warning: {note}")
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
-    run.train_batches.load_state_dict({"consumed_samples": saved.consumed_samples})
+    data_note = run.train_batches.load_state_dict(saved.data or {"consumed_samples": saved.consumed_samples})
+    if data_note:
+        run.log.info(f"notice: {data_note}")
     run.log.event({"event": "resume", "step": run.step, "from": str(run.resume_from), "tokens_seen": run.tokens_seen,
                    "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"]})
 
@@ -284,6 +289,8 @@ def step_record(run: Run, loss: float, lr: float, grad_norm, step_time: float, e
     """One metrics.jsonl record: what a single process on the whole global batch would report."""
     import torch
 
+    from launcher.data import realised_shares
+
     cfg, lay = run.cfg, run.plan.layout
     tokens_per_s = lay.global_batch * cfg.model.seq_len / step_time
     record = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
@@ -291,6 +298,8 @@ def step_record(run: Run, loss: float, lr: float, grad_norm, step_time: float, e
               "tokens_seen": run.tokens_seen, "world_size": lay.world_size,
               "tflops_per_device": run.flops_per_token * tokens_per_s / lay.world_size / 1e12, "time": time.time(),
               **extra}
+    if len(run.data.datasets) > 1:  # requested vs realised shares of the blend
+        record["data_shares"] = realised_shares(run.train_batches.state_dict())
     if run.engine.loss_scale() is not None:
         record["loss_scale"] = run.engine.loss_scale()
     if run.peak_tflops:
@@ -308,7 +317,7 @@ def save_checkpoint(run: Run, background: bool):
 
     cfg, lay = run.cfg, run.plan.layout
     state = ckpt.LauncherState(step=run.step, tokens_seen=run.tokens_seen,
-                               consumed_samples=run.step * lay.global_batch,
+                               consumed_samples=run.step * lay.global_batch, data=run.train_batches.state_dict(),
                                layout=ckpt.layout_record(cfg, run.plan), fingerprint=ckpt.fingerprint(cfg))
     start = time.perf_counter()
     pending = ckpt.save(run.engine.ds, run.ckpt_root, state, run.penv.rank, run.penv.local_rank, run.penv.world_size,

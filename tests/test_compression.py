@@ -241,7 +241,7 @@ def _tied_copies(rank, world_size, overrides, cache):
     """Train a few steps in this process group through build_engine; return this rank's copy
     of the tied embedding/head weight and its pipeline stage."""
     from launcher.config import load_config
-    from launcher.data import GlobalBatches, load_tokens
+    from launcher.data import training_batches
     from launcher.engine import build_engine, deepspeed_config
     from launcher.plan import make_plan
     from launcher.precision import detect_device_support
@@ -253,8 +253,8 @@ def _tied_copies(rank, world_size, overrides, cache):
     groups = build_process_groups(plan.layout, rank)
     engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
     lay = plan.layout
-    batches = GlobalBatches(load_tokens(cfg.data, cache).train, cfg.model.seq_len, global_batch=lay.global_batch,
-                            micro_batch=lay.micro_batch, dp=lay.dp, dp_rank=groups.coord.dp, seed=cfg.train.seed)
+    batches = training_batches(cfg, cache, global_batch=lay.global_batch, micro_batch=lay.micro_batch, dp=lay.dp,
+                               dp_rank=groups.coord.dp)
     for _ in range(cfg.train.steps):
         engine.train_step(batches.next_step() if engine.reads_data else None)
     weight = engine.ds.module.tied_modules["embed"].embed.weight.detach().clone()

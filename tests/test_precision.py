@@ -124,7 +124,7 @@ def _one_step(rank, world_size, dtype, fp32_accumulation):
     after one optimizer step over 16 micro-batches."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from launcher.data import GlobalBatches, load_tokens
+    from launcher.data import training_batches
     from launcher.engine import build_engine, deepspeed_config
     from launcher.plan import make_plan
     from parallel.topology import build_process_groups
@@ -144,8 +144,7 @@ def _one_step(rank, world_size, dtype, fp32_accumulation):
 
     before = master()
     with tempfile.TemporaryDirectory() as cache:
-        batches = GlobalBatches(load_tokens(cfg.data, Path(cache)).train, cfg.model.seq_len, global_batch=16,
-                                micro_batch=1, dp=1, dp_rank=0, seed=cfg.train.seed)
+        batches = training_batches(cfg, Path(cache), global_batch=16, micro_batch=1)
         engine.train_step(batches.next_step())
     after = master()
     return type(engine.ds.optimizer).__name__, {n: (after[n] - before[n], p.detach().float().clone())
