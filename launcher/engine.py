@@ -203,6 +203,14 @@ def count_dp_bytes(groups: ProcessGroups) -> CollectiveBytes:
     return counter
 
 
+def to_device(x, device: torch.device):
+    """A micro-batch's inputs or targets onto the device: a tensor, or a tuple of them
+    ((ids, segments) with document attention, (targets, loss_mask) with eod_mask_loss)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(t.to(device) for t in x)
+    return x.to(device)
+
+
 @dataclass
 class TrainEngine:
     ds: Any  # deepspeed DeepSpeedEngine or PipelineEngine
@@ -223,7 +231,7 @@ class TrainEngine:
         else:
             losses = []
             for inputs, targets in micro_batches:
-                micro_loss = self.loss_fn(self.ds(inputs.to(self.device)), targets.to(self.device))
+                micro_loss = self.loss_fn(self.ds(to_device(inputs, self.device)), to_device(targets, self.device))
                 self.ds.backward(micro_loss)
                 self.ds.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
                 losses.append(micro_loss.detach().float())
@@ -240,7 +248,8 @@ class TrainEngine:
                                       num_micro_batches=self.ds.micro_batches)
             return float(loss)
         self.ds.eval()
-        losses = [self.loss_fn(self.ds(i.to(self.device)), t.to(self.device)).float() for i, t in micro_batches]
+        losses = [self.loss_fn(self.ds(to_device(i, self.device)), to_device(t, self.device)).float()
+                  for i, t in micro_batches]
         self.ds.train()
         return float(self._dp_mean(torch.stack(losses).mean()))
 

@@ -7,6 +7,13 @@ DeepSpeed's PipelineModule can cut the list anywhere; the order comes from
 `parallel.costs.pipeline_items`, the same list the partitioner prices. With pipeline = 1
 the same specs are built into `LlamaModel`, a plain sequential module.
 
+Document attention (packed samples): the input is `(ids, segments)`, segments (B, T) int64
+the index of each position's document within its sample (non-decreasing from 0). Then every
+item maps `(hidden, segments)` to `(hidden, segments)` (`carry_segments`), except the head,
+which returns the logits only. DeepSpeed's pipeline engine sends such tuples between stages
+and sends no gradient for the integer segments. Attention stays inside each document and
+RoPE positions restart at 0 at each document start.
+
 Tensor-parallel plan (column = output dim split, row = input dim split):
     attention.wq, wk, wv   column   (heads and kv heads split over tp)
     attention.wo           row      (all-reduce of the output)
@@ -19,12 +26,13 @@ Tensor-parallel plan (column = output dim split, row = input dim split):
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from launcher.config import ModelConfig
 from parallel.costs import pipeline_items
@@ -51,6 +59,79 @@ class RMSNorm(nn.Module):
         return y * self.weight
 
 
+Segments = Optional[torch.Tensor]  # (B, T) int64 document index of each position, or None
+
+
+def split_segments(x) -> tuple[torch.Tensor, Segments]:
+    """A pipeline item's input: `hidden` (or ids), or `(hidden, segments)` (document attention)."""
+    if isinstance(x, tuple):
+        hidden, segments = x
+        return hidden, segments
+    return x, None
+
+
+def carry_segments(run: Callable[[torch.Tensor, Segments], torch.Tensor], x, last: bool = False):
+    """Apply run(hidden, segments) -> hidden to an item's input and hand the segments on in
+    the same form, so the next item (maybe on the next stage) gets them too; the last item
+    (the head) returns its output alone, which is what the loss takes."""
+    hidden, segments = split_segments(x)
+    out = run(hidden, segments)
+    return out if segments is None or last else (out, segments)
+
+
+def document_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document: t minus the t where its document
+    starts (a start is where the segment index changes), on the device, no host loop."""
+    t = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def same_document_causal(segments: torch.Tensor):
+    """FlexAttention mask_mod: query q sees key k when k <= q in the same document."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+    return mask_mod
+
+
+@functools.cache
+def _compiled_flex() -> tuple[Callable, Callable]:
+    """Compiled once, on first use: eager flex_attention materialises the full score matrix;
+    compiled it is one fused kernel that skips the blocks its block mask marks empty."""
+    return torch.compile(flex_attention), torch.compile(create_block_mask)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                            gqa: bool, compiled: bool = True) -> torch.Tensor:
+    """Causal attention within each document with FlexAttention. q (B, Hq, T, D), k and v
+    (B, Hkv, T, D). `compiled=False` runs it eagerly (forward only on CPU: for tests)."""
+    attend, block_mask_fn = _compiled_flex() if compiled else (flex_attention, create_block_mask)
+    B, _, T, _ = q.shape
+    block_mask = block_mask_fn(same_document_causal(segments), B, None, T, T, device=q.device)  # shared by heads
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def sdpa_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                            gqa: bool) -> torch.Tensor:
+    """The same with a dense boolean mask (B, 1, T, T) built on the device: B*T^2 bytes per
+    layer, and every masked score is still computed."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    mask = (segments.unsqueeze(2) == segments.unsqueeze(1)) & causal  # (B, T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                       gqa: bool) -> torch.Tensor:
+    """The one device choice. CUDA: FlexAttention, whose block mask (B, T/128, T/128) lets the
+    fused kernel skip the blocks between documents (cost ~ sum of len_doc^2, not T^2).
+    Elsewhere (CPU runs and tests; FlexAttention has no CPU backward): dense-mask SDPA."""
+    if q.device.type == "cuda" and q.shape[-1] >= 16:  # FlexAttention's kernels need head_dim >= 16
+        return flex_document_attention(q, k, v, segments, gqa)
+    return sdpa_document_attention(q, k, v, segments, gqa)
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, head_dim) cos and sin tables in fp32, Hugging Face's `rotate_half` layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -60,27 +141,27 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, D)."""
+    """x: (B, heads, T, D); cos, sin: (T, D), or (B, 1, T, D) with per-sample positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 class Embedding(nn.Module):
-    """Pipeline item 0: token ids (B, T) -> hidden (B, T, H)."""
+    """Pipeline item 0: token ids (B, T) -> hidden (B, T, H) (segments carried along)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         self.embed = VocabParallelEmbedding(cfg.vocab, cfg.hidden, tp, seed=seed, name="embed.weight",
                                             std=cfg.init_std)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids)
+    def forward(self, ids):
+        return carry_segments(lambda i, _: self.embed(i), ids)
 
 
-def tied_head_forward(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+def tied_head_forward(embedding: Embedding, x) -> torch.Tensor:
     """The output head when tied: the embedding table as a column-parallel projection."""
-    return embedding.embed.logits(x)
+    return carry_segments(lambda h, _: embedding.embed.logits(h), x, last=True)
 
 
 class Attention(nn.Module):
@@ -109,15 +190,25 @@ class Attention(nn.Module):
             self._rope = rope_cos_sin(seq_len, self.head_dim, self.rope_theta, device)
         return self._rope
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        return carry_segments(self._attend, x)
+
+    def _attend(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         B, T, _ = x.shape
         h = self.norm(x)
         q = self.wq(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq/tp, T, D)
         k = self.wk(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv/tp, T, D)
         v = self.wv(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self._rope_tables(T, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        cos, sin = self._rope_tables(T, x.device)  # (T, D)
+        gqa = self.kv_heads != self.heads
+        if segments is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # positions restart at each document: per-sample tables (B, 1, T, D)
+            pos = document_positions(segments)
+            cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = document_attention(q, k, v, segments, gqa)
         return x + self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -133,7 +224,10 @@ class MLP(nn.Module):
         self.w_down = RowParallelLinear(cfg.ffn, cfg.hidden, tp, seed=seed, name=f"{p}.w_down",
                                         std=scaled_init_std(cfg.init_std, cfg.layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        return carry_segments(self._mlp, x)
+
+    def _mlp(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         h = self.norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (B, T, ffn/tp) inside
 
@@ -143,8 +237,8 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def forward(self, x):
+        return carry_segments(lambda h, _: self.norm(h), x)
 
 
 class Head(nn.Module):
@@ -154,8 +248,8 @@ class Head(nn.Module):
         super().__init__()
         self.proj = ColumnParallelLinear(cfg.hidden, cfg.vocab, tp, seed=seed, name="head.weight", std=cfg.init_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+    def forward(self, x):
+        return carry_segments(lambda h, _: self.proj(h), x, last=True)
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: int) -> list[LayerSpec]:
@@ -179,7 +273,8 @@ def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: int) -> list[LayerSp
 
 
 class LlamaModel(nn.Module):
-    """All pipeline items on one stage (pipeline = 1): ids (B, T) -> logits shard (B, T, V/tp).
+    """All pipeline items on one stage (pipeline = 1): ids (B, T), or (ids, segments) with
+    document attention -> logits shard (B, T, V/tp).
     Tied specs are built once and reused, as PipelineModule does within a stage."""
 
     def __init__(self, specs: list[LayerSpec], checkpoint_fn=None):
@@ -198,12 +293,13 @@ class LlamaModel(nn.Module):
             self.items.append(module)
             self._forward_fns.append(getattr(spec, "forward_fn", None))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids) -> torch.Tensor:
         x = ids
         for module, forward_fn in zip(self.items, self._forward_fns):
             run = functools.partial(forward_fn, module) if forward_fn is not None else module
-            grad_input = x.requires_grad or any(p.requires_grad for p in module.parameters())
-            if self.checkpoint_fn is not None and self.training and x.is_floating_point() and grad_input:
+            hidden, _ = split_segments(x)
+            grad_input = hidden.requires_grad or any(p.requires_grad for p in module.parameters())
+            if self.checkpoint_fn is not None and self.training and hidden.is_floating_point() and grad_input:
                 x = self.checkpoint_fn(run, x)
             else:
                 x = run(x)
@@ -211,11 +307,17 @@ class LlamaModel(nn.Module):
 
 
 class LossFn:
-    """Mean next-token cross-entropy from vocab-sharded logits (the pipeline's loss_fn)."""
+    """Mean next-token cross-entropy from vocab-sharded logits (the pipeline's loss_fn).
+    Targets may be `(targets, loss_mask)` (float (B, T), 1 = counts): then the mean over the
+    positions that count, sum(loss * mask) / max(sum(mask), 1), per micro-batch as Megatron."""
 
     def __init__(self, tp: TensorParallel):
         self.tp = tp
         self.__name__ = "vocab_parallel_cross_entropy"
 
-    def __call__(self, logits_shard: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits_shard: torch.Tensor, targets) -> torch.Tensor:
+        if isinstance(targets, (tuple, list)):  # data.eod_mask_loss
+            targets, mask = targets
+            loss = vocab_parallel_cross_entropy(logits_shard, targets, self.tp)  # (B, T) fp32
+            return (loss * mask).sum() / mask.sum().clamp(min=1.0)
         return vocab_parallel_cross_entropy(logits_shard, targets, self.tp).mean()
