@@ -179,10 +179,11 @@ def n_windows(stream: TokenStream, seq_len: int) -> int:
 
 
 def check_split_size(stream: TokenStream, seq_len: int, key: str, what: str) -> None:
+    """`what` ("the training part of data/web") holds at least one sequence."""
     need = seq_len + 1
     if len(stream) < need:
-        raise ConfigError(key, f"the {what} part has {len(stream):,} tokens, less than one sequence "
-                          f"({need:,} = model.seq_len + 1): use more data or lower seq_len")
+        raise ConfigError(key, f"{what} has {len(stream):,} tokens, less than one sequence ({need:,} = "
+                          "model.seq_len + 1): use more data or lower seq_len")
 
 
 # --------------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def open_run_data(data: DataConfig, seq_len: int, seed: int, cache_dir: Path, **
     datasets = [open_dataset(s.path, dataset_dir(s.path, data.tokenizer, cache_dir), val_fraction,
                              source_key(i, data)) for i, s in enumerate(sources)]
     for i, ds in enumerate(datasets):
-        check_split_size(ds.train, seq_len, source_key(i, data), f"training ({ds.path})")
+        check_split_size(ds.train, seq_len, source_key(i, data), f"the training part of {ds.path}")
     names, weights = [ds.path for ds in datasets], [s.weight for s in sources]
     if data.val_path:
         held = open_dataset(data.val_path, dataset_dir(data.val_path, data.tokenizer, cache_dir), None,
@@ -439,7 +440,7 @@ def open_run_data(data: DataConfig, seq_len: int, seed: int, cache_dir: Path, **
         val_streams, val_names, val_weights = [ds.val for ds in datasets], names, weights
     for stream, name in zip(val_streams, val_names):
         check_split_size(stream, seq_len, "data.val_path" if data.val_path else "data.val_fraction",
-                         f"validation ({name})")
+                         f"{name}" if data.val_path else f"the held-out part of {name}")
     doc_args = dict(document_attention=data.document_attention, eod_mask_loss=data.eod_mask_loss)
     train = SampleSource([ds.train for ds in datasets], names, weights, seq_len, seed, "train")
     val = SampleSource(val_streams, val_names, val_weights, seq_len, seed, "val")

@@ -106,11 +106,10 @@ def check_data(cfg: Config) -> None:
 def _check_splits(cfg: Config, key: str, path: str, train, val) -> None:
     from launcher.data import check_split_size
 
-    check_split_size(train, cfg.model.seq_len, key, f"{'validation' if key == 'data.val_path' else 'training'} "
-                     f"({path})")
+    check_split_size(train, cfg.model.seq_len, key, path if key == "data.val_path" else f"the training part of {path}")
     if val is not None:
-        check_split_size(val, cfg.model.seq_len, "data.val_fraction", f"held-out ({path}, {cfg.data.val_fraction:g} "
-                         "of the documents)")
+        check_split_size(val, cfg.model.seq_len, "data.val_fraction",
+                         f"the held-out part of {path} ({cfg.data.val_fraction:g} of its tokens)")
 
 
 def check_deepspeed_config(ds_config: dict, user_block: dict, plan: Plan) -> None:

@@ -166,12 +166,13 @@ def test_resume_from_a_state_continues_the_stream(datasets, tmp_path):
 
 
 def test_every_window_once_per_epoch_and_epochs_reshuffled(datasets, tmp_path):
-    run = run_data(DataConfig(path=str(datasets["b"])), tmp_path)
-    n = run.train.source.windows[0]
-    rows = run.train.source.rows(0, 2 * n)[0]
-    epoch0, epoch1 = [sorted(map(tuple, rows[i * n:(i + 1) * n])) for i in (0, 1)]
-    assert epoch0 == epoch1 and len(set(epoch0)) == n  # the same n windows, each once
-    assert not np.array_equal(rows[:n], rows[n:])  # in another order
+    source = run_data(DataConfig(path=str(datasets["b"])), tmp_path).train.source
+    n = source.windows[0]
+    ids = source.window_ids(0, np.arange(2 * n))
+    assert np.array_equal(np.sort(ids[:n]), np.arange(n)) and np.array_equal(np.sort(ids[n:]), np.arange(n))
+    assert not np.array_equal(ids[:n], ids[n:])  # each epoch in another order
+    tokens, _ = source.rows(n + 5, 1)  # and the rows are those windows
+    assert np.array_equal(tokens[0], source.streams[0].read(int(ids[n + 5]) * SEQ, SEQ + 1)[0])
 
 
 def test_train_and_validation_hold_different_documents(datasets, tmp_path):
@@ -198,7 +199,7 @@ def test_document_segments_and_loss_mask_come_from_the_index(tmp_path):
     run = run_data(data, tmp_path, seq=12, micro_batch=1, global_batch=1)
     stream = run.datasets[0].train
     tokens, starts = stream.read(0, 13)
-    assert bytes(tokens.astype(np.uint8)) == b"abc\0de\0fgh\0i"
+    assert bytes(tokens.astype(np.uint8)) == b"abc\0de\0fgh\0ij"
     assert np.flatnonzero(starts).tolist() == [0, 4, 11]  # not at the NUL inside "de\0fgh"
     from launcher.data import to_batch
     (ids, segments), (targets, mask) = to_batch(tokens[None], starts[None], True, True)
@@ -245,7 +246,10 @@ def test_bad_data_configs_are_one_line_errors(datasets, tmp_path):
     assert error_of({"data": {"sources": [{"path": a}, {"path": str(tmp_path / "x")}]}}).startswith(
         "data.sources[1].path: not found")
     assert error_of({"data": {"tokenizer": str(tmp_path / "none.json")}}).startswith("data.tokenizer")
-    assert error_of({"data": {"path": a}, "model": {"seq_len": 4096}}).startswith("data.path: the training part")
+    assert error_of({"data": {"path": a}, "model": {"seq_len": 100_000}}).startswith(
+        f"data.path: the training part of {a} has")
+    assert error_of({"data": {"path": a}, "model": {"seq_len": 4096}}).startswith(
+        f"data.val_fraction: the held-out part of {a} (0.05 of its tokens) has")
 
 
 def test_auto_vocab_and_tokenizer_checks(tmp_path, datasets):
