@@ -7,6 +7,9 @@
                              as token offsets in the shard, from 0 to its token count
     DIR/shards/NNNNNN.json   the shard's record (below), written after its .bin and .idx: a
                              shard is finished iff its record exists and matches its task
+    DIR/shards/NNNNNN.bad    the shard's bad lines (file:line: reason), before its record
+    DIR/bad_lines.txt        all of them, in input order
+    DIR/prepare-plan.json    what DIR is being prepared from (written first; launcher.prepare)
 
 Every document in a shard ends with the tokenizer's end-of-document token, so the shards laid
 end to end are the documents packed back to back with that token between them. Offsets and

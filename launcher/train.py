@@ -43,7 +43,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):
-            key, what = message.split(": ", 1)[1].split()[0], "unknown option (python -m launcher.train --help)"
+            key, what = message.split(": ", 1)[1].split()[0], f"unknown option ({self.prog} --help)"
         else:  # "argument --world-size: invalid int value: 'four'"
             key, _, what = message.removeprefix("argument ").partition(": ")
         print(f"config error: {ConfigError(key, what or message)}", file=sys.stderr)

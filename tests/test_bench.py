@@ -20,6 +20,9 @@ BENCHES = sorted((REPO / "bench").glob("*.py"))
 # Per script: its smallest arguments ("{tmp}" is the test's temporary directory) and a
 # figure line it must print. A new bench script fails below until it has an entry.
 SMOKE = {
+    # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
+    "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
+                   r"^per-worker ratio, --workers \d+: \d+\.\d{2}$"),
     # 5 warm-up steps + 1 timed step, one repeat of each side, a 2-layer model.
     "overhead.py": (["--steps", "6", "--repeats", "1", "model.layers=2", "model.seq_len=32",
                      "parallel.global_batch=2", "parallel.micro_batch=1", "schedule.warmup_steps=1"],
