@@ -59,7 +59,7 @@ def test_3d_layout_trains_on_prepared_blend_like_one_process_and_resumes(prepare
     args[args.index("train.eval_every=0")] = "checkpoint.every=3"  # SHORT's eval_every=0 is overridden above
     single = train(python_cmd(), tmp_path / "single", *args, "parallel.tensor=1", "parallel.pipeline=1",
                    "zero.stage=0")
-    assert single[0]["loss"] == pytest.approx(np.log(400), abs=0.3)  # a fresh model: about uniform over the tokens
+    assert single[0]["loss"] == pytest.approx(np.log(512), abs=0.1)  # a fresh model: about uniform over model.vocab
     assert single[-1]["loss"] < single[0]["loss"] - 0.5
     assert single[-1]["val_loss"] < single[0]["loss"]
     shares = single[-1]["data_shares"]  # requested 3:1, realised over 40 samples
@@ -78,3 +78,16 @@ def test_3d_layout_trains_on_prepared_blend_like_one_process_and_resumes(prepare
                     "zero.stage=0", f"checkpoint.resume={step3}")
     assert read_events(tmp_path / "resumed", "resume")[0]["step"] == 3
     assert [r["loss"] for r in resumed if r["step"] > 3] == losses(single)[3:]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["model.vocab=256"], "config error: model.vocab: 256 does not cover the "),
+    (["data.tokenizer=byte"], "was prepared with tokenizer "),
+])
+def test_tokenizer_mismatches_are_one_line_exit_2(prepared, tmp_path, extra, expected):
+    args = [a for a in own_data(prepared) if not a.startswith("model.vocab")] + ["model.vocab=512"]
+    result = subprocess.run([*python_cmd(), "--dry-run", "--world-size", "1", *args, *extra, "parallel.tensor=1",
+                             "parallel.pipeline=1", f"run.dir={tmp_path}"], cwd=REPO, env=base_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr
