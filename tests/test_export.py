@@ -1,0 +1,170 @@
+"""`python -m launcher.export`: real checkpoints of several layouts (written by the real
+command line) exported to Hugging Face Llama directories, loaded by `transformers`, and
+compared with our own single-process model on the same weights (CPU, fp32)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import REPO, base_env, torchrun_cmd, train
+
+transformers = pytest.importorskip("transformers")
+
+from launcher import hf_names
+from launcher.config import ModelConfig
+from launcher.export import CheckpointReader, item_key, resolve_checkpoint
+from launcher.model import LlamaModel, layer_specs
+from parallel.tensor_parallel import NO_TP, TensorParallel
+
+SEED, LR = 1234, 3e-3
+# hidden 64, 4 query heads sharing 2 kv heads (GQA), ffn 172, 2 layers, seq 32
+TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.kv_heads=2", "model.ffn=172",
+        "model.seq_len=32", "parallel.micro_batch=1", "parallel.global_batch=2", "train.steps=1",
+        "schedule.warmup_steps=1", "train.eval_every=0", "train.log_every=1", "checkpoint.every=1",
+        f"train.seed={SEED}", f"optimizer.lr={LR}", "precision.dtype=fp32"]
+LAYOUTS = {
+    # name: (processes, overrides)
+    "tp2_pp2_untied": (4, ["parallel.tensor=2", "parallel.pipeline=2", "zero.stage=1"]),
+    # a Hugging Face tokenizer of 300 tokens, padded to 384 rows: the trim cuts inside tp rank 1
+    "tp2_pp1_zero1_hf_tokenizer": (2, ["parallel.tensor=2", "parallel.pipeline=1", "zero.stage=1",
+                                       "model.vocab=384", "data.tokenizer={tokenizer}"]),
+    # ZeRO 3 partitions over dp 2 inside each tp rank; tied embeddings; a padded vocabulary
+    # (320 rows for the 256 of the byte tokenizer)
+    "tp2_dp2_zero3_tied_padded": (4, ["parallel.tensor=2", "parallel.pipeline=1", "zero.stage=3",
+                                      "model.tie_embeddings=true", "model.vocab=320"]),
+}
+
+
+def hf_tokenizer(root: Path) -> Path:
+    """A byte-level BPE tokenizer of 300 tokens, with a tokenizer_config.json beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = ["alpha", "beta", "gamma", "delta", "pipeline", "tensor", "the", "of", "and", "model"]
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([" ".join(words[(i * 7 + j) % 10] for j in range(20)) for i in range(50)],
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tokenizer.get_vocab_size() == 300
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return root / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tokenizer = hf_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    out = {}
+    for name, (nproc, overrides) in LAYOUTS.items():
+        run_dir = tmp_path_factory.mktemp(name)
+        train(torchrun_cmd(nproc), run_dir, *TINY, *[o.format(tokenizer=tokenizer) for o in overrides])
+        out[name] = run_dir
+    return out
+
+
+def export_cli(*args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "launcher.export", *args], cwd=REPO, env=base_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == expect_rc, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
+    return result
+
+
+def our_model(reader: CheckpointReader) -> tuple[LlamaModel, dict]:
+    """Our single-process model holding the reader's full tensors, and those tensors."""
+    cfg = reader.model
+    model = LlamaModel(layer_specs(cfg, NO_TP, SEED))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {}
+    for ours, _ in hf_names.weights(cfg):
+        index, key = item_key(cfg, ours)
+        state[f"items.{index}.{key}"] = reader.tensor(ours)
+    if cfg.tie_embeddings:  # LlamaModel lists the shared table under the head's item too
+        state[f"items.{len(model.items) - 1}.embed.weight"] = state["items.0.embed.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), init
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_export_loads_in_transformers_with_equal_logits(runs, layout, tmp_path, capsys):
+    """Export -> AutoModelForCausalLM: logits equal ours within 1e-4; the weights read back
+    are the layout-independent initial ones moved by at most one Adam step (|update| <= lr),
+    so a slice gathered in the wrong order or along the wrong dimension cannot pass."""
+    run_dir = runs[layout]
+    result = export_cli("--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"))
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("export: ") and "peak RSS" in summary
+    reader = CheckpointReader(resolve_checkpoint(run_dir)[0])
+    ours, init = our_model(reader)
+    moved = max((v - init[k]).abs().max().item() for k, v in ours.state_dict().items())
+    assert 0 < moved <= LR * 1.05, moved
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf_tok = "hf_tokenizer" in layout
+    vocab = 300 if hf_tok else 256  # the tokenizer's: a padded vocabulary is trimmed back to it
+    assert config["vocab_size"] == vocab and config["num_key_value_heads"] == 2
+    assert config["tie_word_embeddings"] == reader.model.tie_embeddings
+    assert (config["bos_token_id"], config["eos_token_id"]) == ((0, 1) if hf_tok else (None, 0))
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() == hf_tok
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file() == hf_tok
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, vocab, (2, reader.model.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(ids)[..., :vocab]
+        got = hf(ids).logits
+    diff = (got - expected).abs().max().item()
+    with capsys.disabled():
+        print(f"\n{layout}: max |logit diff| {diff:.2e}; {summary}")
+    assert diff <= 1e-4
+
+
+def test_export_shards_and_dtype(runs, tmp_path):
+    """Past --max-shard-gb: numbered files and an index naming every tensor once; --dtype bf16."""
+    out = tmp_path / "hf"
+    export_cli("--checkpoint", str(runs["tp2_pp2_untied"]), "--out", str(out), "--dtype", "bf16",
+               "--max-shard-gb", "0.0001")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 1 and set(index["weight_map"].values()) == set(files)
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    from safetensors import safe_open
+
+    cfg = CheckpointReader(resolve_checkpoint(runs["tp2_pp2_untied"])[0]).model
+    assert sorted(index["weight_map"]) == sorted(hf for _, hf in hf_names.weights(cfg))
+    total = 0
+    for name in files:
+        with safe_open(out / name, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                assert tensor.dtype == torch.bfloat16
+                total += tensor.numel() * 2
+    assert total == index["metadata"]["total_size"]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_not_a_checkpoint_is_one_line_exit_2(tmp_path):
+    result = export_cli("--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf"), expect_rc=2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: --checkpoint: "), result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_name_map_round_trips_and_matches_the_tp_plan():
+    """Every weight maps both ways; the table's tp dimension is the one the layers shard."""
+    cfg = ModelConfig(layers=2, hidden=64, heads=4, kv_heads=2, ffn=172, vocab=256, seq_len=32)
+    for ours, hf in hf_names.weights(cfg):
+        assert hf_names.to_hf(ours) == hf and hf_names.from_hf(hf) == ours
+    assert "lm_head.weight" not in [hf for _, hf in hf_names.weights(ModelConfig(tie_embeddings=True))]
+    model = LlamaModel(layer_specs(cfg, TensorParallel(rank=0, size=2), SEED))
+    params = dict(model.named_parameters())
+    for ours, _ in hf_names.weights(cfg):
+        index, key = item_key(cfg, ours)
+        param = params[f"items.{index}.{key}"]
+        assert param.tp_shard_dim == hf_names.tp_dim(ours), ours
+        full = hf_names.full_shape(cfg, ours)
+        assert tuple(param.shape) == tuple(n // 2 if d == param.tp_shard_dim else n for d, n in enumerate(full))
