@@ -724,7 +724,8 @@ def check_config(cfg: Config) -> None:
     check_vocab_covers_tokenizer(cfg)
 
 
-MAX_DATA_SOURCES = 256  # launcher.data.Blend's schedule is exact for up to this many
+# launcher.data.Blend's schedule needs BLEND_BLOCK / sources >= sources (its quotas stay >= 0).
+MAX_DATA_SOURCES = 256
 
 
 def check_data_sources(data: DataConfig) -> None:

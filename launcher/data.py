@@ -54,7 +54,6 @@ from launcher.shards import Shard, is_prepared, open_shard, read_manifest
 EMBEDDED = "embedded"
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "python_docs.jsonl.gz"
 BLEND_BLOCK = 1 << 16  # samples per blending block; shares are exact per block (see Blend)
-MAX_SOURCES = 256  # the block schedule needs BLEND_BLOCK / sources >= sources (Blend._counts)
 
 
 def data_sources(data: DataConfig) -> list[DataSource]:
