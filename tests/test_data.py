@@ -253,15 +253,10 @@ def test_bad_data_configs_are_one_line_errors(datasets, tmp_path):
 
 
 def test_auto_vocab_and_tokenizer_checks(tmp_path, datasets):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from bpe import train_bpe
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs(200, 3, "T"), trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    size = tok.get_vocab_size()
+    size = Tokenizer.from_file(str(train_bpe(docs(200, 3, "T"), 300, tmp_path / "tokenizer.json"))).get_vocab_size()
     spec = str(tmp_path / "tokenizer.json")
     cfg = config_from_dict({"data": {"tokenizer": spec}, "model": {"vocab": "auto"}, "parallel": {"tensor": 2}})
     assert cfg.model.vocab == 512 and size <= 512  # padded to a multiple of 128 x tp

@@ -41,18 +41,14 @@ LAYOUTS = {
 
 def hf_tokenizer(root: Path) -> Path:
     """A byte-level BPE tokenizer of 300 tokens, with a tokenizer_config.json beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from bpe import train_bpe
+    from tokenizers import Tokenizer
 
     words = ["alpha", "beta", "gamma", "delta", "pipeline", "tensor", "the", "of", "and", "model"]
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([" ".join(words[(i * 7 + j) % 10] for j in range(20)) for i in range(50)],
-                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    assert tokenizer.get_vocab_size() == 300
     root.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(root / "tokenizer.json"))
+    path = train_bpe([" ".join(words[(i * 7 + j) % 10] for j in range(20)) for i in range(50)], 300,
+                     root / "tokenizer.json", special_tokens=("<s>", "</s>"))
+    assert Tokenizer.from_file(str(path)).get_vocab_size() == 300
     (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return root / "tokenizer.json"
 

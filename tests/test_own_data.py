@@ -25,15 +25,10 @@ def documents(n: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from bpe import train_bpe
 
     root = tmp_path_factory.mktemp("own_data")
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(documents(300, 0), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(root / "tokenizer.json"))
+    train_bpe(documents(300, 0), 400, root / "tokenizer.json")
     (root / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(400, 1)))
     with gzip.open(root / "books.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps({"text": d}) + "\n" for d in documents(60, 2)))

@@ -42,15 +42,10 @@ def jsonl(docs: list[str]) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A BPE tokenizer trained here, and one input of each kind (with their documents)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from bpe import train_bpe
 
     root = tmp_path_factory.mktemp("prepare")
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(documents(200, 0), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(root / "tokenizer.json"))
+    train_bpe(documents(200, 0), 300, root / "tokenizer.json")
 
     web, books, preface, notes = documents(120, 1), documents(15, 2), "\n".join(documents(4, 3)), "x\n\ny  "
     (root / "web.jsonl").write_text(jsonl(web[:60]) + "\n  \n" + jsonl(web[60:]))  # blank lines are skipped
