@@ -256,24 +256,32 @@ def check_resume_config(cfg, plan) -> None:
                               f"resume with zero.stage={saved.layout['zero_stage']}")
 
 
-def fingerprint(cfg) -> dict:
+def fingerprint(cfg, weights_from: Optional[dict] = None) -> dict:
     """Config fields a resume must not change: they define the weights' shapes, the
     optimizer step's batch and the sample stream (changing them would silently train a
-    different run)."""
+    different run). `weights_from` (launcher.hf_weights.weights_source: where the run's
+    initial weights came from, model.init_from) is recorded, not compared: a resume loads
+    the checkpoint's weights whatever model.init_from says."""
     from launcher.tokenizer import load_tokenizer
 
-    return {"model": dataclasses.asdict(cfg.model), "global_batch": cfg.parallel.global_batch,
-            "seed": cfg.train.seed, "data.tokenizer": load_tokenizer(cfg.data.tokenizer).sha256,
-            "data.val_fraction": cfg.data.val_fraction}
+    model = dataclasses.asdict(cfg.model)
+    model.pop("init_from")
+    out = {"model": model, "global_batch": cfg.parallel.global_batch,
+           "seed": cfg.train.seed, "data.tokenizer": load_tokenizer(cfg.data.tokenizer).sha256,
+           "data.val_fraction": cfg.data.val_fraction}
+    if weights_from is not None:
+        out["weights_from"] = weights_from
+    return out
 
 
 _FINGERPRINT_KEYS = {"global_batch": "parallel.global_batch", "seed": "train.seed"}  # as the config spells them
+_RECORDED_ONLY = ("weights_from",)
 
 
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:
     """Config keys of the fields that differ, e.g. ['model.hidden', 'parallel.global_batch']."""
     out = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - set(_RECORDED_ONLY)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key}.{k}" for k in fingerprint_diff(a, b)]

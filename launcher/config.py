@@ -82,28 +82,36 @@ def _show(value: Any) -> str:
 
 @dataclass
 class ModelConfig:
-    layers: int = 4
-    """Number of transformer blocks."""
-    hidden: int = 128
-    """Model width (embedding size)."""
-    heads: int = 4
-    """Attention (query) heads; head_dim = hidden / heads."""
-    kv_heads: Optional[int] = None
-    """Key/value heads for grouped-query attention; null means = heads (plain MHA)."""
-    ffn: int = 344
-    """Hidden size of the SwiGLU feed-forward block."""
+    init_from: Optional[str] = None
+    """A Hugging Face Llama directory (config.json, *.safetensors) whose weights start the
+    run, in any tp x pp layout (continued pre-training / fine-tuning: fresh optimizer, step
+    0). The keys below marked (auto) may be `auto`, and are `auto` when left out: read from
+    its config.json. data.tokenizer, when left out, becomes the directory's tokenizer.json.
+    A resume loads its checkpoint instead (docs/INTEROP.md)."""
+    layers: Union[int, Literal["auto"]] = 4
+    """Number of transformer blocks. (auto)"""
+    hidden: Union[int, Literal["auto"]] = 128
+    """Model width (embedding size). (auto)"""
+    heads: Union[int, Literal["auto"]] = 4
+    """Attention (query) heads; head_dim = hidden / heads. (auto)"""
+    kv_heads: Union[int, None, Literal["auto"]] = None
+    """Key/value heads for grouped-query attention; null means = heads (plain MHA). (auto)"""
+    ffn: Union[int, Literal["auto"]] = 344
+    """Hidden size of the SwiGLU feed-forward block. (auto)"""
     vocab: Union[int, Literal["auto"]] = 256
     """Vocabulary size: at least the tokenizer's (256 for the byte tokenizer); `auto` = the
     tokenizer's size rounded up to a multiple of 128 x parallel.tensor (even vocabulary-
-    parallel shards, tensor-core-friendly), resolved when the config is loaded."""
-    seq_len: int = 128
-    """Training sequence length in tokens."""
-    rope_theta: float = 10000.0
-    """RoPE base frequency (> 1)."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    tie_embeddings: bool = False
-    """Share the input embedding with the output head (DeepSpeed TiedLayerSpec across stages)."""
+    parallel shards, tensor-core-friendly), resolved when the config is loaded; with
+    init_from, config.json's vocab_size rounded up to a multiple of parallel.tensor only
+    (the added rows start at zero and export trims them). (auto)"""
+    seq_len: Union[int, Literal["auto"]] = 128
+    """Training sequence length in tokens. (auto: max_position_embeddings)"""
+    rope_theta: Union[float, Literal["auto"]] = 10000.0
+    """RoPE base frequency (> 1). (auto)"""
+    norm_eps: Union[float, Literal["auto"]] = 1e-5
+    """RMSNorm epsilon. (auto)"""
+    tie_embeddings: Union[bool, Literal["auto"]] = False
+    """Share the input embedding with the output head (DeepSpeed TiedLayerSpec across stages). (auto)"""
     init_std: float = 0.02
     """Std of the normal init (> 0); output projections use init_std / sqrt(2 * layers)."""
 
@@ -235,7 +243,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps to run. 0: save the starting weights (e.g. model.init_from's) as
+    checkpoint step 0 and exit, a conversion into this layout."""
     seed: int = 1234
     """Seed for initialization and data order (0 <= seed < 2**32)."""
     log_every: int = 10
@@ -549,9 +558,42 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(raw: dict) -> Config:
     cfg = _build_section(Config, raw, "")
+    resolve_init_from(cfg, raw)
     resolve_vocab(cfg)
     check_config(cfg)
     return cfg
+
+
+# The model keys `auto` reads from model.init_from's config.json (launcher/hf_weights.py).
+AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "norm_eps",
+                   "tie_embeddings")
+
+
+def resolve_init_from(cfg: Config, raw: dict) -> None:
+    """`model.init_from`: the model keys that are `auto` or left out take the directory's
+    config.json values, a data.tokenizer left out its tokenizer.json. Without init_from,
+    `auto` is an error (except model.vocab's, from the tokenizer)."""
+    m = cfg.model
+    if m.init_from is None:
+        for name in AUTO_MODEL_KEYS:
+            if name != "vocab" and getattr(m, name) == "auto":
+                raise ConfigError(f"model.{name}", "auto reads a Hugging Face config.json: set model.init_from "
+                                  "to the model directory, or give a value")
+        return
+    from launcher.hf_weights import hf_model_values
+
+    if not m.init_from.strip():
+        raise ConfigError("model.init_from", "empty: give a Hugging Face model directory, or null")
+    values = hf_model_values(Path(m.init_from))
+    given = raw.get("model") or {}
+    for name in AUTO_MODEL_KEYS:
+        if name not in given or getattr(m, name) == "auto":
+            setattr(m, name, values[name])
+            if name == "vocab":  # even vocabulary-parallel shards
+                _positive("parallel.tensor", cfg.parallel.tensor)
+                m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
+    if "tokenizer" not in (raw.get("data") or {}) and (Path(m.init_from) / "tokenizer.json").is_file():
+        cfg.data.tokenizer = m.init_from
 
 
 def resolve_vocab(cfg: Config) -> None:
@@ -695,9 +737,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("schedule.min_lr", f"min_lr={cfg.schedule.min_lr} is above optimizer.lr={o.lr}")
 
     t = cfg.train
-    _positive("train.steps", t.steps)
+    _positive("train.steps", t.steps, allow_zero=True)
     _positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
-    if cfg.schedule.warmup_steps > t.steps:
+    if cfg.schedule.warmup_steps > t.steps > 0:
         # The learning rate would never reach optimizer.lr and the cosine decay never start.
         raise ConfigError("schedule.warmup_steps", f"warmup_steps={_show(cfg.schedule.warmup_steps)} is longer "
                           f"than the run (train.steps={_show(t.steps)}): lower it (0 = no warm-up) or train longer")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from launcher.config import Config, ConfigError
+from launcher.hf_weights import load_hf_weights
 from launcher.model import LlamaModel, LossFn, layer_specs
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan
@@ -289,7 +291,9 @@ class TrainEngine:
 
 
 def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.device,
-                 ds_config: dict) -> TrainEngine:
+                 ds_config: dict, init_from: Optional[str] = None) -> TrainEngine:
+    """`init_from`: a Hugging Face directory whose weights replace the random init, each rank
+    reading its own slices, before DeepSpeed copies them into its (fp32 master) buffers."""
     import deepspeed
 
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp)
@@ -306,6 +310,8 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     else:
         model = LlamaModel(specs, checkpoint_fn if cfg.parallel.activation_checkpointing else None).to(device)
         mpu = ModelParallelUnit(groups)
+    if init_from:
+        load_hf_weights(model, Path(init_from), tp.rank, tp.size)
     mark_grad_norm_owners(model, groups.coord.tp)
     optimizer = build_optimizer(model, cfg.optimizer)
     # DeepSpeed's elastic ZeRO checkpoint (resume on another dp) records the optimizer step

@@ -21,8 +21,9 @@ Where the weights are on disk (DeepSpeed 0.19):
                        partitions in zero_pp_rank_D_mp_rank_YY_optim_states.pt (read as
                        deepspeed/utils/zero_to_fp32.py does)
 
-A padded vocabulary (model.vocab above the tokenizer's size) is trimmed back to the
-tokenizer's size when the run's config.yaml names a tokenizer that can be loaded.
+A padded vocabulary (model.vocab above the tokenizer's size) is trimmed back: to the
+vocab_size of the Hugging Face model the run started from (model.init_from, recorded in the
+checkpoint), else to the tokenizer's size when the run's config.yaml names one that loads.
 """
 
 from __future__ import annotations
@@ -352,7 +353,10 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     dtype = dtype or reader.dtype
     tok = run_tokenizer(run, reader.state)
     vocab = model.vocab
-    if tok is not None and tok.vocab_size < model.vocab:
+    source_vocab = (reader.state.fingerprint.get("weights_from") or {}).get("vocab_size")
+    if isinstance(source_vocab, int) and 0 < source_vocab <= model.vocab:
+        vocab = source_vocab  # a run started from model.init_from keeps that model's vocab_size
+    elif tok is not None and tok.vocab_size < model.vocab:
         vocab = tok.vocab_size  # padded rows (never a target) are dropped
     entries = [(ours, hf, hf_names.full_shape(model, ours, vocab)) for ours, hf in hf_names.weights(model)]
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -120,8 +120,8 @@ class RunLog:
         print(" | ".join(parts), flush=True)
 
     def summary(self, step: int, last: dict, tokens_seen: int) -> None:
-        if not last:  # resumed from a checkpoint of the last step: nothing left to train
-            self.info(f"done: already trained to step {step}, run dir {self.path}")
+        if not last:  # resumed from a checkpoint of the last step, or train.steps=0: nothing to train
+            self.info(f"done: nothing to train (at step {step}), run dir {self.path}")
             return
         minutes = (time.time() - self.started) / 60
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""

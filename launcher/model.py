@@ -47,11 +47,12 @@ from parallel.tensor_parallel import (
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float):
+    def __init__(self, hidden: int, eps: float, name: str):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden))
         self.weight.tp_shard_dim = None
+        self.weight.logical_name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 (as Llama does), scale in the compute dtype
@@ -175,7 +176,7 @@ class Attention(nn.Module):
         self.rope_theta = cfg.rope_theta
         kv_dim = cfg.n_kv_heads * cfg.head_dim
         p = f"layers.{layer}.attention"
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight")
         self.wq = ColumnParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wq", std=cfg.init_std)
         self.wk = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wk", std=cfg.init_std)
         self.wv = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wv", std=cfg.init_std)
@@ -218,7 +219,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
         super().__init__()
         p = f"layers.{layer}.mlp"
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight")
         self.w_gate = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_gate", std=cfg.init_std)
         self.w_up = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_up", std=cfg.init_std)
         self.w_down = RowParallelLinear(cfg.ffn, cfg.hidden, tp, seed=seed, name=f"{p}.w_down",
@@ -235,7 +236,7 @@ class MLP(nn.Module):
 class FinalNorm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, "norm.weight")
 
     def forward(self, x):
         return carry_segments(lambda h, _: self.norm(h), x)

@@ -24,6 +24,7 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
 
     plan = make_plan(cfg, world_size, device)
     check_data(cfg)
+    check_init_from(cfg)
     ds_config = deepspeed_config(cfg, plan)
     check_deepspeed_config(ds_config, cfg.deepspeed, plan)
     check_output_dirs(cfg)
@@ -34,6 +35,19 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
         raise ConfigError("checkpoint.dir", f"cannot read {err.filename}: {err.strerror or err}") from None
     check_wandb_login(cfg.logging.wandb)
     return plan, ds_config
+
+
+def check_init_from(cfg: Config) -> None:
+    """model.init_from holds every tensor the config needs, with its shape (the files'
+    headers only), unless the run resumes a checkpoint, whose weights it loads instead."""
+    from launcher.checkpoint import checkpoint_root, explicit_resume, published
+    from launcher.hf_weights import check_hf_weights
+
+    if not cfg.model.init_from:
+        return
+    if cfg.checkpoint.resume != "none" and (explicit_resume(cfg) or published(checkpoint_root(cfg))):
+        return
+    check_hf_weights(cfg.model, Path(cfg.model.init_from))
 
 
 def check_output_dirs(cfg: Config) -> None:

@@ -101,6 +101,7 @@ class Run:
     verified: Any  # launcher.checkpoint.Verified
     resume_from: Optional[Path]
     resume_state: Any  # launcher.checkpoint.LauncherState of resume_from, else None
+    weights_from: Optional[dict] = None  # where the initial weights came from (model.init_from)
     dp_bytes: Any = None  # parallel.comm_bytes.CollectiveBytes with logging.comm_bytes
     peak_tflops: Optional[float] = None
     flops_per_token: float = 0.0
@@ -178,7 +179,11 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     torch.manual_seed(cfg.train.seed)
 
     dp_bytes = count_dp_bytes(groups) if cfg.logging.comm_bytes else None
-    engine = build_engine(cfg, plan, groups, device, ds_config)
+    init_from, weights_from = initial_weights(cfg, saved, log)
+    engine = build_engine(cfg, plan, groups, device, ds_config, init_from=init_from)
+    if init_from:
+        log.info(f"init       weights of this rank read from {init_from} (tp rank {groups.coord.tp}, "
+                 f"pipeline stage {groups.coord.pp}); optimizer state fresh, step 0")
     if penv.local_rank == 0:  # one writer per node prepares the embedded corpus, if used
         prepare_embedded(cfg.data, log.path / "data")
     dist.barrier()
@@ -191,7 +196,24 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     return Run(cfg=cfg, plan=plan, penv=penv, device=device, groups=groups, engine=engine, log=log,
                train_batches=data.train, val_batches=data.val, data=data,
                ckpt_root=root, verified=verified, resume_from=resume_from, resume_state=saved, dp_bytes=dp_bytes, peak_tflops=peak,
-               flops_per_token=flops_per_token(cfg.model))
+               flops_per_token=flops_per_token(cfg.model), weights_from=weights_from)
+
+
+def initial_weights(cfg: Config, saved, log) -> tuple[Optional[str], Optional[dict]]:
+    """(directory to load the initial weights from, or None, and where the run's weights
+    came from, for its checkpoints): model.init_from when starting, the checkpoint's record
+    when resuming (a resume loads the checkpoint's weights, whatever init_from says now)."""
+    from launcher.hf_weights import weights_source
+
+    if saved is not None:
+        weights_from = saved.fingerprint.get("weights_from")
+        if cfg.model.init_from and (weights_from or {}).get("init_from") != str(Path(cfg.model.init_from).resolve()):
+            log.info(f"notice: model.init_from={cfg.model.init_from} not loaded: resuming from a checkpoint "
+                     f"(whose weights came from {(weights_from or {}).get('init_from', 'a random init')})")
+        return None, weights_from
+    if cfg.model.init_from:
+        return cfg.model.init_from, weights_source(cfg.model.init_from)
+    return None, None
 
 
 def resume(run: Run) -> None:
@@ -222,6 +244,8 @@ def train_loop(run: Run, stop: StopSignal) -> int:
 
     cfg, lay, engine = run.cfg, run.plan.layout, run.engine
     pending, last = PendingSave(lambda: None, background=False), {}
+    if cfg.train.steps == 0 and run.resume_from is None:  # a conversion: the starting weights as step 0
+        pending = save_checkpoint(run, background=False)
     while run.step < cfg.train.steps:
         run.step += 1
         lr = engine.ds.get_lr()[0]  # the rate this step's update uses
@@ -318,7 +342,8 @@ def save_checkpoint(run: Run, background: bool):
     cfg, lay = run.cfg, run.plan.layout
     state = ckpt.LauncherState(step=run.step, tokens_seen=run.tokens_seen,
                                consumed_samples=run.step * lay.global_batch, data=run.train_batches.state_dict(),
-                               layout=ckpt.layout_record(cfg, run.plan), fingerprint=ckpt.fingerprint(cfg))
+                               layout=ckpt.layout_record(cfg, run.plan),
+                               fingerprint=ckpt.fingerprint(cfg, run.weights_from))
     start = time.perf_counter()
     pending = ckpt.save(run.engine.ds, run.ckpt_root, state, run.penv.rank, run.penv.local_rank, run.penv.world_size,
                         cfg.checkpoint.keep_last, run.verified, background=background,

@@ -7,7 +7,9 @@ engine flatten and partition plain `torch.Tensor` parameters and do not accept D
 DeepSpeed's own AutoTP targets inference and a global mpu. These ~150 lines are the standard
 pattern, with explicit groups (no module-level state).
 
-Every sharded parameter carries `tp_shard_dim` (the dimension split over tp) and
+Every parameter carries `logical_name` (its full tensor's name, launcher/hf_names.py, for
+loading and exporting weights in any layout); every sharded one `tp_shard_dim` (the
+dimension split over tp) and
 `tensor_model_parallel = True` (what DeepSpeed's grad-norm checks look for to avoid counting
 replicated parameters tp times).
 
@@ -102,9 +104,10 @@ def init_shard(full_shape: tuple[int, ...], std: float, seed: int, name: str,
     return full.narrow(shard_dim, start, length).clone()
 
 
-def _sharded_param(data: torch.Tensor, shard_dim: Optional[int], tp: TensorParallel) -> nn.Parameter:
+def _sharded_param(data: torch.Tensor, shard_dim: Optional[int], tp: TensorParallel, name: str) -> nn.Parameter:
     param = nn.Parameter(data)
     param.tp_shard_dim = shard_dim
+    param.logical_name = weight_name(name)
     if shard_dim is not None and tp.size > 1:
         param.tensor_model_parallel = True
     return param
@@ -117,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
                  seed: int, name: str, std: float):
         super().__init__()
         self.tp = tp
-        self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 0, tp), 0, tp)
+        self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 0, tp), 0, tp, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(copy_to_tp(x, self.tp), self.weight)
@@ -130,7 +133,7 @@ class RowParallelLinear(nn.Module):
                  seed: int, name: str, std: float):
         super().__init__()
         self.tp = tp
-        self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 1, tp), 1, tp)
+        self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 1, tp), 1, tp, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(nn.functional.linear(x, self.weight), self.tp)
@@ -144,7 +147,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_start, self.vocab_per_rank = tp.shard(vocab)
-        self.weight = _sharded_param(init_shard((vocab, hidden), std, seed, name, 0, tp), 0, tp)
+        self.weight = _sharded_param(init_shard((vocab, hidden), std, seed, name, 0, tp), 0, tp, name)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -212,6 +215,13 @@ def gather_shards(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor
     parts = [torch.empty_like(t) for _ in range(tp.size)]
     dist.all_gather(parts, t.contiguous(), group=tp.group)
     return torch.cat(parts, dim=dim)
+
+
+def weight_name(name: str) -> str:
+    """The logical name of a layer's weight (launcher/hf_names.py) from the name its init is
+    seeded with: 'layers.0.attention.wq' -> 'layers.0.attention.wq.weight'. The linears' seed
+    names predate the logical names; they are kept so every run's initial weights stay the same."""
+    return name if name.endswith(".weight") else f"{name}.weight"
 
 
 def scaled_init_std(base_std: float, layers: int) -> float:
