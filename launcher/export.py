@@ -43,6 +43,7 @@ import torch
 from launcher import hf_names
 from launcher.checkpoint import MANIFEST, STATE, LauncherState, deepspeed_state_classes, published
 from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig
+from launcher.launch_env import choose_deepspeed_accelerator
 from parallel.costs import pipeline_items
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,6 +110,18 @@ def run_tokenizer(run: Optional[Path], state: LauncherState):
         return None
     saved = state.fingerprint.get("data.tokenizer")
     return tok if saved in (None, tok.sha256) else None
+
+
+def trimmed_vocab(model: ModelConfig, state: LauncherState, tok) -> int:
+    """The vocabulary rows that mean something: a run started from model.init_from keeps that
+    model's vocab_size; else the tokenizer's size; the rows above (tensor-parallel padding,
+    never a target) are dropped."""
+    source_vocab = (state.fingerprint.get("weights_from") or {}).get("vocab_size")
+    if isinstance(source_vocab, int) and 0 < source_vocab <= model.vocab:
+        return source_vocab
+    if tok is not None and tok.vocab_size < model.vocab:
+        return tok.vocab_size
+    return model.vocab
 
 
 # --------------------------------------------------------------------------------------
@@ -352,12 +365,7 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     model = reader.model
     dtype = dtype or reader.dtype
     tok = run_tokenizer(run, reader.state)
-    vocab = model.vocab
-    source_vocab = (reader.state.fingerprint.get("weights_from") or {}).get("vocab_size")
-    if isinstance(source_vocab, int) and 0 < source_vocab <= model.vocab:
-        vocab = source_vocab  # a run started from model.init_from keeps that model's vocab_size
-    elif tok is not None and tok.vocab_size < model.vocab:
-        vocab = tok.vocab_size  # padded rows (never a target) are dropped
+    vocab = trimmed_vocab(model, reader.state, tok)
     entries = [(ours, hf, hf_names.full_shape(model, ours, vocab)) for ours, hf in hf_names.weights(model)]
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(entries, itemsize, max_shard_bytes)
@@ -437,6 +445,7 @@ def parse_args(argv: list[str]):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    choose_deepspeed_accelerator()
     try:
         if args.max_shard_gb <= 0:
             raise ConfigError("--max-shard-gb", f"must be > 0, got {args.max_shard_gb}")

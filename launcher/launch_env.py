@@ -186,3 +186,11 @@ def export_env(penv: ProcessEnv, device_index: Optional[int] = None) -> None:
                       MASTER_ADDR=penv.master_addr, MASTER_PORT=str(penv.master_port))
     if penv.local_world_size is not None:
         os.environ["LOCAL_WORLD_SIZE"] = str(penv.local_world_size)
+
+
+def choose_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed its accelerator before it is imported: no probing, and none of its
+    "unable to detect" warnings on a CPU machine (they go to stdout, into --json output)."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")

@@ -26,6 +26,7 @@ Tensor-parallel plan (column = output dim split, row = input dim split):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -165,6 +166,31 @@ def tied_head_forward(embedding: Embedding, x) -> torch.Tensor:
     return carry_segments(lambda h, _: embedding.embed.logits(h), x, last=True)
 
 
+@dataclass
+class KVCache:
+    """One attention layer's keys and values for incremental decoding (launcher.generate):
+    preallocated (B, kv_heads, capacity, head_dim), the first `length` positions filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, like: torch.Tensor) -> "KVCache":
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v (B, kv_heads, T, D) at the next positions; all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {end} positions, capacity {self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     """x + wo(attention(rope(wq x'), rope(wk x'), wv x')), x' = norm(x). Causal, GQA."""
 
@@ -210,6 +236,25 @@ class Attention(nn.Module):
             cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = document_attention(q, k, v, segments, gqa)
+        return x + self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+    def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The same block for generation: x (B, T, H) are the positions after the cache's;
+        their keys and values join the cache; each attends to the cache and causally within x."""
+        B, T, _ = x.shape
+        start = cache.length
+        h = self.norm(x)
+        q = self.wq(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.wk(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self._rope_tables(cache.k.shape[2], x.device)  # for the whole capacity: built once
+        cos, sin = cos[start:start + T], sin[start:start + T]
+        keys, values = cache.append(apply_rope(k, cos, sin), v)
+        # query i (position start + i) sees keys 0 .. start + i
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), keys, values, attn_mask=mask,
+                                             enable_gqa=self.kv_heads != self.heads)
         return x + self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -304,6 +349,19 @@ class LlamaModel(nn.Module):
                 x = self.checkpoint_fn(run, x)
             else:
                 x = run(x)
+        return x
+
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits shard (B, T, V/tp) of the positions `ids` (B, T) that follow those already in
+        `caches` (one per attention layer, filled as they go): generation with a KV cache."""
+        x, layer = ids, 0
+        for module, forward_fn in zip(self.items, self._forward_fns):
+            if isinstance(module, Attention):
+                x, layer = module.decode(x, caches[layer]), layer + 1
+            else:
+                x = forward_fn(module, x) if forward_fn is not None else module(x)
         return x
 
 

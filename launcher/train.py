@@ -363,10 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        import torch
+        from launcher.launch_env import choose_deepspeed_accelerator
 
-        # Pick DeepSpeed's accelerator ourselves: no probing, no "unable to detect" warning.
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        choose_deepspeed_accelerator()
         from launcher.precision import ASSUMED_GPU, detect_device_support
         from launcher.preflight import preflight
 
