@@ -104,7 +104,7 @@ def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
     if not isinstance(values["tie_embeddings"], bool):
         raise ConfigError(key, f"{path}: tie_word_embeddings={values['tie_embeddings']!r}, expected true or false")
     head_dim = raw.get("head_dim")
-    if head_dim is not None and head_dim * values["heads"] != values["hidden"]:
+    if head_dim is not None and (type(head_dim) is not int or head_dim * values["heads"] != values["hidden"]):
         raise ConfigError(key, f"{path}: head_dim={head_dim!r} is not hidden_size / num_attention_heads "
                           f"({values['hidden']} / {values['heads']}), which launcher.model assumes")
     return values

@@ -5,14 +5,12 @@ compared with our own single-process model on the same weights (CPU, fp32)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
+import transformers
+from hf_llama import hf_tokenizer
 from launch import REPO, base_env, torchrun_cmd, train
-
-transformers = pytest.importorskip("transformers")
 
 from launcher import hf_names
 from launcher.config import ModelConfig
@@ -37,20 +35,6 @@ LAYOUTS = {
     "tp2_dp2_zero3_tied_padded": (4, ["parallel.tensor=2", "parallel.pipeline=1", "zero.stage=3",
                                       "model.tie_embeddings=true", "model.vocab=320"]),
 }
-
-
-def hf_tokenizer(root: Path) -> Path:
-    """A byte-level BPE tokenizer of 300 tokens, with a tokenizer_config.json beside it."""
-    from bpe import train_bpe
-    from tokenizers import Tokenizer
-
-    words = ["alpha", "beta", "gamma", "delta", "pipeline", "tensor", "the", "of", "and", "model"]
-    root.mkdir(parents=True, exist_ok=True)
-    path = train_bpe([" ".join(words[(i * 7 + j) % 10] for j in range(20)) for i in range(50)], 300,
-                     root / "tokenizer.json", special_tokens=("<s>", "</s>"))
-    assert Tokenizer.from_file(str(path)).get_vocab_size() == 300
-    (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return root / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
