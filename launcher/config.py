@@ -81,6 +81,20 @@ def _show(value: Any) -> str:
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (`rope_type: llama3` in a Hugging Face config.json):
+    wavelengths longer than original_max_position_embeddings / low_freq_factor are stretched
+    by `factor`, those shorter than original_max_position_embeddings / high_freq_factor are
+    kept, and the ones between are interpolated smoothly."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     init_from: Optional[str] = None
     """A Hugging Face Llama directory (config.json, *.safetensors) whose weights start the
@@ -108,6 +122,9 @@ class ModelConfig:
     """Training sequence length in tokens. (auto: max_position_embeddings)"""
     rope_theta: Union[float, Literal["auto"]] = 10000.0
     """RoPE base frequency (> 1). (auto)"""
+    rope_scaling: Union[None, RopeScaling, Literal["auto"]] = None  # None first: null is no scaling
+    """null (plain RoPE), or Llama 3.1's scaled frequencies: {rope_type: llama3, factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings}. (auto)"""
     norm_eps: Union[float, Literal["auto"]] = 1e-5
     """RMSNorm epsilon. (auto)"""
     tie_embeddings: Union[bool, Literal["auto"]] = False
@@ -565,8 +582,8 @@ def config_from_dict(raw: dict) -> Config:
 
 
 # The model keys `auto` reads from model.init_from's config.json (launcher/hf_weights.py).
-AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "norm_eps",
-                   "tie_embeddings")
+AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "rope_scaling",
+                   "norm_eps", "tie_embeddings")
 
 
 def resolve_init_from(cfg: Config, raw: dict) -> None:
@@ -586,9 +603,10 @@ def resolve_init_from(cfg: Config, raw: dict) -> None:
         raise ConfigError("model.init_from", "empty: give a Hugging Face model directory, or null")
     values = hf_model_values(Path(m.init_from))
     given = raw.get("model") or {}
+    hints = typing.get_type_hints(ModelConfig)
     for name in AUTO_MODEL_KEYS:
         if name not in given or getattr(m, name) == "auto":
-            setattr(m, name, values[name])
+            setattr(m, name, _coerce(values[name], hints[name], f"model.{name}"))
             if name == "vocab":  # even vocabulary-parallel shards
                 _positive("parallel.tensor", cfg.parallel.tensor)
                 m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
@@ -604,6 +622,12 @@ def resolve_vocab(cfg: Config) -> None:
 
     _positive("parallel.tensor", cfg.parallel.tensor)
     cfg.model.vocab = padded_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.parallel.tensor)
+
+
+def model_config(values: dict, key: str = "model") -> ModelConfig:
+    """A ModelConfig from plain values (a checkpoint's fingerprint, a Hugging Face
+    config.json's), type-checked as the config file's model section is."""
+    return _build_section(ModelConfig, values, key)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -677,6 +701,13 @@ def check_config(cfg: Config) -> None:
                           f"10000 or 500000), got {m.rope_theta}")
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
+    if m.rope_scaling is not None:
+        r = m.rope_scaling
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            _positive(f"model.rope_scaling.{name}", getattr(r, name))
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise ConfigError("model.rope_scaling.high_freq_factor", f"{r.high_freq_factor} must be above "
+                              f"low_freq_factor={r.low_freq_factor}")
     if m.kv_heads is not None:
         _positive("model.kv_heads", m.kv_heads)
     if m.hidden % m.heads:

@@ -297,7 +297,8 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     import deepspeed
 
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp)
-    specs = layer_specs(cfg.model, tp, seed=cfg.train.seed)
+    # seed None: no random draw for weights that init_from is about to overwrite
+    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed)
     loss_fn = LossFn(tp)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     pipeline = plan.layout.pp > 1

@@ -28,6 +28,7 @@ checkpoint), else to the tokenizer's size when the run's config.yaml names one t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -42,7 +43,7 @@ import torch
 
 from launcher import hf_names
 from launcher.checkpoint import MANIFEST, STATE, LauncherState, deepspeed_state_classes, published
-from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig
+from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig, model_config
 from launcher.launch_env import choose_deepspeed_accelerator
 from parallel.costs import pipeline_items
 
@@ -166,7 +167,7 @@ class CheckpointReader:
     def __init__(self, ckpt: Path):
         self.ckpt = ckpt
         self.state = LauncherState.read(ckpt)
-        self.model = ModelConfig(**self.state.fingerprint["model"])
+        self.model = model_config(self.state.fingerprint["model"], "--checkpoint")
         lay = self.state.layout
         self.tp, self.pp, self.zero_stage = lay["tp"], lay["pp"], lay["zero_stage"]
         self.dtype = DTYPES.get(lay["dtype"], torch.float32)
@@ -303,13 +304,17 @@ def _copy_rows(dest: torch.Tensor, shape: tuple[int, ...], pieces: list[torch.Te
 # --------------------------------------------------------------------------------------
 
 
-def hf_config(model: ModelConfig, vocab: int, dtype: torch.dtype, bos: Optional[int], eos: Optional[int]) -> dict:
+def hf_config(model: ModelConfig, vocab: int, dtype: torch.dtype, bos: Optional[int], eos: Optional[int],
+              max_positions: Optional[int] = None) -> dict:
+    """config.json; max_position_embeddings is `max_positions` (the context of the model a run
+    started from), else model.seq_len."""
     name = HF_DTYPE_NAMES[dtype]
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.hidden,
             "intermediate_size": model.ffn, "num_hidden_layers": model.layers,
             "num_attention_heads": model.heads, "num_key_value_heads": model.n_kv_heads,
-            "head_dim": model.head_dim, "vocab_size": vocab, "max_position_embeddings": model.seq_len,
-            "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta, "rope_scaling": None,
+            "head_dim": model.head_dim, "vocab_size": vocab, "max_position_embeddings": max_positions or model.seq_len,
+            "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
+            "rope_scaling": dataclasses.asdict(model.rope_scaling) if model.rope_scaling else None,
             "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
             "initializer_range": model.init_std, "pretraining_tp": 1, "use_cache": True,
             "tie_word_embeddings": model.tie_embeddings, "torch_dtype": name, "dtype": name,
@@ -352,7 +357,15 @@ class Summary:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak resident memory in bytes: Linux's VmHWM (ru_maxrss would include
+    the parent's peak: Linux carries it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere on Linux-likes
 
 
 def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype] = None,
@@ -391,7 +404,9 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
         index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     bos, eos = _special_ids(tok)
-    (out / "config.json").write_text(json.dumps(hf_config(model, vocab, dtype, bos, eos), indent=2) + "\n")
+    source_context = (reader.state.fingerprint.get("weights_from") or {}).get("max_position_embeddings")
+    config = hf_config(model, vocab, dtype, bos, eos, source_context if isinstance(source_context, int) else None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     note = (f"tokenizer {tok.name}" if tok is not None else

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig
+from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig, model_config
 from launcher.launch_env import choose_deepspeed_accelerator
 
 
@@ -48,7 +48,7 @@ def _build(config: ModelConfig):
     from launcher.model import LlamaModel, layer_specs
     from parallel.tensor_parallel import NO_TP
 
-    return LlamaModel(layer_specs(config, NO_TP, seed=0)).eval()
+    return LlamaModel(layer_specs(config, NO_TP, seed=None)).eval()  # every weight is loaded next
 
 
 def _unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -85,7 +85,7 @@ def from_hf(directory: Path) -> Loaded:
     from launcher.hf_weights import check_hf_weights, hf_model_values, load_hf_weights, read_hf_config
     from launcher.tokenizer import load_tokenizer
 
-    config = ModelConfig(**hf_model_values(directory, key="--hf"))
+    config = model_config(hf_model_values(directory, key="--hf"), "--hf")
     check_hf_weights(config, directory, key="--hf")
     tok = load_tokenizer(str(directory), key="--hf")
     model = _build(config)

@@ -1,8 +1,8 @@
 """Reading a Hugging Face Llama directory: `model.init_from`, and `launcher.generate --hf`.
 
     config.json      -> our model keys (`hf_model_values`), for the keys left `auto`; an
-                        architecture we do not build (biases, scaled RoPE, another head_dim)
-                        is refused in one line
+                        architecture we do not build (biases, RoPE scaling other than Llama
+                        3.1's, another head_dim) is refused in one line
     *.safetensors    -> `check_hf_weights`: every tensor there and of the shape the config
                         needs, from the files' headers alone (before any process starts);
                         `load_hf_weights`: each rank copies in only its own slices, read
@@ -56,21 +56,31 @@ def read_hf_config(directory: Path, key: str = "model.init_from") -> dict:
     return raw
 
 
-def _rope(raw: dict, path: Path, key: str) -> Any:
-    """rope_theta, from transformers 4's `rope_theta` + `rope_scaling` or 5's `rope_parameters`.
-    Scaled RoPE (Llama 3.1's `llama3`, `linear`, `dynamic`, `yarn`) is not what our model computes."""
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(raw: dict, path: Path, key: str) -> tuple[Any, Optional[dict]]:
+    """(rope_theta, rope_scaling), from transformers 4's `rope_theta` + `rope_scaling` or 5's
+    `rope_parameters`. Plain RoPE and Llama 3.1's `llama3` scaling are what launcher.model
+    computes; `linear`, `dynamic`, `yarn` and the rest are refused."""
     params = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
     if isinstance(params, dict):
-        scaling = scaling or (params if params.get("rope_type", "default") != "default" else None)
+        scaling = scaling or params
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     else:
         theta = raw.get("rope_theta", 10000.0)
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind not in (None, "default"):
-            raise ConfigError(key, f"{path}: RoPE scaling {kind!r} is not supported (plain RoPE only)")
-    return theta
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ConfigError(key, f"{path}: RoPE scaling {kind!r} is not supported (plain RoPE or 'llama3')")
+    missing = [f for f in _LLAMA3_FIELDS if f not in scaling]
+    if missing:
+        raise ConfigError(key, f"{path}: llama3 RoPE scaling without {missing[0]}")
+    return theta, {"rope_type": "llama3", **{f: scaling[f] for f in _LLAMA3_FIELDS}}
 
 
 def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
@@ -87,7 +97,7 @@ def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
             raise ConfigError(key, f"{path}: {field}={raw.get(field)!r} is not supported "
                               f"(launcher.model computes {allowed[0]!r})")
     values = {ours: raw.get(theirs) for ours, theirs in HF_KEYS.items()}
-    values["rope_theta"] = _rope(raw, path, key)
+    values["rope_theta"], values["rope_scaling"] = _rope(raw, path, key)
     if values["kv_heads"] is None:
         values["kv_heads"] = values["heads"]
     values["norm_eps"] = raw.get("rms_norm_eps", 1e-6)
@@ -101,6 +111,15 @@ def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(key, f"{path}: {HF_KEYS[ours]}={value!r}, expected a positive number")
         values[ours] = float(value)
+    scaling = values["rope_scaling"]
+    for field in _LLAMA3_FIELDS if scaling else ():
+        value = scaling[field]
+        kind = int if field == "original_max_position_embeddings" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(key, f"{path}: rope_scaling {field}={value!r}, expected a positive number")
+    if scaling and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(key, f"{path}: rope_scaling high_freq_factor={scaling['high_freq_factor']!r} is not "
+                          f"above low_freq_factor={scaling['low_freq_factor']!r}")
     if not isinstance(values["tie_embeddings"], bool):
         raise ConfigError(key, f"{path}: tie_word_embeddings={values['tie_embeddings']!r}, expected true or false")
     head_dim = raw.get("head_dim")
@@ -200,8 +219,9 @@ def check_hf_weights(model: ModelConfig, directory: Path, key: str = "model.init
 def weights_source(directory: str) -> dict:
     """Where a run's initial weights came from, for its checkpoints' fingerprint: the
     directory, a digest of config.json and the safetensors headers (names, shapes, dtypes,
-    offsets: cheap at every save, unlike hashing every byte of a 100 GB model), and its
-    vocab_size (what launcher.export trims a padded vocabulary back to)."""
+    offsets: cheap at every save, unlike hashing every byte of a 100 GB model), its
+    vocab_size (what launcher.export trims a padded vocabulary back to) and
+    max_position_embeddings (what export writes back, whatever model.seq_len trained)."""
     digest = hashlib.sha256()
     root = Path(directory)
     for path in [root / CONFIG, *sorted(root.glob("*.safetensors"))]:
@@ -212,8 +232,9 @@ def weights_source(directory: str) -> dict:
                 digest.update(f.read(min(size, 100_000_000)))
             else:
                 digest.update(f.read())
-    vocab = read_hf_config(root).get("vocab_size")
-    return {"init_from": str(root.resolve()), "sha256": digest.hexdigest(), "vocab_size": vocab}
+    config = read_hf_config(root)
+    return {"init_from": str(root.resolve()), "sha256": digest.hexdigest(), "vocab_size": config.get("vocab_size"),
+            "max_position_embeddings": config.get("max_position_embeddings")}
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ Tensor-parallel plan (column = output dim split, row = input dim split):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,7 +36,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from launcher.config import ModelConfig
+from launcher.config import ModelConfig, RopeScaling
 from parallel.costs import pipeline_items
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -134,9 +135,26 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
     return sdpa_document_attention(q, k, v, segments, gqa)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling: a frequency whose wavelength (2 pi / freq) exceeds
+    original_max_position_embeddings / low_freq_factor is divided by `factor`; one whose
+    wavelength is below original_max_position_embeddings / high_freq_factor is kept; in
+    between, a linear blend of the two in original_max_position_embeddings / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    context = scaling.original_max_position_embeddings
+    blend = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    long = wavelength > context / scaling.low_freq_factor
+    short = wavelength < context / scaling.high_freq_factor
+    return torch.where(long, inv_freq / scaling.factor, torch.where(short, inv_freq, blended))
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device,
+                 scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, head_dim) cos and sin tables in fp32, Hugging Face's `rotate_half` layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -199,7 +217,7 @@ class Attention(nn.Module):
         self.heads = cfg.heads // tp.size  # this rank's query heads
         self.kv_heads = cfg.n_kv_heads // tp.size
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         kv_dim = cfg.n_kv_heads * cfg.head_dim
         p = f"layers.{layer}.attention"
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight")
@@ -214,7 +232,7 @@ class Attention(nn.Module):
 
     def _rope_tables(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] != seq_len or self._rope[0].device != device:
-            self._rope = rope_cos_sin(seq_len, self.head_dim, self.rope_theta, device)
+            self._rope = rope_cos_sin(seq_len, self.head_dim, self.rope_theta, device, self.rope_scaling)
         return self._rope
 
     def forward(self, x):
@@ -298,8 +316,9 @@ class Head(nn.Module):
         return carry_segments(lambda h, _: self.proj(h), x, last=True)
 
 
-def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: int) -> list[LayerSpec]:
-    """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order)."""
+def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int]) -> list[LayerSpec]:
+    """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order).
+    `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard)."""
     specs = []
     for name, kind in pipeline_items(cfg):
         if kind == "embed":

@@ -92,10 +92,17 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def init_shard(full_shape: tuple[int, ...], std: float, seed: int, name: str,
+def init_shard(full_shape: tuple[int, ...], std: float, seed: Optional[int], name: str,
                shard_dim: Optional[int], tp: TensorParallel) -> torch.Tensor:
     """Normal(0, std) init of the full tensor, keeping this rank's slice along shard_dim.
-    Drawn on CPU in fp32 so every layout and device type gets the same numbers."""
+    Drawn on CPU in fp32 so every layout and device type gets the same numbers. `seed=None`:
+    the slice uninitialised (its values are about to be loaded, e.g. model.init_from), so no
+    rank draws, nor holds, the full tensor."""
+    if seed is None:
+        shape = list(full_shape)
+        if shard_dim is not None and tp.size > 1:
+            shape[shard_dim] = tp.shard(full_shape[shard_dim])[1]
+        return torch.empty(shape)
     gen = torch.Generator().manual_seed(name_seed(seed, name))
     full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
     if shard_dim is None or tp.size == 1:

@@ -31,6 +31,9 @@ SMOKE = {
     "checkpoint.py": (["--repeats", "1", "--dir", "{tmp}", "model.hidden=128", "model.ffn=344",
                        "model.heads=4", "model.kv_heads=4"],
                       r"^ratio save / dd: \d+\.\d{2}$"),
+    # A 2-layer, 18M-parameter model instead of the 1.1B default.
+    "interop.py": (["model.layers=2", "model.hidden=256", "model.heads=8", "model.kv_heads=4", "model.ffn=688"],
+                   r"^export peak / model: \d+\.\d{2}$"),
     # One run on 2 processes, data parallel only (the default config needs 8: tp 2 x pp 2 x dp 2).
     "compression.py": (["--steps", "2", "--nproc", "2", "--runs", "none", "parallel.tensor=1",
                         "parallel.pipeline=1", "model.layers=2", "parallel.global_batch=4", "schedule.warmup_steps=1"],

@@ -32,12 +32,16 @@ DEFAULT = REPO / "configs" / "default.yaml"
 RUN = ["precision.dtype=fp32", "parallel.micro_batch=1", "parallel.global_batch=2", "train.eval_every=0",
        "train.log_every=1", "schedule.warmup_steps=1", "optimizer.lr=3e-3", "checkpoint.every=1"]
 TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2", "zero.stage=1"]
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {"untied": save_tiny_llama(root / "untied"), "tied": save_tiny_llama(root / "tied", tied=True, seed=1)}
+    return {"untied": save_tiny_llama(root / "untied"), "tied": save_tiny_llama(root / "tied", tied=True, seed=1),
+            # Llama 3.1's RoPE scaling, with its three frequency bands all present at head_dim 16
+            "rope": save_tiny_llama(root / "rope", seed=2, max_position_embeddings=128, rope_parameters=LLAMA3_ROPE)}
 
 
 def model_config(directory: Path, *overrides: str):
@@ -58,12 +62,13 @@ def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["untied", "tied", "tied_padded"])
+@pytest.mark.parametrize("variant", ["untied", "tied", "tied_padded", "rope"])
 def test_import_tp1_logits_equal_transformers(hf_dirs, variant, capsys):
     directory = hf_dirs[variant.split("_")[0]]
     cfg = model_config(directory, *(["model.vocab=384"] if variant.endswith("padded") else []))
-    assert (cfg.hidden, cfg.layers, cfg.n_kv_heads, cfg.ffn, cfg.seq_len) == (64, 2, 2, 172, 32)
-    assert cfg.tie_embeddings == (variant != "untied") and cfg.vocab == (384 if "padded" in variant else 300)
+    assert (cfg.hidden, cfg.layers, cfg.n_kv_heads, cfg.ffn) == (64, 2, 2, 172)
+    assert cfg.tie_embeddings == variant.startswith("tied") and cfg.vocab == (384 if "padded" in variant else 300)
+    assert (cfg.rope_scaling is not None) == (variant == "rope") and cfg.seq_len == (128 if variant == "rope" else 32)
     model = LlamaModel(layer_specs(cfg, NO_TP, seed=7)).eval()
     copied = load_hf_weights(model, directory, tp_rank=0, tp_size=1)
     assert copied == sum(p.numel() for p in set(model.parameters()))
@@ -172,6 +177,21 @@ def test_import_tp2_pp2_trains_and_round_trips(hf_dirs, tmp_path, capsys):
     assert lowered < expected - 1e-3
 
 
+def test_llama3_rope_scaling_round_trips(hf_dirs, tmp_path):
+    """Llama 3.1's RoPE scaling: imported, converted (train.steps=0), exported; transformers
+    reads the exported config.json back to the same rope parameters and the same logits."""
+    source = hf_dirs["rope"]
+    run_cli([sys.executable, "-m", "launcher.train"], tmp_path / "run", f"model.init_from={source}", *AUTO, *RUN,
+            "parallel.tensor=1", "parallel.pipeline=1", "train.steps=0")
+    export(tmp_path / "run", tmp_path / "hf")
+    exported = load_hf(tmp_path / "hf")
+    params = exported.config.rope_parameters
+    assert {k: params[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
+    ids = batch_ids(300, 3)
+    with torch.no_grad():
+        assert (exported(ids).logits - hf_logits(source, ids)).abs().max().item() <= 1e-5
+
+
 def test_import_resumes_from_its_checkpoint_not_the_directory(hf_dirs, tmp_path):
     """A run started from init_from, resumed: the checkpoint's weights are loaded, the
     directory's provenance carried on (even when init_from now names another directory)."""
@@ -244,8 +264,10 @@ def test_not_a_model_directory_is_one_line_exit_2(hf_dirs, tmp_path):
 
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3),
-                    st.dictionaries(st.sampled_from(["rope_type", "type", "rope_theta", "factor"]),
-                                    st.one_of(st.text(max_size=8), st.floats(), st.none()), max_size=3))
+                    st.dictionaries(st.sampled_from(["rope_type", "type", "rope_theta", "factor", "low_freq_factor",
+                                                     "high_freq_factor", "original_max_position_embeddings"]),
+                                    st.one_of(st.sampled_from(["llama3", "default", "linear"]), st.floats(),
+                                              st.integers(-2, 9000), st.none()), max_size=7))
 _FIELDS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
            "rope_scaling", "rope_parameters", "tie_word_embeddings", "head_dim", "hidden_act", "attention_bias",
@@ -272,6 +294,8 @@ def test_fuzzed_config_json_is_a_config_error_or_a_valid_model(changes, drop, to
     for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len"):
         assert type(values[key]) is int and values[key] > 0
     assert values["rope_theta"] > 0 and values["norm_eps"] > 0 and type(values["tie_embeddings"]) is bool
+    scaling = values["rope_scaling"]
+    assert scaling is None or (scaling["rope_type"] == "llama3" and scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0)
     assert raw["model_type"] == "llama" and values["hidden"] == raw["hidden_size"]
 
 
