@@ -204,6 +204,8 @@ def check_hf_weights(model: ModelConfig, directory: Path, key: str = "model.init
             raise ConfigError(key, f"{hf}: shape {got} in {weights.directory / weights.file_of[hf]}, "
                               f"the config needs {shape} (model.* shape keys set to auto take config.json's values)")
     needed = set(expected_shapes(model))
+    if model.tie_embeddings and read_hf_config(directory, key).get("tie_word_embeddings") is True:
+        needed.add("lm_head.weight")  # a tied model saved with its head too: transformers ignores it, as we do
     for hf in weights.shapes:
         try:
             ours = hf_names.from_hf(hf)

@@ -24,7 +24,7 @@ from launcher.checkpoint import LauncherState
 from launcher.config import ConfigError, load_config
 from launcher.data import training_batches
 from launcher.export import resolve_checkpoint
-from launcher.hf_weights import HFWeights, hf_model_values, load_hf_weights
+from launcher.hf_weights import HFWeights, check_hf_weights, hf_model_values, load_hf_weights
 from launcher.model import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
 
@@ -242,6 +242,27 @@ def test_tied_config_refuses_an_untied_directory(hf_dirs, tmp_path):
     line = train_error(f"model.init_from={hf_dirs['untied']}", *AUTO, "model.tie_embeddings=true",
                        "parallel.tensor=1", "parallel.pipeline=1", f"run.dir={tmp_path / 'run'}")
     assert "lm_head.weight: in " in line and "model.tie_embeddings is true" in line, line
+
+
+def test_tied_directory_saved_with_its_head_is_accepted(hf_dirs, tmp_path):
+    """Some tied checkpoints carry lm_head.weight too (equal to the embedding): with
+    tie_word_embeddings true, it is ignored, as transformers ignores it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "tied_with_head"
+    shutil.copytree(hf_dirs["tied"], directory)
+    tensors = load_file(directory / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()},
+              directory / "model.safetensors", metadata={"format": "pt"})
+    cfg = model_config(directory)
+    check_hf_weights(cfg, directory)
+    model = LlamaModel(layer_specs(cfg, NO_TP, seed=None)).eval()
+    load_hf_weights(model, directory, 0, 1)
+    ids = batch_ids(300, 4)
+    with torch.no_grad():
+        assert (model(ids) - hf_logits(hf_dirs["tied"], ids)).abs().max().item() <= 1e-4
 
 
 def test_not_a_model_directory_is_one_line_exit_2(hf_dirs, tmp_path):
