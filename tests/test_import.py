@@ -24,7 +24,12 @@ from launcher.checkpoint import LauncherState
 from launcher.config import ConfigError, load_config
 from launcher.data import training_batches
 from launcher.export import resolve_checkpoint
-from launcher.hf_weights import HFWeights, check_hf_weights, hf_model_values, load_hf_weights
+from launcher.hf_weights import (
+    HFWeights,
+    check_hf_weights,
+    hf_model_values,
+    load_hf_weights,
+)
 from launcher.model import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
 
