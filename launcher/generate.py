@@ -51,15 +51,6 @@ def _build(config: ModelConfig):
     return LlamaModel(layer_specs(config, NO_TP, seed=None)).eval()  # every weight is loaded next
 
 
-def _unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    seen, out = set(), []
-    for p in model.parameters():  # a tied head shares the embedding's parameter
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def from_checkpoint(path: Path) -> Loaded:
     """A checkpoint of any layout: each full tensor gathered from its slices on disk."""
     from launcher.export import CheckpointReader, resolve_checkpoint, run_tokenizer, trimmed_vocab
@@ -72,7 +63,8 @@ def from_checkpoint(path: Path) -> Loaded:
                           "config.yaml names data.tokenizer); pass the run directory, not a copied checkpoint")
     model = _build(reader.model)
     with torch.no_grad():
-        for param in _unique_params(model):  # in pipeline-item order, as the reader prefers
+        # each parameter once (a tied head's is the embedding's), in pipeline-item order, as the reader prefers
+        for param in model.parameters():
             param.copy_(reader.tensor(param.logical_name))
     reader.close()
     return Loaded(model, reader.model, trimmed_vocab(reader.model, reader.state, tok),

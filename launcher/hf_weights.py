@@ -244,13 +244,10 @@ def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_s
                     key: str = "model.init_from") -> int:
     """Copy this rank's slice of every parameter of `module` (one pipeline stage, one tp rank)
     from the directory; returns the number of elements copied. Parameters shared by several
-    items (a tied head) are copied once."""
+    items (a tied head) are copied once: `parameters()` yields each once."""
     weights = HFWeights(directory, key)
-    seen, copied = set(), 0
+    copied = 0
     for param in module.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
         hf = hf_names.to_hf(param.logical_name)
         dim = param.tp_shard_dim if tp_size > 1 else None
         start = tp_rank * param.shape[dim] if dim is not None else 0
