@@ -143,14 +143,15 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1
-    """Tensor-parallel degree (tp). Innermost axis: a tp group stays inside a node."""
-    pipeline: int = 1
-    """Pipeline-parallel degree (pp). Outermost axis."""
+    tensor: Union[int, Literal["auto"]] = 1
+    """Tensor-parallel degree (tp). Innermost axis: a tp group stays inside a node. `auto`:
+    chosen at launch by the planner (python -m launcher.plan) for the world and device."""
+    pipeline: Union[int, Literal["auto"]] = 1
+    """Pipeline-parallel degree (pp). Outermost axis. `auto`: chosen by the planner."""
     data: Union[int, Literal["auto"]] = "auto"
     """Data-parallel degree (dp); `auto` = world_size / (tensor * pipeline)."""
-    micro_batch: int = 1
-    """Sequences per micro-batch on one data-parallel rank."""
+    micro_batch: Union[int, Literal["auto"]] = 1
+    """Sequences per micro-batch on one data-parallel rank. `auto`: chosen by the planner."""
     global_batch: int = 8
     """Sequences per optimizer step over all data-parallel ranks.
     Gradient accumulation = global_batch / (micro_batch * dp)."""
@@ -160,8 +161,9 @@ class ParallelConfig:
     stage_memory_gb: Optional[float] = None
     """Memory cap per pipeline stage for `balanced` (weights, grads, optimizer state and
     in-flight activations, as estimated by parallel.costs); null = no cap."""
-    activation_checkpointing: bool = False
-    """Recompute each pipeline item's activations in the backward pass."""
+    activation_checkpointing: Union[bool, Literal["auto"]] = False
+    """Recompute each pipeline item's activations in the backward pass (about a third more
+    compute). `auto`: only when the planner finds no layout that fits without it."""
     collective_timeout_s: float = 1800.0
     """A collective (or barrier) that waits longer than this fails: the survivors of a dead
     peer exit and the job can restart instead of hanging. 1 s to 1e7 s."""
@@ -607,7 +609,7 @@ def resolve_init_from(cfg: Config, raw: dict) -> None:
     for name in AUTO_MODEL_KEYS:
         if name not in given or getattr(m, name) == "auto":
             setattr(m, name, _coerce(values[name], hints[name], f"model.{name}"))
-            if name == "vocab":  # even vocabulary-parallel shards
+            if name == "vocab" and cfg.parallel.tensor != "auto":  # even vocabulary-parallel shards
                 _positive("parallel.tensor", cfg.parallel.tensor)
                 m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
     if "tokenizer" not in (raw.get("data") or {}) and (Path(m.init_from) / "tokenizer.json").is_file():
@@ -620,8 +622,9 @@ def resolve_vocab(cfg: Config) -> None:
         return
     from launcher.tokenizer import load_tokenizer, padded_vocab
 
-    _positive("parallel.tensor", cfg.parallel.tensor)
-    cfg.model.vocab = padded_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.parallel.tensor)
+    tp = 1 if cfg.parallel.tensor == "auto" else cfg.parallel.tensor  # auto picks a tp dividing the vocabulary
+    _positive("parallel.tensor", tp)
+    cfg.model.vocab = padded_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, tp)
 
 
 def model_config(values: dict, key: str = "model") -> ModelConfig:
@@ -695,7 +698,8 @@ def check_config(cfg: Config) -> None:
         _positive(f"model.{name}", getattr(m, name))
     for key in LIMITS:
         section, name = key.split(".")
-        _at_most(key, getattr(getattr(cfg, section), name))
+        if getattr(getattr(cfg, section), name) != "auto":
+            _at_most(key, getattr(getattr(cfg, section), name))
     if m.rope_theta <= 1:
         raise ConfigError("model.rope_theta", f"must be > 1 (RoPE's frequencies are theta**(-i/d); Llama uses "
                           f"10000 or 500000), got {m.rope_theta}")
@@ -717,19 +721,18 @@ def check_config(cfg: Config) -> None:
     if m.heads % m.n_kv_heads:
         raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={_show(m.n_kv_heads)}")
 
-    for name in ("tensor", "pipeline", "micro_batch", "global_batch"):
-        _positive(f"parallel.{name}", getattr(p, name))
-    if p.data != "auto":
-        _positive("parallel.data", p.data)
-    tp = p.tensor
+    for name in ("tensor", "pipeline", "micro_batch", "global_batch", "data"):
+        if getattr(p, name) != "auto":
+            _positive(f"parallel.{name}", getattr(p, name))
+    tp = 1 if p.tensor == "auto" else p.tensor
     for key, value in (("model.heads", m.heads), ("model.kv_heads", m.n_kv_heads),
                        ("model.ffn", m.ffn), ("model.vocab", m.vocab)):
         if value % tp:
             raise ConfigError(key, f"{key.split('.')[1]}={value} is not divisible by parallel.tensor={_show(tp)}")
-    if m.layers < p.pipeline:
+    if p.pipeline != "auto" and m.layers < p.pipeline:
         raise ConfigError("parallel.pipeline",
                           f"pipeline={p.pipeline} stages but only model.layers={m.layers} layers")
-    if p.micro_batch > p.global_batch:
+    if p.micro_batch != "auto" and p.micro_batch > p.global_batch:
         raise ConfigError("parallel.micro_batch", f"micro_batch={_show(p.micro_batch)} is more than "
                           f"parallel.global_batch={p.global_batch}")
     if p.partition not in ("balanced", "uniform", "parameters") and not p.partition.startswith("type:"):
@@ -746,7 +749,7 @@ def check_config(cfg: Config) -> None:
                           f"{p.collective_timeout_s:g}")
     if p.stage_memory_gb is not None:
         _positive("parallel.stage_memory_gb", p.stage_memory_gb)
-    if p.pipeline > 1 and cfg.zero.stage > 1:
+    if p.pipeline != "auto" and p.pipeline > 1 and cfg.zero.stage > 1:
         raise ConfigError("zero.stage", f"ZeRO stage {cfg.zero.stage} cannot be used with parallel.pipeline="
                           f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO 0 or 1")
     power = cfg.precision.fp16_initial_scale_power

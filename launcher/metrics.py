@@ -17,15 +17,7 @@ from typing import Optional
 
 from launcher.config import Config, dump_config
 
-# Dense bf16 peak TFLOP/s per GPU, for MFU (NVIDIA datasheets, SXM parts).
-GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
-
-
-def gpu_peak_tflops(device_name: str) -> Optional[float]:
-    for key, value in GPU_PEAK_TFLOPS.items():
-        if key in device_name.upper():
-            return value
-    return None
+from parallel.hardware import peak_tflops_of as gpu_peak_tflops  # noqa: F401 (dense bf16 peak, for MFU)
 
 
 def _duration(seconds: float) -> str:

@@ -40,28 +40,70 @@ def pipeline_items(model: ModelConfig) -> list[tuple[str, str]]:
     return items
 
 
-def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
-               activation_checkpointing: bool = False) -> list[ItemCost]:
-    """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences."""
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_mode(value) -> str:
+    """parallel.activation_checkpointing as a mode: true = full, false = none."""
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    return value
+
+
+def activation_bytes(model: ModelConfig, kind: str, tp: int, micro_batch: int, dtype_bytes: int,
+                     recompute: str = "none") -> int:
+    """Bytes one pipeline item saves for its backward pass, for one micro-batch on one tp rank.
+
+    Counted tensor by tensor from what this model's autograd graph keeps (measured with
+    `torch.autograd.graph.saved_tensors_hooks` in tests/test_plan.py), in the spirit of
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", sec. 4), whose 34sbh + 5as^2b assumes dropout and an unfused softmax; fused
+    SDPA (flash) keeps no s x s matrix, only the log-sum-exp per query. e = compute dtype.
+      norm (RMSNorm, in fp32):   its fp32 input, 1/rms (fp32 per token), normalised x and x*g (e each)
+      attention:                 q, k, v after RoPE and the attention output (sharded); lse (fp32)
+      MLP (SwiGLU):              gate, silu(gate), up, their product (sharded, ffn wide)
+      head + loss:               the head's input; the loss keeps an fp32 softmax of the
+                                 logits shard, int64 targets and a bool mask
+    `full` keeps only each item's input (and the loss's softmax, which is outside the
+    items); `selective` recomputes the attention core, dropping what SDPA keeps beyond its
+    inputs and the output the projection needs: the lse. With a fused kernel that is all
+    selective recomputation can save."""
     h, s, b, e = model.hidden, model.seq_len, micro_batch, dtype_bytes
     kv_dim = model.n_kv_heads * model.head_dim
-    bsh = b * s * h
+    bs, bsh = b * s, b * s * model.hidden
+    norm = 4 * bsh + 2 * e * bsh + 4 * bs  # fp32 input, 1/rms, x_hat, x_hat * g
+    loss = 4 * bs * model.vocab // tp + 9 * bs  # fp32 softmax of the logits shard, targets, mask
+    lse = 4 * b * model.heads * s // tp
+    if kind == "embed":
+        return 8 * bs + (9 * bs if tp > 1 else 0)  # ids; with tp, the shard's local ids and mask
+    if recompute == "full":
+        return e * bsh + (loss if kind == "head" else 0)
+    if kind == "attn":
+        qkvo = e * (2 * bsh + 2 * bs * kv_dim) // tp
+        return norm + qkvo + (0 if recompute == "selective" else lse)
+    if kind == "mlp":
+        return norm + 4 * e * bs * model.ffn // tp
+    if kind == "norm":
+        return 4 * bsh + e * bsh + 4 * bs
+    if kind == "head":
+        return e * bsh + loss
+    raise ValueError(kind)
+
+
+def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
+               recompute="none") -> list[ItemCost]:
+    """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences.
+    `recompute`: none | selective | full (or parallel.activation_checkpointing's bool)."""
+    h, s = model.hidden, model.seq_len
+    kv_dim = model.n_kv_heads * model.head_dim
+    mode = recompute_mode(recompute)
     attn_matmul = h * h + 2 * h * kv_dim + h * h  # wq, wk, wv, wo
     mlp_matmul = 3 * h * model.ffn  # gate, up, down
     head_matmul = model.vocab * h
-
-    # Activations saved for backward (per tp rank). Attention: norm input and output, q, k,
-    # v and the attention output (sharded), the softmax statistics (fused SDPA keeps no
-    # s x s matrix). MLP: norm input and output, gate, up and their product (sharded).
-    act = {
-        "embed": b * s * 8,
-        "attn": 2 * bsh * e + (b * s * (h + 2 * kv_dim) * e + bsh * e) // tp + b * model.heads * s * 4 // tp,
-        "mlp": 2 * bsh * e + 3 * b * s * model.ffn * e // tp,
-        "norm": bsh * e,
-        "head": bsh * e + b * s * model.vocab * 4 // tp,  # fp32 softmax of the logits shard
-    }
-    if activation_checkpointing:  # only each item's input survives; recomputed in backward
-        act = {kind: (b * s * 8 if kind == "embed" else bsh * e) for kind in act}
+    act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode)
+           for kind in ("embed", "attn", "mlp", "norm", "head")}
 
     table = {
         "embed": (model.vocab * h, model.vocab * h // tp, 0),
@@ -78,23 +120,3 @@ def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_byte
 def flops_per_token(model: ModelConfig) -> int:
     """Training FLOPs per token (forward + backward), for throughput and MFU."""
     return sum(c.flops_per_token for c in item_costs(model))
-
-
-def state_bytes_per_param(dtype: str, optimizer: str, zero_stage: int, dp: int) -> float:
-    """Bytes of weights + gradients + optimizer state per parameter on one rank.
-
-    Mixed precision (bf16/fp16) keeps 16-bit weights and grads plus an fp32 master copy;
-    AdamW keeps two fp32 moments, Lion one. ZeRO-1 shards the optimizer state (and master
-    weights) over dp, ZeRO-2 the gradients too, ZeRO-3 everything."""
-    weight = 4 if dtype == "fp32" else 2
-    master = 0 if dtype == "fp32" else 4
-    moments = 8 if optimizer == "adamw" else 4
-    optim = master + moments
-    grads = weight
-    if zero_stage >= 1:
-        optim /= dp
-    if zero_stage >= 2:
-        grads /= dp
-    if zero_stage >= 3:
-        weight /= dp
-    return weight + grads + optim

@@ -1,0 +1,345 @@
+"""Which layouts fit, and how fast each would run: the planner behind `python -m launcher.plan`
+and `auto` in the parallel section.
+
+A candidate is (tp, pp, dp, micro-batch, ZeRO stage, recomputation, optimizer offload). Its
+memory is `parallel.memory.rank_memory` for every pipeline stage; its step time comes from
+the cost model below. Every term is a formula on published hardware figures
+(`parallel.hardware`), not a measurement, and each is printed so a user can see which one
+decides.
+
+Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp:
+
+    micro-batch on the slowest stage   t_mb = compute + tp all-reduces + pipeline sends
+        compute    = FLOPs of the stage's items x b*s tokens / (tp x peak x efficiency),
+                     + the forward again under full recomputation (+1/3), or the attention
+                     core's forward under selective
+        tp         = all-reduces of b*s*h (x dtype) per item, ring: 2(tp-1)/tp of it per
+                     rank over NVLink (or the network when tp spans nodes). The launcher's
+                     tensor parallelism issues, per block, 2 forward and 5 backward
+                     all-reduces (one per column-parallel input: wq, wk, wv, gate, up), and
+                     repeats the forward ones under full recomputation
+        pipeline   = one activation forward and one gradient backward per micro-batch
+    pipeline       (m + p - 1) x t_mb           (1F1B: bubble (p-1)/(m+p-1))
+    data parallel  gradient reduction after the last micro-batch, not overlapped (DeepSpeed's
+                   pipeline engine and ZeRO 1/2 with overlap_comm off reduce at the end):
+                   all-reduce 2(dp-1)/dp x gradient bytes (ZeRO 0); reduce-scatter + the
+                   all-gather of updated weights (ZeRO 1/2); + two weight all-gathers per
+                   step (three under full recomputation) (ZeRO 3). Gradients travel in fp32
+                   for bf16 (the launcher's communication_data_type), 2 bytes under fp16/bf16
+                   compression, PowerSGD's rank-r factors under powersgd.
+    optimizer      state bytes read and written once, at HBM bandwidth
+    offload        gradients down and weights up over PCIe, Adam on the host's memory
+                   bandwidth shared by the node's GPUs
+
+MFU = model FLOPs per token (6 x parameters + attention, no recomputation) x tokens/s /
+(GPUs x peak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from launcher.config import ModelConfig
+from parallel.costs import ItemCost, flops_per_token, item_costs
+from parallel.hardware import GB, Hardware
+from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, rank_memory, state_bytes
+from parallel.partition import MemoryModel, partition
+
+RUNNABLE_RECOMPUTE = ("none", "full")  # what the launcher runs today
+# Tensor-parallel all-reduces of the hidden states per item, (forward, backward), as
+# parallel/tensor_parallel.py issues them.
+TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 3), "mlp": (1, 2), "norm": (0, 0), "head": (0, 1)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the planner plans for: the model, the batch and the training setup."""
+
+    model: ModelConfig
+    global_batch: int  # sequences per step
+    dtype: str  # fp32 | bf16 | fp16
+    optimizer: str = "adamw"
+    compression: str = "none"  # none | fp16 | bf16 | powersgd
+    compression_rank: int = 4
+    reduce_bucket: int = REDUCE_BUCKET_SIZE
+    partition: str = "balanced"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    hardware: Hardware
+    efficiency: float = 0.5  # achievable fraction of peak FLOP/s (Hardware.efficiency by default)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    zero: int
+    recompute: str  # none | selective | full
+    offload: bool = False
+
+    def describe(self) -> str:
+        return (f"tp {self.tp} x pp {self.pp} x dp {self.dp}, micro_batch {self.micro_batch}, ZeRO {self.zero}, "
+                f"recompute {self.recompute}" + (", optimizer offload" if self.offload else ""))
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float  # the pipeline's compute, bubble included
+    tp_comm: float
+    pp_comm: float
+    dp_comm: float
+    optimizer: float
+    offload: float
+    bubble: float  # fraction of the pipeline time idle
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.pp_comm + self.dp_comm + self.optimizer + self.offload
+
+
+@dataclass(frozen=True)
+class Estimate:
+    candidate: Candidate
+    parts: tuple[int, ...]
+    stages: tuple[RankMemory, ...]
+    step: StepTime
+    tokens_per_s: float
+    mfu: float
+    capacity: float  # bytes of one device
+    host_bytes: float = 0.0  # per rank, with offload
+
+    @property
+    def peak(self) -> RankMemory:
+        return max(self.stages, key=lambda r: r.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= self.capacity
+
+    def as_dict(self) -> dict:
+        c = self.candidate
+        return {"tp": c.tp, "pp": c.pp, "dp": c.dp, "micro_batch": c.micro_batch, "zero": c.zero,
+                "recompute": c.recompute, "offload": c.offload, "fits": self.fits,
+                "peak_gb": self.peak.total / GB, "capacity_gb": self.capacity / GB,
+                "step_s": self.step.total, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "bubble": self.step.bubble, "host_gb_per_rank": self.host_bytes / GB,
+                "step_breakdown_s": {k: getattr(self.step, k) for k in
+                                     ("compute", "tp_comm", "pp_comm", "dp_comm", "optimizer", "offload")},
+                "parts": list(self.parts), "stages": [r.as_dict() for r in self.stages]}
+
+
+def _costs(model: ModelConfig, tp: int, micro_batch: int, dtype: str, recompute: str) -> tuple[ItemCost, ...]:
+    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute))
+
+
+def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate, grad_accum: int) -> list[int]:
+    memory = MemoryModel(stages=c.pp, grad_accum=grad_accum,
+                         bytes_per_param=state_bytes(work.dtype, work.optimizer, c.zero, c.dp, offload=c.offload).total)
+    return partition(work.partition, costs, c.pp, memory)
+
+
+def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[list[int]] = None,
+             costs: Optional[tuple[ItemCost, ...]] = None) -> Estimate:
+    model, hw = work.model, cluster.hardware
+    grad_accum = work.global_batch // (c.micro_batch * c.dp)
+    if costs is None:
+        costs = _costs(model, c.tp, c.micro_batch, work.dtype, c.recompute)
+    if parts is None:
+        parts = stage_parts(work, costs, c, grad_accum)
+    memory = tuple(rank_memory(model, costs, parts, s, tp=c.tp, dp=c.dp, micro_batch=c.micro_batch,
+                               grad_accum=grad_accum, dtype=work.dtype, optimizer=work.optimizer,
+                               zero_stage=c.zero, framework_bytes=hw.framework_gb * GB, offload=c.offload,
+                               reduce_bucket=work.reduce_bucket)
+                   for s in range(c.pp))
+    step = step_time(work, cluster, c, costs, parts, grad_accum)
+    tokens = work.global_batch * model.seq_len / step.total
+    mfu = flops_per_token(model) * tokens / (cluster.world * hw.peak_tflops * 1e12)
+    host = max(r.params for r in memory) * (16 if work.optimizer == "adamw" else 12) / c.dp if c.offload else 0.0
+    return Estimate(candidate=c, parts=tuple(parts), stages=memory, step=step, tokens_per_s=tokens, mfu=mfu,
+                    capacity=hw.memory_gb * GB, host_bytes=host)
+
+
+def _ring(n: int, payload: float, gbps: float, all_reduce: bool = True) -> float:
+    """Seconds of a ring collective moving `payload` bytes per rank among n ranks."""
+    if n <= 1 or payload <= 0:
+        return 0.0
+    return (2 if all_reduce else 1) * (n - 1) / n * payload / (gbps * GB)
+
+
+def gradient_wire_bytes(work: Workload, params: int, tp: int) -> float:
+    """Bytes of one rank's gradients as they travel over data parallel."""
+    if work.compression in ("fp16", "bf16"):
+        return params * 2
+    per = 4 if work.dtype in ("fp32", "bf16") else 2
+    if work.compression == "powersgd":
+        return params * per * powersgd_ratio(work.model, tp, work.compression_rank)
+    return params * per
+
+
+def powersgd_ratio(model: ModelConfig, tp: int, rank: int) -> float:
+    """Bytes PowerSGD sends (rank x (rows + columns) per matrix) over the dense gradient's,
+    over one block's weight matrices on a tp rank (norm gains, a sliver, ignored)."""
+    h, kv, f = model.hidden, model.n_kv_heads * model.head_dim, model.ffn
+    shapes = [(h // tp, h), (kv // tp, h), (kv // tp, h), (h, h // tp), (f // tp, h), (f // tp, h), (h, f // tp)]
+    dense = sum(a * b for a, b in shapes)
+    low = sum(min(rank, a, b) * (a + b) for a, b in shapes)
+    return min(1.0, low / dense)
+
+
+def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts, grad_accum: int) -> StepTime:
+    model, hw = work.model, cluster.hardware
+    e = dtype_bytes(work.dtype)
+    tokens_mb = c.micro_batch * model.seq_len
+    flops_rate = hw.peak_tflops * 1e12 * cluster.efficiency
+    nvlink = hw.intra_node_gbps
+    tp_bw = nvlink if c.tp <= cluster.gpus_per_node else hw.inter_node_gbps
+    pp_bw = nvlink if c.tp * c.dp * c.pp <= cluster.gpus_per_node else hw.inter_node_gbps
+    dp_bw = nvlink if c.tp * c.dp <= cluster.gpus_per_node else hw.inter_node_gbps
+    act = tokens_mb * model.hidden * e
+
+    def stage_costs(s: int) -> tuple[float, float]:
+        items = costs[parts[s]:parts[s + 1]]
+        flops = 0.0
+        reduces = 0
+        for it in items:
+            flops += it.flops_per_token
+            if c.recompute == "full":
+                flops += it.flops_per_token / 3
+            elif c.recompute == "selective" and it.kind == "attn":
+                flops += 4 * model.seq_len * model.hidden
+            fwd, bwd = TP_ALLREDUCES[it.kind]
+            reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
+        compute = flops * tokens_mb / (c.tp * flops_rate)
+        return compute, _ring(c.tp, act, tp_bw) * reduces
+
+    per_stage = [stage_costs(s) for s in range(c.pp)]
+    compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])
+    pp_mb = 2 * act / (pp_bw * GB) if c.pp > 1 else 0.0
+    slots = grad_accum + c.pp - 1
+    bubble = (c.pp - 1) / slots
+
+    params = max(sum(it.params_per_rank for it in costs[parts[s]:parts[s + 1]]) for s in range(c.pp))
+    grads = gradient_wire_bytes(work, params, c.tp)
+    if c.zero == 0:
+        dp = _ring(c.dp, grads, dp_bw)
+    else:
+        dp = _ring(c.dp, grads, dp_bw, all_reduce=False) + _ring(c.dp, params * e, dp_bw, all_reduce=False)
+        if c.zero == 3:
+            dp += (3 if c.recompute == "full" else 2) * _ring(c.dp, params * e, dp_bw, all_reduce=False)
+    states = state_bytes(work.dtype, work.optimizer, c.zero, c.dp, offload=c.offload)
+    optimizer = 2 * params * states.total / (hw.hbm_gbps * GB)
+    offload = 0.0
+    if c.offload:
+        shard = params / c.dp
+        offload = shard * (4 + e) / (hw.pcie_gbps * GB) + 32 * shard * cluster.gpus_per_node / (hw.host_gbps * GB)
+    return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
+                    optimizer=optimizer, offload=offload, bubble=bubble)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp: Optional[int] = None,
+               micro_batch: Optional[int] = None, recompute: Optional[str] = None, zero: Optional[int] = None,
+               offload: Iterable[bool] = (False,), micro_batches: Iterable[int] = (1, 2, 4, 8, 16)
+               ) -> list[Candidate]:
+    """Every layout the launcher can run on this cluster; a given value pins that axis."""
+    m, world = work.model, cluster.world
+    tps = [tp] if tp is not None else [t for t in _powers_of_two(cluster.gpus_per_node)
+                                       if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t)]
+    out = []
+    for t in tps:
+        if world % t:
+            continue
+        pps = [pp] if pp is not None else [p for p in range(1, min(m.layers, world // t) + 1) if (world // t) % p == 0]
+        for p in pps:
+            if world % (t * p):
+                continue
+            dp = world // (t * p)
+            if work.global_batch % dp:
+                continue
+            mbs = [micro_batch] if micro_batch is not None else list(micro_batches)
+            for b in mbs:
+                if work.global_batch % (b * dp):
+                    continue
+                zeros = [zero] if zero is not None else ([0, 1] if p > 1 else [0, 1, 2, 3])
+                for z in zeros:
+                    if p > 1 and z > 1:
+                        continue  # DeepSpeed's pipeline engine runs ZeRO 0 or 1
+                    if work.dtype == "bf16" and p == 1 and z == 0:
+                        continue  # refused by launcher.engine (bf16 gradient accumulation)
+                    if work.compression == "powersgd" and z > 1:
+                        continue
+                    for r in ([recompute] if recompute is not None else RUNNABLE_RECOMPUTE):
+                        for off in offload:
+                            if off and z == 0:
+                                continue
+                            out.append(Candidate(t, p, dp, b, z, r, off))
+    return out
+
+
+@dataclass
+class Ranking:
+    estimates: list[Estimate] = field(default_factory=list)  # fitting ones, fastest first
+    considered: int = 0
+    smallest: Optional[Estimate] = None  # when nothing fits: the least memory needed
+
+
+def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ranking:
+    """Estimate every candidate; keep those that fit, fastest first (ties: less memory)."""
+    ranking = Ranking(considered=len(pool))
+    parts_cache: dict = {}
+    costs_cache: dict = {}
+    for c in pool:
+        key = (c.pp, c.tp, c.micro_batch, c.recompute)
+        grad_accum = work.global_batch // (c.micro_batch * c.dp)
+        if key[1:] not in costs_cache:
+            costs_cache[key[1:]] = _costs(work.model, c.tp, c.micro_batch, work.dtype, c.recompute)
+        costs = costs_cache[key[1:]]
+        if work.partition == "balanced":  # FLOPs min-max: the same split for any tp, batch or ZeRO
+            key = (c.pp,)
+        if key not in parts_cache:
+            try:
+                parts_cache[key] = stage_parts(work, costs, c, grad_accum)
+            except ValueError:
+                parts_cache[key] = None
+        if parts_cache[key] is None:
+            continue
+        est = estimate(work, cluster, c, parts_cache[key], costs)
+        if est.fits:
+            ranking.estimates.append(est)
+        elif ranking.smallest is None or est.peak.total < ranking.smallest.peak.total:
+            ranking.smallest = est
+    ranking.estimates.sort(key=lambda e: (-e.tokens_per_s, e.peak.total))
+    return ranking
+
+
+def why_faster(best: Estimate, other: Estimate) -> str:
+    """The step-time terms where `best` gains most over `other`, in words."""
+    names = {"compute": "compute", "tp_comm": "tensor-parallel all-reduces", "pp_comm": "pipeline sends",
+             "dp_comm": "data-parallel reduction", "optimizer": "optimizer step", "offload": "offload traffic"}
+    gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
+    said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]
+    if best.step.bubble < other.step.bubble - 0.005:
+        said.append(f"bubble {100 * best.step.bubble:.0f}% vs {100 * other.step.bubble:.0f}%")
+    if said:
+        return "; ".join(said)
+    if best.peak.total < other.peak.total - 0.01 * other.peak.total:
+        return "the same step time within 0.5%, less memory"
+    return "the same step time within 0.5% and the same memory (a tie)"
