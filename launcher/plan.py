@@ -256,6 +256,20 @@ def check_fits(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
                       "--force to try anyway")
 
 
+def fit_line(cfg: Config, plan: Plan, cluster: Cluster, force: bool) -> str:
+    """The line printed at launch about the estimate; a ConfigError when it does not fit
+    (unless `force`)."""
+    try:
+        est = check_fits(cfg, plan, cluster)
+    except ConfigError as err:
+        if not force:
+            raise
+        return f"memory     --force: starting although {err.message.split('; --force')[0]}"
+    return (f"memory     est. {est.peak.total / GIB:.2f} GiB on the largest rank (stage {est.peak.stage}) of "
+            f"{cluster.hardware.memory_gb * 1e9 / GIB:.2f} GiB per device ({cluster.hardware.name}; "
+            "python -m launcher.plan for the breakdown)")
+
+
 def smallest_world(cfg: Config, hardware: Hardware, gpus_per_node: int, limit: int = 1 << 16) -> int:
     """Fewest GPUs (whole nodes, then doubling) on which some layout of the config fits."""
     free = dataclasses.replace(cfg, parallel=dataclasses.replace(

@@ -58,6 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the layout, start nothing")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to validate for with --dry-run (default: $WORLD_SIZE, else the smallest fit)")
+    parser.add_argument("--force", action="store_true",
+                        help="start even when the planner estimates that a rank does not fit the device")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -366,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.launch_env import choose_deepspeed_accelerator
 
         choose_deepspeed_accelerator()
+        from launcher.plan import assumed_cluster, detect_cluster, fit_line, resolve_auto
         from launcher.precision import ASSUMED_GPU, detect_device_support
         from launcher.preflight import preflight
 
@@ -381,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                       ) from None
             if world_size is None:
                 world_size = default_world_size(cfg)
+            cluster = assumed_cluster(world_size)
+            cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU)
             plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
+            fit = fit_line(cfg, plan, cluster, args.force)
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
-            print(describe(cfg, plan, device=ASSUMED_GPU.name))
+            print("\n".join(line for line in (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit) if line))
             return 0
         from launcher.launch_env import discover
 
@@ -391,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
 
         penv = discover()
         device, backend = pick_device(penv.local_rank, penv.local_world_size)  # the GPU this rank drives
-        plan, ds_config = preflight(cfg, penv.world_size, detect_device_support())
+        cluster = detect_cluster(penv.world_size, penv.local_world_size, device)
+        support = detect_device_support()
+        cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support)
+        plan, ds_config = preflight(cfg, penv.world_size, support)
+        fit = fit_line(cfg, plan, cluster, args.force)  # before anything is allocated
+        if penv.rank == 0:
+            print("\n".join(line for line in (auto_note, fit) if line), flush=True)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

@@ -274,7 +274,7 @@ def stage_table(costs: Sequence[ItemCost], parts: Sequence[int],
 
 
 def format_stage_table(rows: Sequence[StageInfo]) -> str:
-    lines = [f"{'stage':>5}  {'items':<22} {'n':>3}  {'params':>10}  {'flops':>6}  {'est. mem/rank':>13}"]
+    lines = [f"{'stage':>5}  {'items':<22} {'n':>3}  {'params':>10}  {'flops':>6}  {'states+acts':>13}"]
     for r in rows:
         span = r.first if r.first == r.last else f"{r.first} .. {r.last}"
         mem = f"{r.memory_bytes / GB:10.2f} GB" if r.memory_bytes is not None else f"{'-':>13}"

@@ -1,7 +1,8 @@
 """Derive, from a shipped config file, the same structure at a size that trains in at most
 8 CPU processes: a new file in configs/ is covered by the shipped-config test as it is.
 
-Kept from the file: pipeline degree (up to 8), tensor degree as far as the 8 processes allow
+Kept from the file (its `auto` keys as the planner resolves them for the fewest H100 nodes
+it fits on): pipeline degree (up to 8), tensor degree as far as the 8 processes allow
 (a divisor of the file's), ZeRO stage, activation checkpointing, tied embeddings, the GQA
 ratio, the partition method, RoPE theta, norm epsilon, optimizer, compression, and the
 precision when this CPU supports it (else fp32). Shrunk: layers (one per stage, at least
@@ -40,8 +41,18 @@ def _divisors_down(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def planned(cfg):
+    """The config with its `auto` parallel keys resolved as a dry run resolves them: by the
+    planner, for the fewest H100 nodes the config fits on."""
+    from launcher.plan import assumed_cluster, default_world_size, resolve_auto
+    from launcher.precision import ASSUMED_GPU
+
+    world = default_world_size(cfg)
+    return resolve_auto(cfg, world, assumed_cluster(world), ASSUMED_GPU)[0]
+
+
 def shrink(path) -> Shrunk:
-    cfg = load_config(path)
+    cfg = planned(load_config(path))
     m, p = cfg.model, cfg.parallel
     pp = min(p.pipeline, MAX_PROCS)
     tp = next(d for d in _divisors_down(p.tensor) if d * pp <= MAX_PROCS)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from launcher.config import ConfigError, load_config
-from launcher.plan import default_world_size
+from launcher.plan import assumed_cluster, default_world_size, resolve_auto
+from launcher.precision import ASSUMED_GPU
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -101,7 +102,11 @@ def test_shipped_config_loads_and_dry_runs(config):
         result = cli("--config", str(config), "--dry-run", "--world-size", str(world_size))
         assert result.returncode == 0, result.stderr
         out = result.stdout
-        p = cfg.parallel
+        resolved, note = resolve_auto(cfg, world_size, assumed_cluster(world_size), ASSUMED_GPU)
+        assert (note in out) if note else ("auto " not in out)
+        assert "memory     est." in out
+        p = resolved.parallel
+        base = p.tensor * p.pipeline
         assert f"world {world_size} = tp {p.tensor} x pp {p.pipeline} x dp {world_size // base}" in out
         stage_rows = [line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
         assert len(stage_rows) == p.pipeline
