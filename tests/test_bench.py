@@ -34,6 +34,8 @@ SMOKE = {
     # A 2-layer, 18M-parameter model instead of the 1.1B default.
     "interop.py": (["model.layers=2", "model.hidden=256", "model.heads=8", "model.kv_heads=4", "model.ffn=688"],
                    r"^export peak / model: \d+\.\d{2}$"),
+    # One config at two GPU counts (the planner only: no process started).
+    "scaling.py": (["--configs", "llama_7b", "--gpus", "8", "64"], r"^\| llama_7b \| 64 \| \d+ \| \d+ \| \d+ \|"),
     # One run on 2 processes, data parallel only (the default config needs 8: tp 2 x pp 2 x dp 2).
     "compression.py": (["--steps", "2", "--nproc", "2", "--runs", "none", "parallel.tensor=1",
                         "parallel.pipeline=1", "model.layers=2", "parallel.global_batch=4", "schedule.warmup_steps=1"],

@@ -1,0 +1,53 @@
+"""The planner's choices from 8 to 1024 GPUs, for docs/SCALING.md.
+
+    python bench/scaling.py [--gpu h100] [--configs llama_7b llama_13b llama_70b] [--gpus 8 64 1024]
+
+For each config and GPU count (nodes of 8): the fastest layout that fits (python -m
+launcher.plan's first row, `auto` with recomputation only where needed), its predicted
+tokens/s per GPU and MFU. Predictions from the cost model in parallel/planner.py, not
+measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.config import load_config  # noqa: E402
+from launcher.plan import choose  # noqa: E402
+from parallel.hardware import PRESETS  # noqa: E402
+from parallel.planner import Cluster  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", default="h100", choices=sorted(PRESETS))
+    parser.add_argument("--configs", nargs="+", default=["llama_7b", "llama_13b", "llama_70b"])
+    parser.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256, 512, 1024])
+    args = parser.parse_args()
+    hardware = PRESETS[args.gpu]
+    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp | mb | ZeRO | recompute | GiB/rank | "
+          "tokens/s/GPU | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+        for gpus in args.gpus:
+            cluster = Cluster(max(1, gpus // 8), min(gpus, 8), hardware)
+            auto = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"))
+            best = choose(auto, cluster, "bf16")
+            if best is None:
+                print(f"| {name} | {gpus} | - | - | - | - | - | - | does not fit | - | - |")
+                continue
+            c = best.candidate
+            print(f"| {name} | {gpus} | {c.tp} | {c.pp} | {c.dp} | {c.micro_batch} | {c.zero} | {c.recompute} | "
+                  f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
