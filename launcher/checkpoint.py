@@ -211,6 +211,25 @@ def layout_record(cfg, plan) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.zero.stage, "dtype": plan.dtype}
 
 
+def resume_layout(cfg) -> Optional[dict]:
+    """The layout record (tp, pp, dp, zero_stage, dtype) of the checkpoint this launch would
+    resume from, when it can tell before starting; None for a fresh start. The planner keeps
+    its tensor and pipeline degrees for `auto`."""
+    if cfg.checkpoint.resume == "none":
+        return None
+    explicit = explicit_resume(cfg)
+    try:
+        candidates = [explicit] if explicit else published(checkpoint_root(cfg))
+    except OSError:
+        return None
+    for candidate in candidates:
+        try:
+            return LauncherState.read(candidate).layout
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
 def check_resume_config(cfg, plan) -> None:
     """Before any process starts: refuse what a resume cannot do, as one-line ConfigErrors."""
     from launcher.config import ConfigError

@@ -133,13 +133,19 @@ def assumed_cluster(world_size: int, hardware: Hardware = PRESETS["h100"]) -> Cl
     return Cluster(nodes=max(world_size, 1) // per_node, gpus_per_node=per_node, hardware=hardware)
 
 
-def detect_cluster(world_size: int, local_world_size: int, device) -> Cluster:
+def detect_cluster(world_size: int, local_world_size: Optional[int], device) -> Cluster:
     """The cluster this launch runs on: the device's own memory; GPU figures from the preset
     its name matches (H100's when none does); on CPU, the available host memory shared by
-    this node's ranks."""
+    this node's ranks. `local_world_size` None (not told by the launcher): the GPUs this node
+    has, on CPU every rank (the cautious share)."""
+    cuda = getattr(device, "type", "cpu") == "cuda"
+    if local_world_size is None:
+        import torch
+
+        local_world_size = torch.cuda.device_count() if cuda else world_size
     per_node = max(1, min(local_world_size, world_size))
     nodes = max(1, world_size // per_node)
-    if getattr(device, "type", "cpu") == "cuda":
+    if cuda:
         import torch
 
         props = torch.cuda.get_device_properties(device)
@@ -147,8 +153,8 @@ def detect_cluster(world_size: int, local_world_size: int, device) -> Cluster:
             hardware = preset(props.name)
         except KeyError:
             hardware = dataclasses.replace(PRESETS["h100"], name=f"{props.name} (H100 figures assumed)")
-        return Cluster(nodes, per_node, hardware.with_memory(props.total_memory / 1e9))
-    return Cluster(nodes, per_node, CPU.with_memory(host_available_bytes() / per_node / 1e9))
+        return Cluster(nodes, per_node, hardware.with_memory(props.total_memory / GIB))
+    return Cluster(nodes, per_node, CPU.with_memory(host_available_bytes() / per_node / GIB))
 
 
 def host_available_bytes() -> float:
@@ -193,22 +199,34 @@ def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
     return ranking.estimates[0]
 
 
-def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport) -> tuple[Config, str]:
+def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
+                 resume: Optional[dict] = None) -> tuple[Config, str]:
     """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
-    device, and the line that says so ('' when nothing was auto)."""
+    device, and the line that says so ('' when nothing was auto). `resume`: the layout record
+    of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
+    when a layout with it fits (a resume cannot change them yet)."""
     p = cfg.parallel
-    if all(getattr(p, key) != "auto" for key in AUTO_KEYS):
+    auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
+    if not auto:
         return cfg, ""
     probe = dataclasses.replace(cfg, parallel=dataclasses.replace(
         p, pipeline=2 if p.pipeline == "auto" else p.pipeline))  # dtype auto depends on pp > 1 only
     dtype = resolve_dtype(probe, device)
-    best = choose(cfg, cluster, dtype)
-    auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
+    best, kept = None, ""
+    if resume is not None and "auto" in (p.tensor, p.pipeline):
+        keep = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            p, tensor=resume["tp"] if p.tensor == "auto" else p.tensor,
+            pipeline=resume["pp"] if p.pipeline == "auto" else p.pipeline))
+        best = choose(keep, cluster, dtype)
+        if best is not None:
+            kept = f"; tensor {resume['tp']} x pipeline {resume['pp']} kept from the checkpoint being resumed"
+    if best is None:
+        best = choose(cfg, cluster, dtype)
     if best is None:
         smallest = rank_layouts(workload(cfg, dtype), cluster, plan_candidates(cfg, cluster, dtype)).smallest
         need = (f"; the smallest needs {smallest.peak.total / GIB:.1f} GiB per rank ({smallest.candidate.describe()})"
                 if smallest else "")
-        raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks fits {cluster.hardware.memory_gb:.1f} GB "
+        raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks fits {cluster.hardware.memory_gib:.1f} GiB "
                           f"per device ({cluster.hardware.name}){need}; add nodes or raise ZeRO "
                           "(python -m launcher.plan shows every layout)")
     c = best.candidate
@@ -218,8 +236,8 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
     check_config(resolved)
     note = (f"auto       {', '.join(auto)} -> tensor {c.tp}, pipeline {c.pp}, micro_batch {c.micro_batch}, "
             f"activation_checkpointing {str(c.recompute == 'full').lower()} (planner: {best.peak.total / GIB:.1f} "
-            f"of {cluster.hardware.memory_gb * 1e9 / GIB:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
-            f"{cluster.hardware.name})")
+            f"of {cluster.hardware.memory_gib:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
+            f"{cluster.hardware.name}{kept})")
     return resolved, note
 
 
@@ -252,7 +270,7 @@ def check_fits(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
                f"; no layout of {cluster.world} ranks fits: add nodes")
     raise ConfigError("parallel", f"tp {plan.layout.tp} x pp {plan.layout.pp} x dp {plan.layout.dp} needs "
                       f"{r.total / GIB:.1f} GiB on a stage-{r.stage} rank ({parts} GiB) but the device has "
-                      f"{cluster.hardware.memory_gb * 1e9 / GIB:.1f} GiB ({cluster.hardware.name}){instead}; "
+                      f"{cluster.hardware.memory_gib:.1f} GiB ({cluster.hardware.name}){instead}; "
                       "--force to try anyway")
 
 
@@ -266,15 +284,13 @@ def fit_line(cfg: Config, plan: Plan, cluster: Cluster, force: bool) -> str:
             raise
         return f"memory     --force: starting although {err.message.split('; --force')[0]}"
     return (f"memory     est. {est.peak.total / GIB:.2f} GiB on the largest rank (stage {est.peak.stage}) of "
-            f"{cluster.hardware.memory_gb * 1e9 / GIB:.2f} GiB per device ({cluster.hardware.name}; "
+            f"{cluster.hardware.memory_gib:.2f} GiB per device ({cluster.hardware.name}; "
             "python -m launcher.plan for the breakdown)")
 
 
 def smallest_world(cfg: Config, hardware: Hardware, gpus_per_node: int, limit: int = 1 << 16) -> int:
     """Fewest GPUs (whole nodes, then doubling) on which some layout of the config fits."""
-    free = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, tensor="auto" if cfg.parallel.tensor == "auto" else cfg.parallel.tensor,
-        data="auto"))
+    free = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, data="auto"))
     world = gpus_per_node
     while world <= limit:
         cluster = Cluster(world // gpus_per_node, gpus_per_node, hardware)
@@ -296,15 +312,15 @@ MEMORY_ROWS = (("params (this rank)", "params"), ("weights", "weights"), ("gradi
                ("framework overhead", "framework"), ("margin", "margin"), ("total", "total"))
 
 
-def _size_gb(text: str) -> float:
-    """'80GB', '80', '141 GB' -> 80.0 (decimal GB, as datasheets count)."""
-    cleaned = text.strip().upper().removesuffix("GB").strip()
+def _size_gib(text: str) -> float:
+    """'80GB', '80GiB', '80' -> 80.0 GiB (a GPU's "80GB" are 80 GiB)."""
+    cleaned = text.strip().upper().removesuffix("GB").removesuffix("GIB").removesuffix("I").strip()
     try:
         value = float(cleaned)
     except ValueError:
         raise ConfigError("--gpu-memory", f"expected a size such as 80GB, got {text!r}") from None
     if not 0 < value < 1e6:
-        raise ConfigError("--gpu-memory", f"must be > 0 GB, got {text!r}")
+        raise ConfigError("--gpu-memory", f"must be > 0 GiB, got {text!r}")
     return value
 
 
@@ -316,7 +332,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--gpu", default="h100", help=f"GPU preset: {', '.join(PRESETS)} (default h100)")
-    parser.add_argument("--gpu-memory", default=None, help="device memory instead of the preset's, e.g. 24GB")
+    parser.add_argument("--gpu-memory", default=None, help="device memory instead of the preset's, in GiB, e.g. 24GB")
     parser.add_argument("--efficiency", type=float, default=None,
                         help="achievable fraction of peak FLOP/s for the matmuls (default: the preset's)")
     for name in ("intra-node-gbps", "inter-node-gbps", "pcie-gbps"):
@@ -335,7 +351,7 @@ def cluster_from_args(args) -> Cluster:
         raise ConfigError("--gpu", f"unknown GPU {args.gpu!r}; presets: {', '.join(PRESETS)} "
                           "(or give --gpu-memory and the bandwidths)") from None
     if args.gpu_memory is not None:
-        hardware = hardware.with_memory(_size_gb(args.gpu_memory))
+        hardware = hardware.with_memory(_size_gib(args.gpu_memory))
     changes = {}
     for field_name, arg in (("intra_node_gbps", args.intra_node_gbps), ("inter_node_gbps", args.inter_node_gbps),
                             ("pcie_gbps", args.pcie_gbps), ("efficiency", args.efficiency)):
@@ -351,7 +367,7 @@ def cluster_from_args(args) -> Cluster:
 
 
 def rule_of_thumb_gpus(params: float, memory_gb: float) -> float:
-    """The seeds' rule of thumb: params (B) x 18 bytes x 1.25 / GPU GB."""
+    """The seeds' rule of thumb: params (B) x 18 bytes x 1.25 / GPU GB (its nominal size: 80)."""
     return params / 1e9 * 18 * 1.25 / memory_gb
 
 
@@ -388,10 +404,15 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
             "params": params, "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
             "global_batch": resolved.parallel.global_batch, "seq_len": resolved.model.seq_len,
             "layout": own.as_dict(), "activations_per_micro_batch_stage0": stage0,
-            "rule_of_thumb_gpus": rule_of_thumb_gpus(params, cluster.hardware.memory_gb),
+            "nominal_gb": nominal_gb(cluster.hardware), "rule_of_thumb_gpus": rule_of_thumb_gpus(params, nominal_gb(cluster.hardware)),
             "smallest_world": smallest, "considered": ranking.considered,
             "ranked": [e.as_dict() for e in ranking.estimates[:top]], "fitting": len(ranking.estimates),
             "why": why}
+
+
+def nominal_gb(hardware: Hardware) -> float:
+    """The size a GPU is sold as (80 for 79.6 GiB usable), for the rule of thumb."""
+    return float(round(hardware.memory_gib)) if hardware.memory_gib < 100 else float(math.ceil(hardware.memory_gib))
 
 
 def _has_auto(cfg: Config) -> bool:
@@ -403,7 +424,7 @@ def format_report(r: dict) -> str:
     lay = r["layout"]
     gib = lambda b: b / GIB  # noqa: E731
     lines = [
-        f"plan       {r['config']} on {r['nodes']} x {r['gpus_per_node']} {hw['name']} ({hw['memory_gb']:g} GB, "
+        f"plan       {r['config']} on {r['nodes']} x {r['gpus_per_node']} {hw['name']} ({hw['memory_gib']:g} GiB, "
         f"{hw['peak_tflops']:g} TFLOP/s, NVLink {hw['intra_node_gbps']:g} GB/s, network {hw['inter_node_gbps']:g} "
         f"GB/s per GPU; {100 * r['efficiency']:.0f}% of peak assumed for matmuls)",
         f"model      {r['params'] / 1e9:.3f}B params, {r['dtype']}, {r['optimizer']}, global batch "
@@ -413,7 +434,7 @@ def format_report(r: dict) -> str:
         lines.append(r["auto"])
     lines.append(f"layout     tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}, micro_batch {lay['micro_batch']}, "
                  f"ZeRO {lay['zero']}, recompute {lay['recompute']}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "
-                 f"({lay['peak_gb'] * 1e9 / GIB:.1f} of {hw['memory_gb'] * 1e9 / GIB:.1f} GiB), "
+                 f"({lay['peak_gib']:.1f} of {hw['memory_gib']:.1f} GiB), "
                  f"~{lay['tokens_per_s']:,.0f} tokens/s, MFU {100 * lay['mfu']:.1f}%")
     stages = lay["stages"]
     shown = list(range(len(stages))) if len(stages) <= 8 else sorted(
@@ -438,7 +459,7 @@ def format_report(r: dict) -> str:
     lines.append("")
     smallest = r["smallest_world"]
     lines.append(f"rule of thumb  params(B) x 18 x 1.25 / GPU GB = {r['params'] / 1e9:.2f} x 18 x 1.25 / "
-                 f"{hw['memory_gb']:g} = {r['rule_of_thumb_gpus']:.1f} GPUs; per rank the planner needs "
+                 f"{r['nominal_gb']:g} = {r['rule_of_thumb_gpus']:.1f} GPUs; per rank the planner needs "
                  f"{'no layout under 65536 GPUs' if smallest is None else f'{smallest} GPUs at least'}: the rule "
                  "counts model states only (16 bytes + 2 of buffers, 25% slack), not activations "
                  "(x micro-batches in flight), the reduction bucket, or the replicated weights and "
@@ -449,7 +470,7 @@ def format_report(r: dict) -> str:
                  f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}")
     for i, e in enumerate(r["ranked"], 1):
         lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5} {e['micro_batch']:>3} {e['zero']:>4} "
-                     f"{e['recompute']:>9} {'yes*' if e['offload'] else 'no':>7} {e['peak_gb'] * 1e9 / GIB:>6.1f} "
+                     f"{e['recompute']:>9} {'yes*' if e['offload'] else 'no':>7} {e['peak_gib']:>6.1f} "
                      f"{e['step_s']:>8.3f} {e['tokens_per_s']:>11,.0f} {100 * e['mfu']:>5.1f}% "
                      f"{100 * e['bubble']:>5.1f}%")
     if any(e["offload"] for e in r["ranked"]):
@@ -461,10 +482,10 @@ def format_report(r: dict) -> str:
 
 
 def format_presets() -> str:
-    lines = [f"{'preset':<7} {'name':<16} {'GB':>5} {'TFLOP/s':>8} {'HBM GB/s':>9} {'NVLink':>7} {'network':>8} "
+    lines = [f"{'preset':<7} {'name':<16} {'GiB':>6} {'TFLOP/s':>8} {'HBM GB/s':>9} {'NVLink':>7} {'network':>8} "
              f"{'PCIe':>5}  source"]
     for key, h in PRESETS.items():
-        lines.append(f"{key:<7} {h.name:<16} {h.memory_gb:>5g} {h.peak_tflops:>8g} {h.hbm_gbps:>9g} "
+        lines.append(f"{key:<7} {h.name:<16} {h.memory_gib:>6g} {h.peak_tflops:>8g} {h.hbm_gbps:>9g} "
                      f"{h.intra_node_gbps:>7g} {h.inter_node_gbps:>8g} {h.pcie_gbps:>5g}  {h.source}")
     lines.append("bandwidths per GPU and per direction; TFLOP/s dense bf16")
     return "\n".join(lines)

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.launch_env import choose_deepspeed_accelerator
 
         choose_deepspeed_accelerator()
+        from launcher.checkpoint import resume_layout
         from launcher.plan import assumed_cluster, detect_cluster, fit_line, resolve_auto
         from launcher.precision import ASSUMED_GPU, detect_device_support
         from launcher.preflight import preflight
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             if world_size is None:
                 world_size = default_world_size(cfg)
             cluster = assumed_cluster(world_size)
-            cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU)
+            cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
             plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
             fit = fit_line(cfg, plan, cluster, args.force)
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         device, backend = pick_device(penv.local_rank, penv.local_world_size)  # the GPU this rank drives
         cluster = detect_cluster(penv.world_size, penv.local_world_size, device)
         support = detect_device_support()
-        cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support)
+        cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support, resume_layout(cfg))
         plan, ds_config = preflight(cfg, penv.world_size, support)
         fit = fit_line(cfg, plan, cluster, args.force)  # before anything is allocated
         if penv.rank == 0:

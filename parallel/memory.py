@@ -144,12 +144,14 @@ def in_flight(stage: int, stages: int, grad_accum: int) -> int:
 def rank_memory(model: ModelConfig, costs: Sequence[ItemCost], parts: Sequence[int], stage: int, *,
                 tp: int, dp: int, micro_batch: int, grad_accum: int, dtype: str, optimizer: str,
                 zero_stage: int, framework_bytes: float, offload: bool = False,
-                reduce_bucket: int = REDUCE_BUCKET_SIZE, margin: float = MARGIN) -> RankMemory:
+                reduce_bucket: int = REDUCE_BUCKET_SIZE, margin: float = MARGIN,
+                touched_only: bool = False) -> RankMemory:
     """Peak memory of one rank of pipeline stage `stage` (items costs[parts[stage]:parts[stage+1]]).
 
     The peak is taken as model states + activations in flight + the larger of the loss's
     working copies (mid-step) and the reduction bucket (end of step) + ZeRO 3's gathered
-    layers + the fixed overhead, plus `margin` of all that."""
+    layers + the fixed overhead, plus `margin` of all that. `touched_only`: host memory,
+    where a bucket costs only the part gradients are written to (the CPU test bed)."""
     stages = len(parts) - 1
     items = costs[parts[stage]:parts[stage + 1]]
     params = sum(c.params_per_rank for c in items)
@@ -165,7 +167,7 @@ def rank_memory(model: ModelConfig, costs: Sequence[ItemCost], parts: Sequence[i
         buffers = (e * bsh if stage < stages - 1 else 0) + (e * bsh if stage > 0 and e != 4 else 0)
     last = stage == stages - 1
     logits = 16 * micro_batch * model.seq_len * model.vocab / tp if last else 0.0
-    bucket = reduction_bucket(params, dtype, zero_stage, dp, reduce_bucket)
+    bucket = reduction_bucket(params, dtype, zero_stage, dp, min(reduce_bucket, params) if touched_only else reduce_bucket)
     gathered = 0.0
     if zero_stage == 3:
         largest = max((c.params_per_rank for c in items), default=0)

@@ -42,7 +42,7 @@ from typing import Iterable, Optional
 
 from launcher.config import ModelConfig
 from parallel.costs import ItemCost, flops_per_token, item_costs
-from parallel.hardware import GB, Hardware
+from parallel.hardware import GB, GIB, Hardware
 from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, rank_memory, state_bytes
 from parallel.partition import MemoryModel, partition
 
@@ -131,9 +131,9 @@ class Estimate:
         c = self.candidate
         return {"tp": c.tp, "pp": c.pp, "dp": c.dp, "micro_batch": c.micro_batch, "zero": c.zero,
                 "recompute": c.recompute, "offload": c.offload, "fits": self.fits,
-                "peak_gb": self.peak.total / GB, "capacity_gb": self.capacity / GB,
+                "peak_gib": self.peak.total / GIB, "capacity_gib": self.capacity / GIB,
                 "step_s": self.step.total, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "bubble": self.step.bubble, "host_gb_per_rank": self.host_bytes / GB,
+                "bubble": self.step.bubble, "host_gib_per_rank": self.host_bytes / GIB,
                 "step_breakdown_s": {k: getattr(self.step, k) for k in
                                      ("compute", "tp_comm", "pp_comm", "dp_comm", "optimizer", "offload")},
                 "parts": list(self.parts), "stages": [r.as_dict() for r in self.stages]}
@@ -160,14 +160,14 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
     memory = tuple(rank_memory(model, costs, parts, s, tp=c.tp, dp=c.dp, micro_batch=c.micro_batch,
                                grad_accum=grad_accum, dtype=work.dtype, optimizer=work.optimizer,
                                zero_stage=c.zero, framework_bytes=hw.framework_gb * GB, offload=c.offload,
-                               reduce_bucket=work.reduce_bucket)
+                               reduce_bucket=work.reduce_bucket, touched_only=hw.touched_only)
                    for s in range(c.pp))
     step = step_time(work, cluster, c, costs, parts, grad_accum)
     tokens = work.global_batch * model.seq_len / step.total
     mfu = flops_per_token(model) * tokens / (cluster.world * hw.peak_tflops * 1e12)
     host = max(r.params for r in memory) * (16 if work.optimizer == "adamw" else 12) / c.dp if c.offload else 0.0
     return Estimate(candidate=c, parts=tuple(parts), stages=memory, step=step, tokens_per_s=tokens, mfu=mfu,
-                    capacity=hw.memory_gb * GB, host_bytes=host)
+                    capacity=hw.memory_gib * GIB, host_bytes=host)
 
 
 def _ring(n: int, payload: float, gbps: float, all_reduce: bool = True) -> float:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,7 +79,7 @@ def test_known_facts():
     assert (eight.weights, eight.grads) == (one.weights, one.grads)
     # The 7B layout the planner picks for 4 nodes x 8 H100 fits; nothing fits one 24 GB GPU.
     best = choose(cfg, Cluster(4, 8, PRESETS["h100"]), "bf16")
-    assert best is not None and best.fits and best.peak.total <= 80e9
+    assert best is not None and best.fits and best.peak.total <= 80 * 2**30
     assert choose(cfg, Cluster(1, 1, PRESETS["h100"].with_memory(24)), "bf16") is None
 
 
@@ -92,7 +93,7 @@ def test_plan_command_prints_breakdown_ranking_and_json(capsys):
     assert plan_main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     ranked = report["ranked"]
-    assert ranked and all(r["fits"] and r["peak_gb"] <= 80 for r in ranked)
+    assert ranked and all(r["fits"] and r["peak_gib"] <= 79.6 for r in ranked)
     assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
     assert report["layout"]["fits"] and report["smallest_world"] == 8
     stage = report["layout"]["stages"][0]
@@ -337,3 +338,67 @@ def test_activation_bytes_saved_for_backward_match_the_formula_at_tp2():
         for measured, predicted in results:
             print(f"\ntp 2 fp32 recompute {recompute}: saved {measured:,} bytes per rank, formula {predicted:,}")
             assert abs(measured - predicted) <= 0.10 * predicted
+
+
+# --------------------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------------------
+
+
+def _auto(path, **parallel):
+    cfg = load_config(REPO / path)
+    keys = dict(tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto", **parallel)
+    return cfg.__class__(**{**cfg.__dict__, "parallel": cfg.parallel.__class__(**{**cfg.parallel.__dict__, **keys})})
+
+
+def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must():
+    from launcher.plan import resolve_auto
+    from launcher.precision import ASSUMED_GPU
+
+    h100 = PRESETS["h100"]
+    for path, gpus, recompute in (("configs/llama_70b.yaml", 32, True), ("configs/llama_70b.yaml", 128, False),
+                                  ("configs/llama_7b.yaml", 32, False)):
+        cluster = Cluster(gpus // 8, 8, h100)
+        cfg = _auto(path)
+        resolved, note = resolve_auto(cfg, gpus, cluster, ASSUMED_GPU)
+        best = choose(cfg, cluster, "bf16")
+        p = resolved.parallel
+        assert (p.tensor, p.pipeline, p.micro_batch) == (best.candidate.tp, best.candidate.pp, best.candidate.micro_batch)
+        assert p.activation_checkpointing is recompute, (path, gpus)
+        assert note.startswith("auto       parallel.tensor, parallel.pipeline, parallel.micro_batch, "
+                               f"parallel.activation_checkpointing -> tensor {p.tensor}, pipeline {p.pipeline}")
+    # A resume keeps the checkpoint's tensor and pipeline degrees when a layout with them fits
+    cfg = _auto("configs/llama_7b.yaml")
+    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume={"tp": 2, "pp": 4})
+    assert (resolved.parallel.tensor, resolved.parallel.pipeline) == (2, 4)
+    assert "tensor 2 x pipeline 4 kept from the checkpoint being resumed" in note
+    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume={"tp": 8, "pp": 1})
+    assert "kept" in note and resolved.parallel.tensor == 8
+    # Nothing fits: one line naming the first auto key
+    with pytest.raises(Exception, match=r"^parallel.tensor: auto: no layout of 8 ranks fits 79.6 GiB"):
+        resolve_auto(_auto("configs/llama_70b.yaml"), 8, Cluster(1, 8, h100), ASSUMED_GPU)
+
+
+def test_auto_resolves_at_launch_and_trains(tmp_path):
+    """Two CPU processes with every auto key: the launch prints the planner's choice, trains
+    with it, and logs that layout."""
+    from launch import torchrun_cmd
+
+    run = tmp_path / "run"
+    result = subprocess.run([*torchrun_cmd(2), "parallel.tensor=auto", "parallel.pipeline=auto",
+                             "parallel.micro_batch=auto", "parallel.activation_checkpointing=auto",
+                             "parallel.global_batch=4", "model.layers=2", "train.steps=2", "train.eval_every=0",
+                             "schedule.warmup_steps=1", "checkpoint.every=0", "train.log_every=1", f"run.dir={run}"],
+                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = [line for line in result.stdout.splitlines() if line.startswith("auto       ")]
+    assert len(note) == 1, result.stdout
+    chosen = note[0].split("-> ")[1]
+    tp, pp, mb = (int(chosen.split(f"{key} ")[1].split(",")[0]) for key in ("tensor", "pipeline", "micro_batch"))
+    assert "memory     est." in result.stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["parallel"]
+    assert (saved["tensor"], saved["pipeline"], saved["micro_batch"]) == (tp, pp, mb)
+    assert saved["activation_checkpointing"] is False  # a tiny model fits without recomputation
