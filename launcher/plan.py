@@ -33,7 +33,7 @@ from launcher.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, check_c
 from launcher.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, recompute_mode
 from parallel.hardware import CPU, PRESETS, Hardware, preset
-from parallel.memory import in_flight, state_bytes
+from parallel.memory import state_bytes
 from parallel.planner import Candidate, Cluster, Estimate, Workload, candidates, estimate, rank_layouts, why_faster
 from parallel.partition import (
     GB,

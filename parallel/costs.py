@@ -70,7 +70,7 @@ def activation_bytes(model: ModelConfig, kind: str, tp: int, micro_batch: int, d
     items); `selective` recomputes the attention core, dropping what SDPA keeps beyond its
     inputs and the output the projection needs: the lse. With a fused kernel that is all
     selective recomputation can save."""
-    h, s, b, e = model.hidden, model.seq_len, micro_batch, dtype_bytes
+    s, b, e = model.seq_len, micro_batch, dtype_bytes
     kv_dim = model.n_kv_heads * model.head_dim
     bs, bsh = b * s, b * s * model.hidden
     norm = 4 * bsh + 2 * e * bsh + 4 * bs  # fp32 input, 1/rms, x_hat, x_hat * g

@@ -25,7 +25,7 @@ from launcher.config import load_config
 from launcher.plan import choose, main as plan_main
 from parallel.costs import item_costs
 from parallel.hardware import PRESETS
-from parallel.memory import reduction_bucket, state_bytes
+from parallel.memory import state_bytes
 from parallel.planner import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
