@@ -277,7 +277,7 @@ def format_stage_table(rows: Sequence[StageInfo]) -> str:
     lines = [f"{'stage':>5}  {'items':<22} {'n':>3}  {'params':>10}  {'flops':>6}  {'states+acts':>13}"]
     for r in rows:
         span = r.first if r.first == r.last else f"{r.first} .. {r.last}"
-        mem = f"{r.memory_bytes / GB:10.2f} GB" if r.memory_bytes is not None else f"{'-':>13}"
+        mem = f"{r.memory_bytes / GB:9.2f} GiB" if r.memory_bytes is not None else f"{'-':>13}"
         lines.append(f"{r.stage:>5}  {span:<22} {r.n_items:>3}  {_human(r.params):>10}  "
                      f"{100 * r.flops_share:5.1f}%  {mem}")
     return "\n".join(lines)

@@ -122,8 +122,12 @@ def test_dry_run_of_a_512_gpu_config_starts_nothing():
             "assert not torch.cuda.is_initialized(), 'dry run initialised CUDA'; sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "world 512 = tp 8 x pp 8 x dp 8" in result.stdout
-    assert "grad_accum 128" in result.stdout
+    resolved, note = resolve_auto(load_config("configs/llama_70b.yaml"), 512, assumed_cluster(512), ASSUMED_GPU)
+    p = resolved.parallel
+    dp = 512 // (p.tensor * p.pipeline)
+    assert note in result.stdout
+    assert f"world 512 = tp {p.tensor} x pp {p.pipeline} x dp {dp}" in result.stdout
+    assert f"grad_accum {1024 // (p.micro_batch * dp)}" in result.stdout
 
 
 def test_print_config_applies_overrides_and_round_trips(tmp_path):
