@@ -392,13 +392,21 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
         smallest = smallest_world(free, cluster.hardware, cluster.gpus_per_node)
     except ConfigError:
         smallest = None
-    best = ranking.estimates[0] if ranking.estimates else None
     why = {}
-    if best is not None:
-        if len(ranking.estimates) > 1:
-            why["vs #2"] = why_faster(best, ranking.estimates[1])
-        if best.candidate != own.candidate:
-            why["vs the config's layout"] = why_faster(best, own)
+    # Each of the first structurally different layouts (tp, pp, micro-batch, recomputation,
+    # offload) against the next: ZeRO 0 and 1 alone often tie.
+    distinct: list[Estimate] = []
+    for e in ranking.estimates:
+        c = e.candidate
+        if all((c.tp, c.pp, c.micro_batch, c.recompute, c.offload) != (d.candidate.tp, d.candidate.pp,
+               d.candidate.micro_batch, d.candidate.recompute, d.candidate.offload) for d in distinct):
+            distinct.append(e)
+        if len(distinct) == 4:
+            break
+    for a, b in zip(distinct, distinct[1:]):
+        why[f"{a.candidate.describe()} over {b.candidate.describe()}"] = why_faster(a, b)
+    if distinct and distinct[0].candidate != own.candidate:
+        why[f"{distinct[0].candidate.describe()} over the config's layout"] = why_faster(distinct[0], own)
     return {"config": config_path, "auto": note, "hardware": dataclasses.asdict(cluster.hardware),
             "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "efficiency": cluster.efficiency,
             "params": params, "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
@@ -477,7 +485,7 @@ def format_report(r: dict) -> str:
         lines.append("  * optimizer offload: DeepSpeed's zero_optimization.offload_optimizer through the config's "
                      "deepspeed: block; the launcher does not test that path yet")
     for what, text in r["why"].items():
-        lines.append(f"why #1 {what}: {text}")
+        lines.append(f"why {what}: {text}")
     return "\n".join(lines)
 
 

@@ -332,12 +332,15 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
 
 def why_faster(best: Estimate, other: Estimate) -> str:
     """The step-time terms where `best` gains most over `other`, in words."""
-    names = {"compute": "compute", "tp_comm": "tensor-parallel all-reduces", "pp_comm": "pipeline sends",
+    names = {"compute": "compute (bubble included)", "tp_comm": "tensor-parallel all-reduces", "pp_comm": "pipeline sends",
              "dp_comm": "data-parallel reduction", "optimizer": "optimizer step", "offload": "offload traffic"}
     gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
     said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]
     if best.step.bubble < other.step.bubble - 0.005:
         said.append(f"bubble {100 * best.step.bubble:.0f}% vs {100 * other.step.bubble:.0f}%")
+    loss, what = gains[-1]
+    if said and loss < -0.005 * other.step.total:
+        said.append(f"despite {what} {-loss * 1e3:.0f} ms more")
     if said:
         return "; ".join(said)
     if best.peak.total < other.peak.total - 0.01 * other.peak.total:

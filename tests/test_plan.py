@@ -88,7 +88,7 @@ def test_plan_command_prints_breakdown_ranking_and_json(capsys):
     assert plan_main(args) == 0
     text = capsys.readouterr().out
     for row in ("weights", "gradients", "optimizer states", "activations", "reduce bucket", "framework overhead",
-                "margin", "total", "rule of thumb", "layouts that fit", "why #1"):
+                "margin", "total", "rule of thumb", "layouts that fit", "why tp 1 x pp 4 x dp 8"):
         assert row in text, row
     assert plan_main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
