@@ -51,6 +51,11 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
     }
     if plan.dtype == "bf16":
         generated.update(bf16_gradient_settings(cfg, plan))
+    if cfg.zero.offload_optimizer:
+        # The config's own optimizer steps the host-side partitions; DeepSpeed would otherwise
+        # insist on its compiled CPU Adam (a C++ build at first use).
+        generated["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        generated["zero_force_ds_cpu_optimizer"] = False
     method = cfg.compression.method
     if method in ("fp16", "bf16"):
         generated["communication_data_type"] = method

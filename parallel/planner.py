@@ -288,8 +288,8 @@ def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp
                         continue
                     for r in ([recompute] if recompute is not None else RUNNABLE_RECOMPUTE):
                         for off in offload:
-                            if off and z == 0:
-                                continue
+                            if off and (z == 0 or work.compression == "powersgd"):
+                                continue  # refused by launcher.config
                             out.append(Candidate(t, p, dp, b, z, r, off))
     return out
 
