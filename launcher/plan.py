@@ -199,6 +199,15 @@ def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
     return ranking.estimates[0]
 
 
+def planned_dtype(cfg: Config, device: DeviceSupport) -> str:
+    """precision.dtype resolved for a layout not chosen yet: `auto` depends on the pipeline
+    degree only through pp > 1, and the planner never picks bf16 with ZeRO 0 and pp 1
+    (launcher.engine refuses it), so an auto pipeline counts as pp > 1."""
+    p = cfg.parallel
+    probe = dataclasses.replace(cfg, parallel=dataclasses.replace(p, pipeline=2 if p.pipeline == "auto" else p.pipeline))
+    return resolve_dtype(probe, device)
+
+
 def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
                  resume: Optional[dict] = None) -> tuple[Config, str]:
     """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
@@ -209,9 +218,7 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
     auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
     if not auto:
         return cfg, ""
-    probe = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        p, pipeline=2 if p.pipeline == "auto" else p.pipeline))  # dtype auto depends on pp > 1 only
-    dtype = resolve_dtype(probe, device)
+    dtype = planned_dtype(cfg, device)
     best, kept = None, ""
     if resume is not None and "auto" in (p.tensor, p.pipeline):
         keep = dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -292,11 +299,10 @@ def fit_line(cfg: Config, plan: Plan, cluster: Cluster, force: bool) -> str:
 def smallest_world(cfg: Config, hardware: Hardware, gpus_per_node: int, limit: int = 1 << 16) -> int:
     """Fewest GPUs (whole nodes, then doubling) on which some layout of the config fits."""
     free = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, data="auto"))
+    dtype = planned_dtype(free, ASSUMED_GPU)
     world = gpus_per_node
     while world <= limit:
         cluster = Cluster(world // gpus_per_node, gpus_per_node, hardware)
-        dtype = resolve_dtype(dataclasses.replace(free, parallel=dataclasses.replace(free.parallel, pipeline=2)),
-                              ASSUMED_GPU)
         if choose(free, cluster, dtype) is not None:
             return world
         world *= 2
