@@ -230,12 +230,18 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
     if best is None:
         best = choose(cfg, cluster, dtype)
     if best is None:
-        smallest = rank_layouts(workload(cfg, dtype), cluster, plan_candidates(cfg, cluster, dtype)).smallest
+        pool = plan_candidates(cfg, cluster, dtype)
+        if not pool:
+            raise ConfigError("parallel.global_batch", f"auto: no tp x pp x dp of {world_size} ranks has a data "
+                              f"degree dividing global_batch={p.global_batch} (and the other values the config "
+                              "gives): raise the global batch or use fewer ranks")
+        smallest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest
         need = (f"; the smallest needs {smallest.peak.total / GIB:.1f} GiB per rank ({smallest.candidate.describe()})"
                 if smallest else "")
-        raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks fits {cluster.hardware.memory_gib:.1f} GiB "
-                          f"per device ({cluster.hardware.name}){need}; add nodes or raise ZeRO "
-                          "(python -m launcher.plan shows every layout)")
+        offload = " and optimizer offload" if cfg.zero.offload_optimizer else ""
+        raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks with zero.stage={cfg.zero.stage}{offload} "
+                          f"fits {cluster.hardware.memory_gib:.1f} GiB per device ({cluster.hardware.name}){need}; "
+                          "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
     c = best.candidate
     chosen = dataclasses.replace(p, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
                                  activation_checkpointing=c.recompute == "full")
@@ -381,7 +387,19 @@ def rule_of_thumb_gpus(params: float, memory_gb: float) -> float:
 def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     """Everything `python -m launcher.plan` prints, as data."""
     world = cluster.world
-    resolved, note = resolve_auto(cfg, world, cluster, ASSUMED_GPU) if _has_auto(cfg) else (cfg, "")
+    try:
+        resolved, note = resolve_auto(cfg, world, cluster, ASSUMED_GPU)
+    except ConfigError as err:  # nothing fits: show the layout that comes closest
+        dtype = planned_dtype(cfg, ASSUMED_GPU)
+        pool = plan_candidates(cfg, cluster, dtype)
+        closest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest if pool else None
+        if closest is None:
+            raise
+        c = closest.candidate
+        resolved = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
+            activation_checkpointing=c.recompute == "full"))
+        note = f"auto       {err.message.split('; add nodes')[0].removeprefix('auto: ')}; shown: the layout of that ZeRO stage needing the least memory"
     plan = make_plan(resolved, world, ASSUMED_GPU)
     own = config_estimate(resolved, plan, cluster)
     work = workload(resolved, plan.dtype)

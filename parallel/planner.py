@@ -337,7 +337,7 @@ def why_faster(best: Estimate, other: Estimate) -> str:
     gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
     said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]
     if best.step.bubble < other.step.bubble - 0.005:
-        said.append(f"bubble {100 * best.step.bubble:.0f}% vs {100 * other.step.bubble:.0f}%")
+        said.append(f"bubble {100 * best.step.bubble:.1f}% vs {100 * other.step.bubble:.1f}%")
     loss, what = gains[-1]
     if said and loss < -0.005 * other.step.total:
         said.append(f"despite {what} {-loss * 1e3:.0f} ms more")

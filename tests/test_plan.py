@@ -375,7 +375,7 @@ def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must()
     resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume={"tp": 8, "pp": 1})
     assert "kept" in note and resolved.parallel.tensor == 8
     # Nothing fits: one line naming the first auto key
-    with pytest.raises(Exception, match=r"^parallel.tensor: auto: no layout of 8 ranks fits 79.6 GiB"):
+    with pytest.raises(Exception, match=r"^parallel.tensor: auto: no layout of 8 ranks with zero.stage=1 fits 79.6 GiB"):
         resolve_auto(_auto("configs/llama_70b.yaml"), 8, Cluster(1, 8, h100), ASSUMED_GPU)
 
 
@@ -433,3 +433,19 @@ def test_offload_is_refused_without_zero():
     result = subprocess.run([*python_cmd(), "--dry-run", "zero.stage=0", "zero.offload_optimizer=true"], cwd=REPO,
                             env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("config error: zero.offload_optimizer: needs zero.stage")
+
+
+def test_plan_command_shows_the_closest_layout_when_nothing_fits(capsys):
+    """Llama-2-70B on one node with its ZeRO 1: no layout fits, the plan says so and shows the
+    one that needs the least memory with its breakdown (exit 0: planning is the point); the
+    ranking still lists what would fit: ZeRO 3 or optimizer offload. A global batch no data
+    degree divides is one line naming the key (exit 2)."""
+    assert plan_main(["--config", "configs/llama_70b.yaml", "--nodes", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["layout"]["fits"] and report["smallest_world"] == 32
+    assert report["auto"].startswith("auto       no layout of 8 ranks with zero.stage=1 fits 79.6 GiB")
+    assert report["ranked"] and all(r["zero"] == 3 or r["offload"] for r in report["ranked"])
+    assert plan_main(["--config", "configs/llama_13b.yaml", "--nodes", "5000", "--gpus-per-node", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: parallel.global_batch: auto: no tp x pp x dp of 100000 ranks")
+    assert err.count("\n") == 1
