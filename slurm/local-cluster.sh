@@ -50,6 +50,9 @@ up() {
         echo "JobRequeue=1"
         # Notice a dead node within seconds (defaults: minutes) so failure tests stay short.
         echo "SlurmdTimeout=${SLURMD_TIMEOUT:-10}"
+        # A requeued job waits out the job credential's lifetime before it may start again
+        # (Slurm's default 120 s; at least 5): shorter here so requeue tests and demos wait less.
+        echo "AuthInfo=cred_expire=${CRED_EXPIRE:-30}"
         echo "KillWait=5"
         echo "MinJobAge=600"
         echo "SlurmctldLogFile=$LOGS/slurmctld.log"
