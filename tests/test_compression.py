@@ -14,7 +14,7 @@ from launch import losses, torchrun_cmd, train
 from parallel.compression import PowerSGDReducer
 
 FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0", "schedule.warmup_steps=2"]
-STEPS = 16
+STEPS = 10
 EXACT = 1000  # powersgd warm-up longer than the run: our reduction, uncompressed
 
 
