@@ -77,12 +77,12 @@ def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
     return Plan(layout=layout, dtype=dtype, costs=costs, parts=parts, memory=memory)
 
 
-def default_world_size(cfg: Config) -> int:
+def default_world_size(cfg: Config, hardware: Hardware = PRESETS["h100"]) -> int:
     """The smallest world the config fits: tp * pp * (data, or 1 when auto); with an auto
-    tensor or pipeline degree, the fewest whole nodes of 8 assumed GPUs (H100) it fits on."""
+    tensor or pipeline degree, the fewest whole nodes of 8 GPUs of `hardware` it fits on."""
     p = cfg.parallel
     if "auto" in (p.tensor, p.pipeline):
-        return smallest_world(cfg, assumed_cluster(8).hardware, 8)
+        return smallest_world(cfg, hardware, 8)
     return p.tensor * p.pipeline * (1 if p.data == "auto" else p.data)
 
 
@@ -357,12 +357,16 @@ def parse_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def cluster_from_args(args) -> Cluster:
+def gpu_preset(name: str) -> Hardware:
     try:
-        hardware = preset(args.gpu)
+        return preset(name)
     except KeyError:
-        raise ConfigError("--gpu", f"unknown GPU {args.gpu!r}; presets: {', '.join(PRESETS)} "
-                          "(or give --gpu-memory and the bandwidths)") from None
+        raise ConfigError("--gpu", f"unknown GPU {name!r}; presets: {', '.join(PRESETS)} "
+                          "(python -m launcher.plan takes --gpu-memory and bandwidths for others)") from None
+
+
+def cluster_from_args(args) -> Cluster:
+    hardware = gpu_preset(args.gpu)
     if args.gpu_memory is not None:
         hardware = hardware.with_memory(_size_gib(args.gpu_memory))
     changes = {}

@@ -4,9 +4,10 @@ Started by `torchrun --nproc_per_node N -m launcher.train`, by `srun` (one task 
 by `mpirun -np N python -m launcher.train`, or as a single process.
 
     --print-config           print the resolved config (YAML) and exit
-    --dry-run [--world-size N]
-                             validate the config for N ranks and print the layout and stage
-                             table, without starting any process group
+    --dry-run [--world-size N] [--gpu h100]
+                             validate the config for N ranks of that GPU and print the layout,
+                             stage table and memory estimate, without starting any process group
+    --force                  start even when the estimate says a rank does not fit the device
 
 Every configuration mistake is one line on stderr naming the key, and exit code 2, before
 any process group or tensor exists.
@@ -58,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the layout, start nothing")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to validate for with --dry-run (default: $WORLD_SIZE, else the smallest fit)")
+    parser.add_argument("--gpu", default="h100", help="with --dry-run: the GPU to plan for (a100, h100, h200; "
+                        "default h100); a launch uses the device it finds")
     parser.add_argument("--force", action="store_true",
                         help="start even when the planner estimates that a rank does not fit the device")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
         choose_deepspeed_accelerator()
         from launcher.checkpoint import resume_layout
-        from launcher.plan import assumed_cluster, detect_cluster, fit_line, resolve_auto
+        from launcher.plan import assumed_cluster, detect_cluster, fit_line, gpu_preset, resolve_auto
         from launcher.precision import ASSUMED_GPU, detect_device_support
         from launcher.preflight import preflight
 
@@ -384,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError("WORLD_SIZE", f"expected a number of ranks, got {os.environ['WORLD_SIZE']!r}"
                                       ) from None
             if world_size is None:
-                world_size = default_world_size(cfg)
-            cluster = assumed_cluster(world_size)
+                world_size = default_world_size(cfg, gpu_preset(args.gpu))
+            cluster = assumed_cluster(world_size, gpu_preset(args.gpu))
             cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
             plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
             fit = fit_line(cfg, plan, cluster, args.force)

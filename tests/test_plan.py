@@ -449,3 +449,11 @@ def test_plan_command_shows_the_closest_layout_when_nothing_fits(capsys):
     err = capsys.readouterr().err
     assert err.startswith("config error: parallel.global_batch: auto: no tp x pp x dp of 100000 ranks")
     assert err.count("\n") == 1
+
+
+def test_dry_run_plans_for_the_gpu_named():
+    """--gpu h200: the 70B config's smallest world and layout are planned for 141 GB parts."""
+    result = subprocess.run([*python_cmd(), "--config", "configs/llama_70b.yaml", "--dry-run", "--gpu", "h200"],
+                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(dry run for 16 ranks" in result.stdout and "on H200-SXM-141GB" in result.stdout
