@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from parallel.costs import ItemCost
+from parallel.memory import in_flight
 
 GB = 1024**3
 
@@ -43,7 +44,7 @@ class MemoryModel:
 
     def in_flight(self, stage: int) -> int:
         """Micro-batches whose activations stage `stage` holds at the peak of 1F1B."""
-        return max(1, min(self.stages - stage, self.grad_accum))
+        return in_flight(stage, self.stages, self.grad_accum)
 
     def stage_bytes(self, costs: Sequence[ItemCost], stage: int, start: int, stop: int) -> float:
         items = costs[start:stop]

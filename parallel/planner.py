@@ -43,7 +43,7 @@ from typing import Iterable, Optional
 from launcher.config import ModelConfig
 from parallel.costs import ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
-from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, rank_memory, state_bytes
+from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, host_state_bytes, rank_memory, state_bytes
 from parallel.partition import MemoryModel, partition
 
 RUNNABLE_RECOMPUTE = ("none", "full")  # what the launcher runs today
@@ -165,7 +165,7 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
     step = step_time(work, cluster, c, costs, parts, grad_accum)
     tokens = work.global_batch * model.seq_len / step.total
     mfu = flops_per_token(model) * tokens / (cluster.world * hw.peak_tflops * 1e12)
-    host = max(r.params for r in memory) * (16 if work.optimizer == "adamw" else 12) / c.dp if c.offload else 0.0
+    host = max(r.params for r in memory) * host_state_bytes(work.optimizer, c.dp) if c.offload else 0.0
     return Estimate(candidate=c, parts=tuple(parts), stages=memory, step=step, tokens_per_s=tokens, mfu=mfu,
                     capacity=hw.memory_gib * GIB, host_bytes=host)
 
