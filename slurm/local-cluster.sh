@@ -51,8 +51,10 @@ up() {
         # Notice a dead node within seconds (defaults: minutes) so failure tests stay short.
         echo "SlurmdTimeout=${SLURMD_TIMEOUT:-10}"
         # A requeued job waits out the job credential's lifetime before it may start again
-        # (Slurm's default 120 s; at least 5): shorter here so requeue tests and demos wait less.
-        echo "AuthInfo=cred_expire=${CRED_EXPIRE:-30}"
+        # (Slurm's default 120 s, at least 5). Kept at the default: with 30 s a requeued job
+        # restarted on a node whose slurmd had just come back, and that slurmd terminated the
+        # new run's step (same job and step id as the lost one); slurm/README.md.
+        echo "AuthInfo=cred_expire=${CRED_EXPIRE:-120}"
         echo "KillWait=5"
         echo "MinJobAge=600"
         echo "SlurmctldLogFile=$LOGS/slurmctld.log"
