@@ -206,9 +206,37 @@ def explicit_resume(cfg) -> Optional[Path]:
     return None if cfg.checkpoint.resume in ("auto", "required", "none") else Path(cfg.checkpoint.resume)
 
 
+LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage", "dtype")
+
+
 def layout_record(cfg, plan) -> dict:
+    """How the run's state is cut: the degrees, ZeRO stage, dtype and the pipeline stage
+    boundaries over the items (`parts`: which layers each stage's files hold)."""
     lay = plan.layout
-    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.zero.stage, "dtype": plan.dtype}
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.zero.stage, "dtype": plan.dtype,
+            "parts": list(plan.parts)}
+
+
+def same_layout(saved: dict, current: dict) -> bool:
+    """Every rank's files mean the same on both (RNG and PowerSGD state are per rank).
+    A checkpoint written before `parts` was recorded counts as having this run's boundaries."""
+    return all(saved.get(k) == current.get(k) for k in LAYOUT_KEYS) and saved.get("parts", current["parts"]) == \
+        current["parts"]
+
+
+def deepspeed_loads(saved: dict, current: dict) -> bool:
+    """Whether DeepSpeed's own loader reads this checkpoint for this run: the same tp, pp,
+    stage boundaries, ZeRO stage and dtype; the data degree may differ with fp32 and ZeRO
+    0-2 (its elastic ZeRO format). Anything else is resharded (launcher.reshard)."""
+    keep = ("tp", "pp", "zero_stage", "dtype")
+    if any(saved.get(k) != current.get(k) for k in keep) or saved.get("parts", current["parts"]) != current["parts"]:
+        return False
+    return saved["dp"] == current["dp"] or (current["dtype"] == "fp32" and current["zero_stage"] <= 2)
+
+
+def describe_layout(layout: dict) -> str:
+    return (f"tensor {layout['tp']} x pipeline {layout['pp']} x data {layout['dp']}, ZeRO {layout['zero_stage']}, "
+            f"{layout['dtype']}")
 
 
 def resume_layout(cfg) -> Optional[dict]:
@@ -256,23 +284,10 @@ def check_resume_config(cfg, plan) -> None:
             raise ConfigError(changed[0], f"differs from checkpoint {candidate} (changed: {', '.join(changed)}); "
                               "these must stay the same to resume: restore them, or start a new run "
                               "(run.name / checkpoint.dir)")
-        if (saved.layout["tp"], saved.layout["pp"]) != (current["tp"], current["pp"]):
-            raise ConfigError("parallel.tensor", f"checkpoint {candidate} was saved with tensor={saved.layout['tp']} "
-                              f"pipeline={saved.layout['pp']}, this run has tensor={current['tp']} pipeline="
-                              f"{current['pp']}; resume with those two degrees (the data degree may change): "
-                              "converting across tensor/pipeline degrees is not supported yet (docs/CHECKPOINTS.md)")
-        if (saved.layout["dp"] != current["dp"] and saved.layout["dtype"] == "bf16"
-                and saved.layout["zero_stage"] <= 1):
-            raise ConfigError("parallel.data", f"checkpoint {candidate} has dp={saved.layout['dp']}, this run dp="
-                              f"{current['dp']}: with bf16 and ZeRO {saved.layout['zero_stage']} DeepSpeed's bf16 "
-                              "optimizer (fp32 gradients) holds per-rank optimizer shards it cannot re-partition; "
-                              f"resume with dp={saved.layout['dp']} (changing dp is supported in fp32)")
-        if saved.layout["dp"] != current["dp"] and 3 in (saved.layout["zero_stage"], current["zero_stage"]):
-            raise ConfigError("zero.stage", f"checkpoint {candidate} has dp={saved.layout['dp']}, this run dp="
-                              f"{current['dp']}: changing the data degree works with ZeRO 0-2, not ZeRO 3")
-        if saved.layout["zero_stage"] != current["zero_stage"]:
-            raise ConfigError("zero.stage", f"checkpoint {candidate} was saved with ZeRO {saved.layout['zero_stage']}; "
-                              f"resume with zero.stage={saved.layout['zero_stage']}")
+        if 3 in (saved.layout["zero_stage"], current["zero_stage"]) and not same_layout(saved.layout, current):
+            raise ConfigError("zero.stage", f"checkpoint {candidate} was saved with {describe_layout(saved.layout)}, "
+                              f"this run has {describe_layout(current)}: a ZeRO 3 checkpoint resumes on its own "
+                              "layout, and a layout change resumes into ZeRO 0-2 only (docs/CHECKPOINTS.md)")
 
 
 def fingerprint(cfg, weights_from: Optional[dict] = None) -> dict:
@@ -553,19 +568,8 @@ class _ClampedList(list):
         return super().__getitem__(index)
 
 
-def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_layout: bool,
-         compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
-    """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
-    the same layout, this rank's RNG and compression state. Returns a warning line, if any.
-
-    Compression state (PowerSGD's error feedback) is per rank and has no meaning on another
-    layout: there, and when the checkpoint has none, compression starts afresh.
-
-    A different data-parallel degree: ZeRO 0 state does not depend on dp; ZeRO 1/2 state
-    is saved in DeepSpeed's elastic format (zero_optimization.elastic_checkpoint), which its
-    optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
-    dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
-    it is shown the saved dp, which is exactly what its elastic path expects."""
+def _deepspeed_load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int) -> None:
+    """DeepSpeed's own loader, for a checkpoint of this layout (the data degree may differ)."""
     ds_engine.checkpoint_engine.load = load_weights_only
     real_dp, real_reader = ds_engine.seq_dp_world_size, ds_engine._get_all_zero_checkpoints
     if saved_dp != current_dp:
@@ -582,15 +586,45 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
         ds_engine._get_all_zero_checkpoints = real_reader
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+
+
+def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: int, tp_rank: int,
+         model: dict, compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
+    """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
+    the same layout, this rank's RNG and compression state. Returns a notice line, if any.
+
+    Another layout DeepSpeed cannot read (tensor or pipeline degree, stage boundaries, ZeRO
+    stage, dtype, or dp under its bf16 optimizer) is resharded by launcher.reshard: every
+    rank reads its own slices of the saved state.
+
+    Compression state (PowerSGD's error feedback) is per rank and has no meaning on another
+    layout: there, and when the checkpoint has none, compression starts afresh.
+
+    A different data-parallel degree: ZeRO 0 state does not depend on dp; ZeRO 1/2 state
+    is saved in DeepSpeed's elastic format (zero_optimization.elastic_checkpoint), which its
+    optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
+    dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
+    it is shown the saved dp, which is exactly what its elastic path expects."""
+    notes = []
+    if deepspeed_loads(saved_layout, current_layout):
+        _deepspeed_load(ds_engine, ckpt, saved_layout["dp"], current_layout["dp"])
+    else:
+        from launcher.reshard import load_resharded
+
+        start = time.perf_counter()
+        load_resharded(ds_engine, ckpt, saved_layout, model, tp_rank, current_layout["tp"])
+        notes.append(f"checkpoint {ckpt.name} was saved with {describe_layout(saved_layout)}: resharded to "
+                     f"{describe_layout(current_layout)} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
+                     "each rank read its own slices; RNG states start from the seed)")
     # The scheduler's load_state_dict restores its counter, not the optimizer's lr; ZeRO's
     # elastic optimizer state has no param_groups to bring it back. Without this the first
     # step after a resume would run at step 1's warm-up lr.
     if ds_engine.lr_scheduler is not None:
         for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    notes = []
+    same = same_layout(saved_layout, current_layout)
     rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
-    if same_layout and rng_file.exists():
+    if same and rng_file.exists():
         try:
             set_rng_state(load_weights_only(rng_file))
         except pickle.UnpicklingError:  # written before RNG states were plain data (numpy objects)
@@ -599,7 +633,7 @@ def load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int, rank: int, same_
     if compressor is not None:
         compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
         try:
-            saved = load_weights_only(compression_file, map_location=device) if same_layout else None
+            saved = load_weights_only(compression_file, map_location=device) if same else None
         except (FileNotFoundError, pickle.UnpicklingError):
             saved = None
         note = compressor.load_state_dict(saved) if saved is not None else (

@@ -228,17 +228,19 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     saved = run.resume_state
-    note = ckpt.load(run.engine.ds, run.resume_from, saved_dp=saved.layout["dp"], current_dp=run.plan.layout.dp,
-                     rank=run.penv.rank, same_layout=saved.layout == ckpt.layout_record(run.cfg, run.plan),
+    current = ckpt.layout_record(run.cfg, run.plan)
+    note = ckpt.load(run.engine.ds, run.resume_from, saved.layout, current, rank=run.penv.rank,
+                     tp_rank=run.groups.coord.tp, model=saved.fingerprint["model"],
                      compressor=run.engine.compressor, device=run.device)
     if note:
-        run.log.info(f"warning: {note}")
+        run.log.info(f"notice: {note}")
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
     data_note = run.train_batches.load_state_dict(saved.data or {"consumed_samples": saved.consumed_samples})
     if data_note:
         run.log.info(f"notice: {data_note}")
     run.log.event({"event": "resume", "step": run.step, "from": str(run.resume_from), "tokens_seen": run.tokens_seen,
-                   "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"]})
+                   "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"],
+                   "resharded": not ckpt.deepspeed_loads(saved.layout, current)})
 
 
 def train_loop(run: Run, stop: StopSignal) -> int:
