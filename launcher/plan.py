@@ -213,7 +213,7 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
     """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
     device, and the line that says so ('' when nothing was auto). `resume`: the layout record
     of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
-    when a layout with it fits (a resume cannot change them yet)."""
+    when a layout with it fits (no conversion at load), else the best layout is resharded into."""
     p = cfg.parallel
     auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
     if not auto:
