@@ -16,8 +16,9 @@ start and fills it in place:
                                              a plain torch optimizer (ZeRO 0, fp32) gets
                                              the tensors in its state directly
 
-Files are memory-mapped: a rank reads the pages of the tensors its stage needs, and only
-the files of the saved (stage, tp rank) pairs that hold them. The Adam step count, the
+Files are memory-mapped: a rank reads the pages of the tensors its stage needs, and opens
+the optimizer files of the saved stages that hold them only (the small model-state files of
+every saved stage say which holds what). The Adam step count, the
 scheduler, DeepSpeed's step and sample counters come along; RNG states and PowerSGD's
 error feedback are per rank and start afresh (as on any layout change).
 
@@ -93,9 +94,13 @@ class SavedState:
         self._files: dict = {}
         self.index: dict[str, list[_Slice]] = {}  # logical name -> one _Slice per saved tp rank
         self.step: Optional[torch.Tensor] = None  # the optimizer's step count
+        # Which saved stages hold which parameters: from the small model-state files; the
+        # optimizer files of a stage are opened when one of its parameters is asked for.
+        self._stages: dict[str, list[int]] = {}
         for stage in range(self.pp):
-            for t in range(self.tp):
-                self._index_stage(stage, t)
+            for name in self._stage_names(stage):
+                self._stages.setdefault(logical_name(self.model, name), []).append(stage)
+        self._indexed: set[int] = set()
         self.counters = self._open(self._need(ckpt / "mp_rank_00_model_states.pt"))
 
     # ----------------------------------------------------------------- files
@@ -125,6 +130,23 @@ class SavedState:
         slices = self.index.setdefault(name, [None] * self.tp)
         if slices[t] is None:  # a tied weight appears on two stages, identical: the first wins
             slices[t] = piece
+
+    def _stage_names(self, stage: int) -> list[str]:
+        mp = self._open(self._need(self.ckpt / f"mp_rank_{stage * self.tp:02d}_model_states.pt"))
+        if mp.get("param_shapes"):
+            return [name for group in mp["param_shapes"] for name in group]
+        return [w[0] for w in self._stage_weights(mp, stage, 0)]
+
+    def _slices(self, name: str) -> list[_Slice]:
+        for stage in self._stages.get(name, [])[:1]:  # a tied weight: its first stage's copy
+            if stage not in self._indexed:
+                for t in range(self.tp):
+                    self._index_stage(stage, t)
+                self._indexed.add(stage)
+        slices = self.index.get(name)
+        if slices is None or any(s is None for s in slices):
+            raise ConfigError("checkpoint.resume", f"{self.ckpt}: no saved state for {name}")
+        return slices
 
     def _index_stage(self, stage: int, t: int) -> None:
         m = stage * self.tp + t
@@ -213,9 +235,7 @@ class SavedState:
     def slice_for(self, name: str, what: str, dim: Optional[int], rank: int, size: int) -> torch.Tensor:
         """This rank's tp slice (rank of size along dim; dim None: replicated) of `what`
         ('fp32' or a moment), reading only the saved slices that overlap it."""
-        if name not in self.index or any(s is None for s in self.index[name]):
-            raise ConfigError("checkpoint.resume", f"{self.ckpt}: no saved state for {name}")
-        slices = self.index[name]
+        slices = self._slices(name)
         if dim is None:  # replicated over tp: every saved tp rank holds it whole
             return self._slice_tensor(slices[0], what)
         saved_width = slices[0].shape[dim]
@@ -231,7 +251,7 @@ class SavedState:
         return torch.cat(parts, dim).contiguous()
 
     def moments(self) -> list[str]:
-        some = next(iter(self.index.values()))[0]
+        some = self._slices(next(iter(self._stages)))[0]
         if some.zero0 is not None:
             mp_file, i, _, _ = some.zero0
             state = self._open(mp_file)["optimizer"]["state"].get(i, {})
