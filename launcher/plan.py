@@ -33,7 +33,7 @@ from launcher.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, check_c
 from launcher.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, recompute_mode
 from parallel.hardware import CPU, PRESETS, Hardware, preset
-from parallel.memory import state_bytes
+from parallel.memory import dtype_bytes, state_bytes
 from parallel.planner import Candidate, Cluster, Estimate, Workload, candidates, estimate, rank_layouts, why_faster
 from parallel.partition import (
     GB,
@@ -64,7 +64,7 @@ def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
                   cfg.parallel.activation_checkpointing):
         raise ValueError("make_plan needs a config whose auto keys are resolved (resolve_auto)")
     costs = item_costs(cfg.model, tp=layout.tp, micro_batch=layout.micro_batch,
-                       dtype_bytes=4 if dtype == "fp32" else 2,
+                       dtype_bytes=dtype_bytes(dtype),
                        recompute=cfg.parallel.activation_checkpointing)
     memory = MemoryModel(stages=layout.pp, grad_accum=layout.grad_accum,
                          bytes_per_param=state_bytes(dtype, cfg.optimizer.name, cfg.zero.stage, layout.dp).total)
@@ -414,7 +414,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     ranking = rank_layouts(work, cluster, pool)
     params = sum(c.params for c in plan.costs)
     stage0 = {mode: sum(c.act_bytes for c in item_costs(resolved.model, plan.layout.tp, plan.layout.micro_batch,
-                                                         4 if plan.dtype == "fp32" else 2, mode)
+                                                         dtype_bytes(plan.dtype), mode)
                         [plan.parts[0]:plan.parts[1]])
               for mode in ("none", "selective", "full")}
     try:
