@@ -12,14 +12,13 @@ On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
     .partial/step-00000030/     a save in progress (or one that crashed): never loaded
 
 Save: every rank writes into .partial/<tag>, hashing each file as it writes it
-(launcher/ckpt_writer.py: no clone of DeepSpeed's tensors, no reading back); local rank 0 of
-every node fsyncs every file (each node flushes its own page cache); every rank leaves the
-sizes and checksums of the files it wrote in .partial/<tag>/.parts/; rank 0 writes the
-manifest, renames the directory into place, fsyncs, replaces `latest`, then applies
-`keep_last`. With `checkpoint.async` the flush/publish half runs in a background thread per
-rank while training continues
-(which never removes the newest complete checkpoint). A crash at any point leaves the
-previous checkpoint as the newest complete one.
+(launcher/ckpt_writer.py: no file is read back); local rank 0 of every node fsyncs every
+file (each node flushes its own page cache); every rank leaves the sizes and checksums of
+the files it wrote in .partial/<tag>/.parts/; rank 0 writes the manifest, renames the
+directory into place, fsyncs, replaces `latest`, then applies `keep_last`. With
+`checkpoint.async` the flush/publish half runs in a background thread per rank while
+training continues (which never removes the newest complete checkpoint). A crash at any
+point leaves the previous checkpoint as the newest complete one.
 
 Resume: candidates are the published step-* directories, newest first; each is verified
 against its manifest (files split over all ranks, so a 1 TB checkpoint is read in

@@ -1,12 +1,10 @@
 """Checkpoint files hashed while written (launcher/ckpt_writer.py) and the manifest built from
 those hashes: in one process, no engine."""
 
-import io
-
 import torch
 
 from launcher.checkpoint import checksum_file, manifest_entries
-from launcher.ckpt_writer import Written, saveable
+from launcher.ckpt_writer import HashingFile, Written
 
 
 def test_hash_and_size_written_equal_the_file_on_disk(tmp_path):
@@ -22,20 +20,14 @@ def test_hash_and_size_written_equal_the_file_on_disk(tmp_path):
     assert torch.equal(loaded["nested"][1][0], torch.ones(3))
 
 
-def test_saveable_copies_only_views_smaller_than_their_storage(tmp_path):
-    flat = torch.randn(1 << 20)  # 4 MiB, like one of DeepSpeed's flat buffers
-    own = torch.randn(256)
-    state = {"view": flat[:256], "own": own, "param": torch.nn.Parameter(torch.randn(4))}
-    out = saveable(state)
-    assert out["own"].data_ptr() == own.data_ptr()  # written as it is: no copy
-    assert out["view"].data_ptr() != flat.data_ptr() and torch.equal(out["view"], flat[:256])
-    assert type(out["param"]) is torch.Tensor and not out["param"].requires_grad  # detached, as DeepSpeed's clone
-    written = Written(tmp_path)
-    written.torch_save(out, tmp_path / "s.pt")
-    assert (tmp_path / "s.pt").stat().st_size < 64 << 10  # not the 4 MiB flat buffer
-    raw = io.BytesIO()
-    torch.save(state, raw)
-    assert raw.tell() > 4 << 20  # what torch.save of the view alone would write
+def test_writeback_while_writing_keeps_every_byte(tmp_path):
+    """The disk write started every few bytes (posix_fadvise) changes nothing in the file."""
+    data = [bytes(range(256)) * 40, b"x" * 5000, bytes(7)]
+    with HashingFile(tmp_path / "f", writeback_every=4096) as f:
+        for chunk in data:
+            f.write(chunk)
+    assert (tmp_path / "f").read_bytes() == b"".join(data)
+    assert (f.size, f.hexdigest()) == (len(b"".join(data)), checksum_file(tmp_path / "f"))
 
 
 def test_manifest_takes_hashes_written_and_reads_only_files_nobody_recorded(tmp_path):
