@@ -369,18 +369,22 @@ class PendingSave:
 
     def __init__(self, work, background: bool):
         self.error: Optional[BaseException] = None
+        self.seconds: Optional[float] = None  # how long the finishing half took, once done
         self._thread = None
+        self._start = time.perf_counter()
         if background:
             self._thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-finish", daemon=True)
             self._thread.start()
         else:
             work()
+            self.seconds = time.perf_counter() - self._start
 
     def _run(self, work) -> None:
         try:
             work()
         except BaseException as err:  # surfaced by wait() in the training thread
             self.error = err
+        self.seconds = time.perf_counter() - self._start
 
     def wait(self) -> None:
         if self._thread is not None:

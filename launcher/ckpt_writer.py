@@ -62,15 +62,22 @@ class HashingFile:
         self._file.write(view)
         self.size += view.nbytes
         if self._writeback_every and self.size - self._started >= self._writeback_every:
-            self._file.flush()
-            os.posix_fadvise(self._file.fileno(), self._started, self.size - self._started, os.POSIX_FADV_DONTNEED)
-            self._started = self.size
+            self._start_writeback()
         return view.nbytes
+
+    def _start_writeback(self) -> None:
+        self._file.flush()
+        os.posix_fadvise(self._file.fileno(), self._started, self.size - self._started, os.POSIX_FADV_DONTNEED)
+        self._started = self.size
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
+        if self._writeback_every and not self._file.closed and self.size > self._started:
+            # The tail too: the fsync that finishes the save (in the background with
+            # checkpoint.async) then mostly waits for the disk instead of submitting writes.
+            self._start_writeback()
         self._file.close()
 
     def hexdigest(self) -> str:
