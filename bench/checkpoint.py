@@ -98,12 +98,16 @@ def main() -> None:
             engine.train_step(batches.next_step())
             return time.perf_counter() - start
 
-        save_s, dd_s, nbytes = [], [], 0
+        save_s, dd_s, nbytes, after_sync = [], [], 0, []
         for i in range(args.repeats):
             root = work / f"save{i}"
+            before = timed_step()
             start = time.perf_counter()
             ckpt.save(engine.ds, root, state(1), 0, 0, 1, keep_last=1, verified=verified).wait()
             save_s.append(time.perf_counter() - start)
+            # The step right after a save, with nothing in flight: what a save costs the next
+            # step by itself (caches, page cache), for comparison with the async figure.
+            after_sync.append(timed_step() / before - 1)
             nbytes = dir_bytes(root / "step-00000001")
             shutil.rmtree(root)
             dd_s.append(dd(work, nbytes))
@@ -151,6 +155,8 @@ def main() -> None:
         print(f"async overhead, each save's steps in flight against the steps just before and after it, "
               f"min / median / max: {spread([100 * p for p in paired], '{:+.1f}%')}")
         print(f"async overhead (median step in flight / median step without): {100 * (b / q - 1):+.1f}%")
+        print(f"for comparison, the step right after a synchronous save against the one before it, "
+              f"min / median / max: {spread([100 * p for p in after_sync], '{:+.1f}%')}")
     else:
         print("async: the background part finished before a step could be timed")
 
