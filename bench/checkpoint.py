@@ -140,8 +140,10 @@ def main() -> None:
     save_mb, dd_mb = [mb / t for t in save_s], [mb / t for t in dd_s]
     print(f"checkpoint: {mb:.0f} MiB, {args.repeats} repeats, dir {base}")
     print("MiB/s, min / median / max:")
-    print(f"launcher save (DeepSpeed files + checksums + fsync + publish): {spread(save_mb)}")
-    print(f"dd bs=1M conv=fsync, same bytes, same disk:                  {spread(dd_mb)}")
+    print(f"launcher save (DeepSpeed files + checksums + fsync + publish): {spread(save_mb)} "
+          f"(runs {', '.join(f'{x:.0f}' for x in save_mb)})")
+    print(f"dd bs=1M conv=fsync, same bytes, same disk:                  {spread(dd_mb)} "
+          f"(runs {', '.join(f'{x:.0f}' for x in dd_mb)})")
     print(f"ratio save / dd: {statistics.median(save_mb) / statistics.median(dd_mb):.2f}")
     print(f"worst ratio of a save to the dd next to it: {min(d / s for s, d in zip(save_s, dd_s)):.2f}")
     if busy:
