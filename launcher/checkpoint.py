@@ -7,17 +7,18 @@ On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
         rng/rank-00003.pt       python, numpy, torch (and cuda) RNG states of every rank
         compression/rank-00003.pt  PowerSGD state of every rank (error feedback, factors)
         launcher_state.json     step, tokens seen, sampler position, layout, config fingerprint
-        manifest.json           every file above with its size and CRC-32; written last
+        manifest.json           every file above with its size and xxh3; written last
     latest                      the newest published tag (replaced atomically; for humans and tools)
     .partial/step-00000030/     a save in progress (or one that crashed): never loaded
 
-Save: every rank writes into .partial/<tag>; local rank 0 of every node fsyncs every file
-(each node flushes its own page cache); all ranks checksum a share of the files; rank 0
-writes the manifest, renames the directory into place, fsyncs, replaces `latest`, then
-applies `keep_last`. With `checkpoint.async` the flush/checksum/publish half runs in a
-background thread per rank while training continues
-(which never removes the newest complete checkpoint). A crash at any point leaves the
-previous checkpoint as the newest complete one.
+Save: every rank writes into .partial/<tag>, hashing each file as it writes it
+(launcher/ckpt_writer.py: no file is read back); local rank 0 of every node fsyncs every
+file (each node flushes its own page cache); every rank leaves the sizes and checksums of
+the files it wrote in .partial/<tag>/.parts/; rank 0 writes the manifest, renames the
+directory into place, fsyncs, replaces `latest`, then applies `keep_last`. With
+`checkpoint.async` the flush/publish half runs in a background thread per rank while
+training continues (which never removes the newest complete checkpoint). A crash at any
+point leaves the previous checkpoint as the newest complete one.
 
 Resume: candidates are the published step-* directories, newest first; each is verified
 against its manifest (files split over all ranks, so a 1 TB checkpoint is read in
@@ -50,14 +51,15 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from launcher.ckpt_writer import Written, recording
 from launcher.files import fsync_path, write_atomic
 
 MANIFEST = "manifest.json"
 STATE = "launcher_state.json"
 PARTIAL = ".partial"
 TAG_RE = re.compile(r"^step-(\d{8})$")
-# Test hook, "STEP:FILES": SIGKILL rank 0 in the save of step STEP after it has checksummed
-# FILES files (everything is written, nothing is published yet).
+# Test hook, "STEP:FILES": SIGKILL rank 0 in the save of step STEP once it has flushed and
+# accounted for FILES of the files it wrote (everything is written, nothing is published yet).
 FAULT_ENV = "LAUNCHER_FAULT_KILL_SAVE"
 
 
@@ -382,18 +384,22 @@ class PendingSave:
 
     def __init__(self, work, background: bool):
         self.error: Optional[BaseException] = None
+        self.seconds: Optional[float] = None  # how long the finishing half took, once done
         self._thread = None
+        self._start = time.perf_counter()
         if background:
             self._thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-finish", daemon=True)
             self._thread.start()
         else:
             work()
+            self.seconds = time.perf_counter() - self._start
 
     def _run(self, work) -> None:
         try:
             work()
         except BaseException as err:  # surfaced by wait() in the training thread
             self.error = err
+        self.seconds = time.perf_counter() - self._start
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -408,10 +414,11 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
          compressor=None) -> PendingSave:
     """Collective: write this step's checkpoint and publish it atomically.
 
-    The first half (DeepSpeed's files, RNG states, our state) runs here on every rank. The
-    second half flushes, checksums and publishes; with background=True it runs in a thread
-    per rank while training goes on. The ranks of the second half meet through files (each
-    rank's checksum share), not collectives, so it never shares a process group with
+    The first half (DeepSpeed's files, RNG states, our state) runs here on every rank; each
+    file is hashed as it is written. The second half flushes and publishes; with
+    background=True it runs in a thread per rank while training goes on (it waits on the
+    disk, not on the CPU). The ranks of the second half meet through files (each rank's
+    share of the manifest), not collectives, so it never shares a process group with
     training. The caller waits for the previous save before starting the next one."""
     tag = tag_for(state.step)
     partial_root = root / PARTIAL
@@ -421,26 +428,28 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
             shutil.rmtree(partial)
         partial_root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    written = Written(partial)
     # torch.save computes a CRC-32 of every record by default; our manifest checksums each
     # whole file anyway, and skipping torch's makes serialisation 4x faster (1.1 -> 4.4 GB/s).
     torch_crc = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
-        ds_engine.save_checkpoint(str(partial_root), tag=tag, save_latest=False)
+        with recording(ds_engine, written):
+            ds_engine.save_checkpoint(str(partial_root), tag=tag, save_latest=False)
+        (partial / "rng").mkdir(parents=True, exist_ok=True)
+        written.torch_save(rng_state(), partial / "rng" / f"rank-{rank:05d}.pt")
+        if compressor is not None:
+            (partial / "compression").mkdir(exist_ok=True)
+            written.torch_save(compressor.state_dict(), partial / "compression" / f"rank-{rank:05d}.pt")
     finally:
         torch.serialization.set_crc32_options(torch_crc)
-    (partial / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), partial / "rng" / f"rank-{rank:05d}.pt")
-    if compressor is not None:
-        (partial / "compression").mkdir(exist_ok=True)
-        torch.save(compressor.state_dict(), partial / "compression" / f"rank-{rank:05d}.pt")
     (partial / PARTS).mkdir(exist_ok=True)
     if rank == 0:
-        (partial / STATE).write_text(state.to_json())
+        written.write_bytes(partial / STATE, state.to_json().encode())
     dist.barrier()  # every rank's files are written (to the page cache at least)
 
     def finish() -> None:
-        _finish_share(partial, state.step, rank, local_rank, world_size)
+        _finish_share(partial, state.step, rank, local_rank, list(written.entries.values()))
         if rank == 0:
             _publish(root, partial, tag, world_size, keep_last, timeout_s, verified)
 
@@ -450,23 +459,40 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
     return pending
 
 
-def _finish_share(partial: Path, step: int, rank: int, local_rank: int, world_size: int) -> None:
+def _finish_share(partial: Path, step: int, rank: int, local_rank: int, share: list[dict]) -> None:
     """This rank's part: local rank 0 of each node fsyncs every file (its node's page cache);
-    every rank checksums its share of the files and leaves the result in .parts/."""
-    files = _files(partial)
+    every rank leaves the entries of the files it wrote (size, xxh3) in .parts/."""
     if local_rank == 0:
+        files = _files(partial)
         for path in files:
             fsync_path(path)
         for d in {p.parent for p in files} | {partial}:
             fsync_path(d)
     fault_step, _, fault_files = os.environ.get(FAULT_ENV, "").partition(":")
-    kill_after = int(fault_files) if rank == 0 and fault_step and int(fault_step) == step else 0
-    share = []
-    for i, path in enumerate(files[rank::world_size], 1):
-        share.append({"file": str(path.relative_to(partial)), "size": path.stat().st_size, "xxh3": checksum_file(path)})
-        if kill_after and i >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
+    if rank == 0 and fault_step and int(fault_step) == step and len(share) >= int(fault_files):
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
     write_atomic(partial / PARTS / f"rank-{rank:05d}.json", json.dumps(share).encode())
+
+
+def manifest_entries(partial: Path, shares: list[list[dict]]) -> list[dict]:
+    """Every file under `partial` with its size and xxh3: the ranks' entries, computed while
+    writing, for the files they wrote; read from disk for any other file (one DeepSpeed
+    wrote by other means, such as its zero_to_fp32.py copy) and for any file whose size on
+    disk is not the size written (two ranks wrote one path)."""
+    recorded: dict[str, dict] = {}
+    for entry in (e for share in shares for e in share):
+        if recorded.setdefault(entry["file"], entry) != entry:
+            recorded[entry["file"]] = None  # two ranks wrote it, differently: what is on disk counts
+    entries = []
+    for path in _files(partial):
+        rel = str(path.relative_to(partial))
+        entry = recorded.pop(rel, None)
+        if entry is None or entry["size"] != path.stat().st_size:
+            entry = {"file": rel, "size": path.stat().st_size, "xxh3": checksum_file(path)}
+        entries.append(entry)
+    if recorded:
+        raise RuntimeError(f"checkpoint {partial.name}: written but gone before publishing: {', '.join(recorded)}")
+    return sorted(entries, key=lambda e: e["file"])
 
 
 def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float,
@@ -477,9 +503,9 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in parts):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"checkpoint {tag}: ranks did not finish their checksums in {timeout_s:.0f} s")
+            raise TimeoutError(f"checkpoint {tag}: ranks did not finish their shares in {timeout_s:.0f} s")
         time.sleep(0.05)
-    entries = sorted((e for p in parts for e in json.loads(p.read_text())), key=lambda e: e["file"])
+    entries = manifest_entries(partial, [json.loads(p.read_text()) for p in parts])
     shutil.rmtree(partial / PARTS)
     write_atomic(partial / MANIFEST, json.dumps({"files": entries}, indent=1).encode())  # fsyncs `partial` too
     final = root / tag
@@ -491,7 +517,7 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
     fsync_path(root)
     write_atomic(root / "latest", (tag + "\n").encode())
     shutil.rmtree(replaced, ignore_errors=True)
-    verified.mark(final, None)  # its checksums were just computed from the files themselves
+    verified.mark(final, None)  # its checksums were just computed from the bytes written
     set_aside_newer(root, step_of(final))
     apply_retention(root, keep_last, verified)
 

@@ -296,8 +296,8 @@ class CheckpointConfig:
     overwrite: bool = False
     """With resume: none, delete existing checkpoints and start over."""
     async_: bool = False
-    """(YAML key `async`) Flush, checksum and publish checkpoints in the background while
-    training goes on; same atomicity."""
+    """(YAML key `async`) Flush and publish checkpoints in the background while training
+    goes on (files are written and hashed in the loop); same atomicity."""
 
 
 @dataclass

@@ -374,3 +374,19 @@ def test_async_save_publishes_complete_checkpoints(tmp_path):
     resumed = train(python_cmd(), tmp_path / "resumed", *FAST, *SINGLE, "train.steps=12",
                     f"checkpoint.resume={root / 'step-00000008'}")
     assert losses(resumed) == losses(reference)[8:]
+
+
+@pytest.mark.parametrize("run", ["two_checkpoints", "dp2_run", "uninterrupted"])
+def test_manifest_hashes_computed_while_writing_match_the_files(run, request):
+    """Every rank hashes its files as it writes them (no reading back): the manifest of each
+    checkpoint (1 process; dp 2 ZeRO 1 shards; pp 2 x dp 2 layer files) lists exactly the
+    files on disk, each with the size and xxh3 of the file as it is on disk."""
+    from launcher.checkpoint import checksum_file
+
+    for ckpt in sorted((request.getfixturevalue(run) / "checkpoints").glob("step-*")):
+        entries = json.loads((ckpt / "manifest.json").read_text())["files"]
+        on_disk = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+        assert [e["file"] for e in entries] == on_disk
+        for entry in entries:
+            path = ckpt / entry["file"]
+            assert (entry["size"], entry["xxh3"]) == (path.stat().st_size, checksum_file(path)), path
