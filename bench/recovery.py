@@ -2,6 +2,7 @@
 
     python bench/recovery.py [--runs spare requeue] [--dir DIR] [section.key=value ...]
     python bench/recovery.py --from DIR     # the table again, from a DIR an earlier run left
+                                            # (bench/recovery_runs: the run in docs/BENCHMARKS.md)
 
 Starts the local Slurm cluster (slurm/local-cluster.sh, three nodes; root and Debian's
 slurm-wlm + munge), then for each run submits slurm/train_7b.sh with 2 processes per node
@@ -190,7 +191,7 @@ def main() -> int:
     parser.add_argument("--from", dest="previous", type=Path, help="print the table of an earlier --dir")
     args, overrides = parser.parse_known_args()
     if args.previous:
-        results = [analyse(d) for d in sorted(args.previous.iterdir()) if (d / "killed.json").exists()]
+        results = [analyse(args.previous / name) for name in RUNS if (args.previous / name / "killed.json").exists()]
     else:
         root = args.dir or Path(tempfile.mkdtemp(prefix="recovery-"))
         up = subprocess.run(["bash", "slurm/local-cluster.sh", "up"], cwd=REPO, env={**os.environ, "NODES": "3"},

@@ -25,7 +25,8 @@ MAX_RECOVERIES=${MAX_RECOVERIES:-3}      # restarts inside one allocation after 
 MAX_REQUEUES=${MAX_REQUEUES:-5}          # requeues after failures (pre-emptions do not count)
 MAX_RESTARTS=${MAX_RESTARTS:-0}          # torchrun restarts of a node's workers (same nodes, same step)
 PROBE_TIMEOUT=${PROBE_TIMEOUT:-5}        # seconds a healthy node takes to run `true` as a job step
-RDZV_TIMEOUT=${RDZV_TIMEOUT:-120}        # seconds torchrun waits for every node to join, and for its store
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-120}        # seconds torchrun's agents wait for every training node to join
+RDZV_READ_TIMEOUT=${RDZV_READ_TIMEOUT:-60}  # seconds an agent waits on one rendezvous store operation
 PYTHON=${PYTHON:-python3}
 cd "${LAUNCHER_DIR:-${SLURM_SUBMIT_DIR:-.}}"
 
@@ -96,7 +97,7 @@ start_steps() {
         srun --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=0 --job-name="train.$recovery" \
             "$PYTHON" -m torch.distributed.run --nnodes "$need" --nproc_per_node "$GPUS_PER_NODE" \
             --rdzv_backend c10d --rdzv_endpoint "$addr:$port" --rdzv_id "$SLURM_JOB_ID.$requeue_count.$recovery" \
-            --rdzv_conf "join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT" \
+            --rdzv_conf "join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_READ_TIMEOUT" \
             --max-restarts "$MAX_RESTARTS" \
             --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
             -m launcher.train --config "$CONFIG" "${overrides[@]}" &
