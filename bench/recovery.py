@@ -97,7 +97,8 @@ def timeline(job_log: str, records: list[dict], killed_at: float) -> dict:
         if when < killed_at:
             continue
         for key, start in (("noticed", "failure noticed"), ("probed", "healthy nodes"),
-                           ("requeued", "too few healthy nodes"), ("job_started", "job "), ("restart", "restart ")):
+                           ("requeued", "too few healthy nodes"), ("job_started", "job "),
+                           ("restart", ("start:", "restart "))):
             if text.startswith(start) and key not in t:
                 t[key] = when
     launch = next((r for r in records if r.get("event") == "launch" and r["time"] > killed_at), None)

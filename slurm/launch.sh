@@ -89,8 +89,12 @@ start_steps() {
     local addr port node
     addr=${MASTER_ADDR:-$(node_addr "$1")}
     # A new port (and rendezvous id) per attempt: the last attempt's store may still hold it.
-    port=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID * 16 + requeue_count * 4 + recovery) % 20000))}
-    say "restart $recovery: training on $* (rendezvous $addr:$port)"
+    port=$((${MASTER_PORT:-20000 + (SLURM_JOB_ID * 16 + requeue_count * 4) % 20000} + recovery))
+    if [ "$recovery" = 0 ]; then
+        say "start: training on $* (rendezvous $addr:$port)"
+    else
+        say "restart $recovery: training on $* (rendezvous $addr:$port)"
+    fi
     steps=()
     step_nodes=("$@")
     for node in "$@"; do
@@ -172,6 +176,11 @@ while :; do
     say "healthy nodes: ${alive[*]:-none} (${#alive[@]} of ${#nodes[@]}, $need needed)"
     if [ "${#alive[@]}" -lt "$need" ]; then
         requeue_or_give_up "too few healthy nodes"
+    fi
+    if [ "$preempted" = 1 ]; then  # the warning came while the nodes were probed: no new steps
+        say "pre-emption warning during the recovery: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
     fi
     if [ "$recovery" -ge "$MAX_RECOVERIES" ]; then
         requeue_or_give_up "$MAX_RECOVERIES recoveries inside this allocation are used up"
