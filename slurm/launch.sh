@@ -14,7 +14,8 @@
 #                           first SLURM_NNODES - SPARE_NODES healthy ones restart from the latest
 #                           complete checkpoint, on a new rendezvous port. With too few healthy
 #                           nodes (or MAX_RECOVERIES used up) the job requeues itself as before: at
-#                           most MAX_REQUEUES times.
+#                           most MAX_REQUEUES times. If this script's own node dies, a watchdog
+#                           step on another node requeues the job.
 # Every decision is one line, stamped [t=<unix time>], so a recovery can be timed from the log.
 set -uo pipefail
 
@@ -78,6 +79,34 @@ healthy_nodes() {  # the allocation's nodes that run `true` as a job step within
         wait "${pids[$i]}" && ok+=("${nodes[$i]}")
     done
     echo "${ok[*]}"
+}
+
+# With --no-kill, Slurm keeps the job when the node running this script dies: it drops that
+# node from the job and lets the rest sit idle until the time limit (measured: slurm/README.md).
+# A watchdog step on another node requeues the job once this node has left it.
+WATCHDOG='while sleep "$2"; do
+    list=$(scontrol show job "$SLURM_JOB_ID" -o | sed -n "s/.* NodeList=\([^ ]*\).*/\1/p")
+    [ -z "$list" ] || scontrol show hostnames "$list" | grep -qx "$1" && continue
+    scontrol requeue "$SLURM_JOB_ID" || scancel "$SLURM_JOB_ID"  # first: no srun may be left to print
+    echo "[t=$(date +%s.%3N)] watchdog on $SLURMD_NODENAME: $1 (the batch script) left the job: requeued"
+    exit 0
+done'
+batch_host=${SLURMD_NODENAME:-$(hostname -s)}
+watchdog="" watchdog_node=""
+ensure_watchdog() {  # $@: the healthy nodes; (re)starts the watchdog on the first that is not this one
+    local node
+    if [ -n "$watchdog" ] && kill -0 "$watchdog" 2>/dev/null && [[ " $* " == *" $watchdog_node "* ]]; then
+        return
+    fi
+    [ -n "$watchdog" ] && kill -KILL "$watchdog" 2>/dev/null
+    watchdog="" watchdog_node=""
+    for node in "$@"; do
+        [ "$node" = "$batch_host" ] && continue
+        srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --job-name=watchdog \
+            bash -c "$WATCHDOG" watchdog "$batch_host" "${WATCHDOG_INTERVAL:-10}" &
+        watchdog=$! watchdog_node=$node
+        return
+    done
 }
 
 recovery=0
@@ -157,6 +186,7 @@ requeue_or_give_up() {  # $1: why
     exit 1
 }
 
+ensure_watchdog "${nodes[@]}"
 start_steps "${nodes[@]:0:$need}"
 while :; do
     watch_steps
@@ -186,5 +216,6 @@ while :; do
         requeue_or_give_up "$MAX_RECOVERIES recoveries inside this allocation are used up"
     fi
     recovery=$((recovery + 1))
+    ensure_watchdog "${alive[@]}"
     start_steps "${alive[@]:0:$need}"
 done

@@ -1,7 +1,7 @@
 """slurm/train_7b.sh on a real Slurm cluster started on this machine (slurm/local-cluster.sh,
 three nodes): two nodes x two processes, pre-emption, configuration errors that are not retried,
 and a node's death: recovered on a spare node inside the allocation, or, with too few nodes
-left, by requeueing the job."""
+left or the batch script's node gone, by requeueing the job."""
 
 import importlib.util
 import os
@@ -194,6 +194,22 @@ def test_too_few_healthy_nodes_requeue_the_job(cluster, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nrequeue: node1 processes exited {node1_exit_s:.1f} s after the kill; "
               + ", ".join(f"{k} {v}" for k, v in took.items()))
+
+
+def test_batch_node_failure_is_requeued_by_the_watchdog(cluster, tmp_path):
+    """node1 runs the batch script and dies. With --no-kill Slurm only drops node1 from the job
+    and would leave node2 + node3 idle until the time limit; the watchdog step on node2
+    requeues the job instead. (Last: it leaves a requeued job behind, cancelled here.)"""
+    job = sbatch(tmp_path, *TINY, "train.steps=40", "parallel.collective_timeout_s=30", wait=False, nodes=3, spare=1)
+    _wait_for_step(job, tmp_path / "run", 3)
+    killed_at = recovery.kill_node("node1")
+    try:
+        while job_field(job, "Restarts") != "1":  # Slurm drops node1 after SlurmdTimeout (10 s) + its ping cycle
+            assert time.time() < killed_at + 90, f"not requeued 90 s after node1 died: {job_field(job, 'JobState')}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["slurmd", "-N", "node1"], check=True)
+        subprocess.run(["scancel", job])
 
 
 def _env(proc) -> dict:
