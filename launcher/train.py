@@ -144,6 +144,7 @@ def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int
 def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     """Process groups, the checkpoint to resume from, the run directory, the engine, data."""
     import numpy as np
+    import psutil
     import torch
     import torch.distributed as dist
 
@@ -155,6 +156,7 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     from parallel.costs import flops_per_token
     from parallel.topology import build_process_groups
 
+    group_ready = time.time()  # the world group is up (init_distributed): a restart's timeline, with `started`
     groups = build_process_groups(plan.layout, penv.rank, cfg.parallel.collective_timeout_s)
     is_writer, root, verified = penv.rank == 0, ckpt.checkpoint_root(cfg), ckpt.Verified()
     resume_from = None
@@ -176,7 +178,8 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
              f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
     # `step` is where this attempt starts: it supersedes earlier records of later steps.
     log.event({"event": "launch", "step": saved.step if saved else 0, "world_size": penv.world_size, "nodes": nodes,
-               "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))})
+               "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))),
+               "started": psutil.Process().create_time(), "group_ready": group_ready})
     log.info(describe(cfg, plan, device=f"{device.type} + {'nccl' if device.type == 'cuda' else 'gloo'}"))
     log.write_config(cfg)
     random.seed(cfg.train.seed)
@@ -228,6 +231,7 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     saved = run.resume_state
+    began = time.time()
     current = ckpt.layout_record(run.cfg, run.plan)
     note = ckpt.load(run.engine.ds, run.resume_from, saved.layout, current, rank=run.penv.rank,
                      tp_rank=run.groups.coord.tp, model=saved.fingerprint["model"],
@@ -240,7 +244,7 @@ def resume(run: Run) -> None:
         run.log.info(f"notice: {data_note}")
     run.log.event({"event": "resume", "step": run.step, "from": str(run.resume_from), "tokens_seen": run.tokens_seen,
                    "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"],
-                   "resharded": not ckpt.deepspeed_loads(saved.layout, current)})
+                   "resharded": not ckpt.deepspeed_loads(saved.layout, current), "load_s": round(time.time() - began, 3)})
 
 
 def train_loop(run: Run, stop: StopSignal) -> int:

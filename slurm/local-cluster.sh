@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # A real Slurm cluster on this one machine, for tests and demos (as root):
 #   slurm/local-cluster.sh up|down|status
-# munge, slurmctld and NODES (default 2) `slurmd -N nodeK` daemons, each its own node with
+# munge, slurmctld and NODES (default 3) `slurmd -N nodeK` daemons, each its own node with
 # its own port and NodeAddr=127.0.0.1, advertising GPUS_PER_NODE (default 8) placeholder GPUs
 # (character devices like /dev/null), so GPU job scripts run unchanged on a CPU machine:
 # Slurm sets CUDA_VISIBLE_DEVICES, torch finds no GPU and the launcher uses CPU + gloo.
 # Needs Debian's `slurm-wlm` and `munge` (apt-get install slurm-wlm munge).
 set -euo pipefail
 
-NODES=${NODES:-2}
+NODES=${NODES:-3}
 CPUS=${CPUS_PER_NODE:-2}
 GPUS=${GPUS_PER_NODE:-8}
 PORT_BASE=${SLURMD_PORT_BASE:-17000}

@@ -41,6 +41,10 @@ SMOKE = {
                         "parallel.pipeline=1", "model.layers=2", "parallel.global_batch=4", "schedule.warmup_steps=1"],
                        r"^\| none \| 1 \| [\d,.]+ kB \| [\d.]+x \| [\d,.]+ kB \| [\d.]+x \| [\d.]+ \| [\d.]+ \| "
                        r"[\d.]+ \| [+-][\d.]+% \| [\d.]+ \|$"),
+    # The table of the recorded run in bench/recovery_runs (a real one needs root, the local
+    # Slurm cluster and minutes: tests/test_slurm.py runs the same timeline code on a live job).
+    "recovery.py": (["--from", "bench/recovery_runs"],
+                    r"^spare: first resumed step [\d.]+ s after the kill \(resumed from step \d+\)$"),
 }
 
 
