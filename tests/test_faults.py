@@ -27,7 +27,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,20 +74,31 @@ def _touched_since(path: Path, since: float) -> bool:
     return max(st.st_mtime, st.st_ctime) >= since
 
 
-def save_phase(root: Path, attempt_start: float) -> tuple[str, Optional[int]]:
+def save_phase(root: Path, attempt_start: float, publisher: int) -> tuple[str, Optional[int]]:
     """('save' | 'publish' | 'step', the step of the save in flight) for the current
-    attempt. Leftovers of killed attempts (an abandoned .partial/<tag>, a stale `latest`)
-    are older than the attempt and do not count."""
+    attempt, or ('unclear', step) when the frozen state does not say which. `publisher`:
+    the pid of rank 0. Leftovers of killed attempts (an abandoned .partial/<tag>, a stale
+    `latest`) are older than the attempt and do not count."""
     done = published(root)
     partial_root = root / ".partial"
     in_flight = sorted((p for p in partial_root.iterdir() if TAG_RE.match(p.name) and _touched_since(p, attempt_start)
                         and (not done or int(p.name[5:]) > done[-1])), reverse=True) if partial_root.is_dir() else []
     for partial in in_flight:
-        parts = partial / ".parts"
-        shares = len(list(parts.glob("rank-?????.json"))) if parts.is_dir() else 0
-        if (partial / "launcher_state.json").exists() and (not parts.is_dir() or shares == WORLD):
-            return "publish", int(partial.name[5:])  # rank 0 collects the shares, writes the manifest, renames
-        return "save", int(partial.name[5:])
+        step, parts, state = int(partial.name[5:]), partial / ".parts", partial / "launcher_state.json"
+        if not state.exists():
+            return "save", step  # DeepSpeed's files, the RNG states: being written
+        if not parts.is_dir():
+            return "publish", step  # rank 0 has collected and removed the shares
+        shares = [p.name for p in parts.iterdir()]
+        if len([n for n in shares if re.fullmatch(r"rank-\d{5}\.json", n)]) == WORLD:
+            return "publish", step  # rank 0 collects the shares next, writes the manifest, renames
+        # Shares missing: not written yet (save), or rank 0 is removing them (publish:
+        # shutil.rmtree holds the directory open; so does fsync_path after a rank wrote its
+        # own share, hence "unclear" then). Emptied: .parts changed after the state file.
+        if not shares:
+            changed, written = parts.stat().st_mtime_ns, state.stat().st_mtime_ns
+            return ("save" if changed < written else "publish" if changed > written else "unclear"), step
+        return ("unclear" if open_files([publisher], str(parts)) else "save"), step
     if done and _touched_since(root / f"step-{done[-1]:08d}", attempt_start):
         latest = (root / "latest").read_text().strip() if (root / "latest").exists() else ""
         if latest != f"step-{done[-1]:08d}" or len([p for p in root.iterdir() if TAG_RE.match(p.name)]) > KEEP_LAST:
@@ -96,9 +106,9 @@ def save_phase(root: Path, attempt_start: float) -> tuple[str, Optional[int]]:
     return "step", None
 
 
-def open_checkpoint_files(pids: list[int], root: Path) -> list[str]:
-    """Files under a published checkpoint that these processes hold open right now."""
-    prefix, found = f"{root}/step-", []
+def open_files(pids: list[int], prefix: str) -> list[str]:
+    """Paths starting with `prefix` that these processes hold open right now."""
+    found = []
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -154,6 +164,7 @@ class Kill:
     detail: str = ""
     expected: Optional[int] = None  # newest published once every killed process was gone
     offset: int = 0  # metrics.jsonl size then: what the next attempts write comes after
+    killed_at: float = 0.0  # time.time() of the SIGKILL
     gone_at: float = 0.0  # time.time() when every killed process was gone
 
 
@@ -276,7 +287,9 @@ class Killer:
     def _kill_during_load(self, workers: list[psutil.Process], offset: int) -> bool:
         """Sample while the workers load the checkpoint (after the attempt's `launch` record,
         before its `resume` record); kill on the first sample that has a file of it open."""
-        events = lambda: [r.get("event") for r in self.metrics.since(offset)]  # noqa: E731
+        def events() -> list[Optional[str]]:
+            return [r.get("event") for r in self.metrics.since(offset)]
+
         launched = wait_for("the attempt's launch record", lambda: "launch" in events() and events(), self.job,
                             interval=0.02)
         if "resume" in launched or not published(self.root):
@@ -284,9 +297,9 @@ class Killer:
         pids = [w.pid for w in workers]
         deadline, size, polls = time.monotonic() + 120, self.metrics.size(), 0
         while time.monotonic() < deadline:
-            if open_checkpoint_files(pids, self.root):
+            if open_files(pids, f"{self.root}/step-"):
                 freeze(workers)
-                files = open_checkpoint_files(pids, self.root)
+                files = open_files(pids, f"{self.root}/step-")
                 if files and "resume" not in events():
                     self._kill(workers, "resume", detail=f"open: {Path(files[0]).name}")
                     return True
@@ -304,10 +317,11 @@ class Killer:
         wait_for("the attempt's first step", lambda: any("loss" in r for r in self.metrics.since(offset)), self.job,
                  interval=0.02)
         time.sleep(self.rng.uniform(0, 0.3))  # a random step of this attempt, then sample
+        publisher = next(w.pid for w in workers if self.ranks[w.pid] == "0")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             freeze(workers)
-            phase, step = save_phase(self.root, started)
+            phase, step = save_phase(self.root, started, publisher)
             if phase == wanted:
                 self._kill(workers, phase, in_flight=step)
                 return
@@ -329,8 +343,9 @@ class Killer:
         for w in workers:
             if victim in ("group", "node") or self.ranks[w.pid] == victim[-1]:
                 _signal(w, signal.SIGKILL)
+        kill.killed_at = time.time()
         thaw(workers)
-        gone, alive = psutil.wait_procs(workers, timeout=90)
+        _, alive = psutil.wait_procs(workers, timeout=90)
         assert not alive, f"after the kill ({kill}), workers {[p.pid for p in alive]} still run 90 s later (a hang)"
         done = published(self.root)
         kill.expected, kill.offset, kill.gone_at = (done[-1] if done else None), self.metrics.size(), time.time()
@@ -375,8 +390,12 @@ def test_random_moment_kills_resume_from_the_newest_checkpoint_bit_exact(tmp_pat
         print(f"\n{len(killer.kills)} kills ({killer.misses} loads missed) in {len(killer.jobs)} torchrun jobs, "
               f"{total_s:.0f} s (uninterrupted run {reference_s:.0f} s):")
         for i, k in enumerate(killer.kills):
+            end = killer.kills[i + 1].offset if i + 1 < len(killer.kills) else None
+            resumed = [r["time"] for r in _records_between(run_dir, k.offset, end) if r.get("event") == "resume"]
+            timing = f"{k.gone_at - k.killed_at:4.1f} s to exit" + (
+                f", resumed {resumed[0] - k.gone_at:4.1f} s later" if resumed else "")
             print(f"  {i:2d} {k.phase:8s} {k.victim:7s} job {k.job} {'async' if k.async_save else 'sync '} newest "
-                  f"{k.newest_at_kill} in flight {k.in_flight} -> resume {k.expected} {k.detail}")
+                  f"{k.newest_at_kill} in flight {k.in_flight} -> resume {k.expected} ({timing}) {k.detail}")
 
     # every kill: the next attempts start from the newest checkpoint published by then
     for i, kill in enumerate(killer.kills):
