@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+import pytest
 import torch
 
-from launch import REPO, base_env, losses, read_metrics, torchrun_cmd, train
+from launch import REPO, base_env, losses, read_events, read_metrics, torchrun_cmd, train
 from test_checkpoint import model_tensors
 
 SEED = 17
@@ -175,6 +176,7 @@ class Job:
     index: int
     run_dir: Path
     log_dir: Path
+    extra: tuple = ()  # overrides after TINY's
     async_save: bool = field(init=False)
     agent: subprocess.Popen = field(init=False)
 
@@ -185,7 +187,7 @@ class Job:
         cmd[cmd.index("--nproc_per_node"):cmd.index("--nproc_per_node")] = ["--max-restarts", "100",
                                                                             "--monitor-interval", "0.1"]
         self.agent = subprocess.Popen([*cmd, *TINY, f"checkpoint.async={str(self.async_save).lower()}",
-                                       f"run.dir={self.run_dir}"], cwd=REPO, env=base_env(), stdout=log,
+                                       f"run.dir={self.run_dir}", *self.extra], cwd=REPO, env=base_env(), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
     def workers(self) -> list[psutil.Process]:
@@ -437,3 +439,52 @@ def _records_between(run_dir: Path, start: int, end: Optional[int]) -> list[dict
         f.seek(start)
         data = f.read() if end is None else f.read(end - start)
     return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def test_a_rank_killed_before_its_checksum_share_does_not_stall_rank_0(tmp_path):
+    """Synchronous saves: rank 1 is frozen after a save's files are written, before its
+    checksum share; rank 0 writes its own share and waits for the others; rank 1 is killed.
+    Rank 0 exits at once (a collective reports the dead peer) and the restarted group resumes
+    from the newest checkpoint. It used to poll for the share until
+    parallel.collective_timeout_s, deaf to torchrun's SIGTERM (StopSignal takes it), until
+    torchrun's SIGKILL 30 s later."""
+    job = Job(0, tmp_path / "run", tmp_path, extra=("train.steps=40",))
+    root = tmp_path / "run/checkpoints"
+    try:
+        workers = wait_for("the worker group", lambda: (w := job.workers()) and len(w) == WORLD and w, job)
+        rank0, rank1 = sorted(workers, key=lambda w: w.environ()["RANK"])
+        deadline = time.monotonic() + 120
+        while True:  # watch every save: the moment its files are written and rank 1's share is not
+            assert time.monotonic() < deadline and job.agent.poll() is None, f"never caught:\n{job.tail()}"
+            partial = next((p for p in root.glob(".partial/step-*") if (p / "launcher_state.json").exists()
+                            and not (p / ".parts/rank-00001.json").exists()), None)
+            if partial is None:
+                time.sleep(0.0002)
+                continue
+            freeze(workers)
+            if save_phase(root, 0, rank0.pid)[0] == "save" and not (partial / ".parts/rank-00001.json").exists():
+                thaw([rank0])  # rank 1 stays frozen; rank 0 goes on to its share, then waits for rank 1's
+                share = partial / ".parts/rank-00000.json"
+                until = time.monotonic() + 2
+                while not share.exists() and time.monotonic() < until:
+                    time.sleep(0.001)
+                if share.exists():
+                    break  # else rank 0 waits in the barrier before the shares: try the next save
+            thaw(workers)
+            while partial.exists():
+                time.sleep(0.001)
+        time.sleep(0.3)
+        newest = published(root)[-1]
+        _signal(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, alive = psutil.wait_procs([rank0], timeout=60)
+        exit_s = time.monotonic() - killed
+        assert not alive and exit_s < 10, f"rank 0 still ran {exit_s:.1f} s after rank 1 died"
+        assert job.agent.wait(timeout=300) == 0, job.tail()
+    finally:
+        if job.agent.poll() is None:
+            os.killpg(job.agent.pid, signal.SIGKILL)
+        for worker in job.workers():
+            _signal(worker, signal.SIGKILL)
+    assert [r["step"] for r in read_events(tmp_path / "run", "resume")] == [newest]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == list(range(1, 41))
