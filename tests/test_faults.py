@@ -12,6 +12,7 @@ one instant, and tells exactly what a kill interrupted:
 
     step     nothing of a save in flight (no current .partial/<tag>, publish finished)
     save     .partial/<tag> of this attempt exists, shares of the checksums not all in
+             (and rank 0 is not removing them: a state that could be either is resampled)
     publish  all shares in, or the manifest/rename/`latest`/retention of rank 0 not done
     resume   the attempt logged its `launch` (checkpoint chosen and verified), not yet its
              `resume`, and a worker has a file of the checkpoint open (DeepSpeed's load)
@@ -19,7 +20,10 @@ one instant, and tells exactly what a kill interrupted:
 Victims: one random worker (torchrun restarts the group), every worker (torchrun restarts
 the group), or the whole node (torchrun itself and its workers: the test starts a new
 torchrun, as a requeue would). Each torchrun job alternates checkpoint.async, so the
-publish is killed in the training thread (sync) and in the background thread (async)."""
+publish is killed in the training thread (sync) and in the background thread (async).
+
+The second test pins one schedule the loop rarely meets on one machine (rank 1 slower than
+rank 0): a rank killed before its checksum share must not leave rank 0 waiting for it."""
 
 import json
 import os
@@ -33,7 +37,6 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
-import pytest
 import torch
 
 from launch import REPO, base_env, losses, read_events, read_metrics, torchrun_cmd, train
