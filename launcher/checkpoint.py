@@ -380,13 +380,15 @@ PARTS = ".parts"  # per-rank checksum shares while a save is being finished; nev
 
 
 class PendingSave:
-    """The finishing half of a save (flush, checksum, publish), run now or in a thread."""
+    """The finishing half of a save (flush, checksum, publish), run now or in a thread.
+    `shared` (background only): set once this rank's checksum share is written."""
 
-    def __init__(self, work, background: bool):
+    def __init__(self, work, background: bool, shared: Optional[threading.Event] = None):
         self.error: Optional[BaseException] = None
         self.seconds: Optional[float] = None  # how long the finishing half took, once done
         self._thread = None
         self._start = time.perf_counter()
+        self._shared = shared
         if background:
             self._thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-finish", daemon=True)
             self._thread.start()
@@ -403,6 +405,9 @@ class PendingSave:
 
     def wait(self) -> None:
         if self._thread is not None:
+            if self._shared is not None:  # collective: every rank waits at the same step
+                self._shared.wait()
+                _shares_in_or_a_dead_peer()
             self._thread.join()
             self._thread = None
         if self.error is not None:
@@ -448,15 +453,31 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
         written.write_bytes(partial / STATE, state.to_json().encode())
     dist.barrier()  # every rank's files are written (to the page cache at least)
 
+    shared = threading.Event()
+
     def finish() -> None:
-        _finish_share(partial, state.step, rank, local_rank, list(written.entries.values()))
+        try:
+            _finish_share(partial, state.step, rank, local_rank, list(written.entries.values()))
+        finally:
+            shared.set()
+        if not background:
+            _shares_in_or_a_dead_peer()
         if rank == 0:
             _publish(root, partial, tag, world_size, keep_last, timeout_s, verified)
 
-    pending = PendingSave(finish, background)
+    pending = PendingSave(finish, background, shared if background else None)
     if not background:
         dist.barrier()  # nobody goes on before the checkpoint is published
     return pending
+
+
+def _shares_in_or_a_dead_peer() -> None:
+    """Collective, in the training thread, once this rank's share is written: every share is
+    in, or gloo/NCCL reports the rank that died before writing its own. Rank 0's wait for the
+    shares reads files only; without this, a rank killed mid-checksum left rank 0 polling for
+    its share until timeout_s (30 min by default), deaf to the launcher's SIGTERM (StopSignal
+    takes it), until torchrun's SIGKILL 30 s later (tests/test_faults.py)."""
+    dist.barrier()
 
 
 def _finish_share(partial: Path, step: int, rank: int, local_rank: int, share: list[dict]) -> None:
