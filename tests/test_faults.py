@@ -340,7 +340,10 @@ class Killer:
               detail: str = "") -> None:
         """Kill the victim(s) of the frozen group, let the rest go on; wait until every old
         worker is gone, then note what a resume must start from."""
-        victim = self.rng.choice(["rank 0", "rank 1", "group", "node"])
+        if phase == "publish" and not any(k.phase == "publish" and k.victim != "rank 1" for k in self.kills):
+            victim = "rank 0"  # the publisher dies mid-publish at least once, whatever the draws
+        else:
+            victim = self.rng.choice(["rank 0", "rank 1", "group", "node"])
         done = published(self.root)
         kill = Kill(phase, victim, self.job.index, self.job.async_save, done[-1] if done else None, in_flight, detail)
         if victim == "node":
