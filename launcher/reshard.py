@@ -163,7 +163,7 @@ class SavedState:
                 for name, address in mapping.items():
                     where.setdefault(name, []).append((path, group, address.start, address.numel))
             if self.step is None:
-                self.step = _base_state(opt, 0)["step"]
+                self.step = _base_state(opt, 0).get("step")  # None: saved before any step
         for name, fragments in where.items():
             self._add(name, t, _Slice(shapes[name], fragments))
 
@@ -281,7 +281,8 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_ra
     optimizer = ds_engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap a torch optimizer
     moments = saved.moments()
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+    stepped = saved.step is not None  # a checkpoint of the starting weights (step 0) has no optimizer state
+    if stepped and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO 1/2 and the bf16 optimizer create the torch optimizer's state, and link each
         # parameter's fragment of it, at their first step; do both now so that the fragment
         # API below has a state to write into (zeros, overwritten at once).
@@ -304,11 +305,11 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_ra
                 safe_set_full_fp32_param(param, master)
                 for key, value in values.items():
                     safe_set_full_optimizer_state(param, value, key)
-            else:  # a torch optimizer on the parameters themselves (ZeRO 0, fp32)
+            elif stepped:  # a torch optimizer on the parameters themselves (ZeRO 0, fp32)
                 state = base.state[param]
                 state["step"] = saved.step.clone().float()
                 state.update({k: v.to(param.dtype) for k, v in values.items()})
-    for state in base.state.values():  # the flat groups of ZeRO / bf16: their step count
+    for state in base.state.values() if stepped else ():  # the flat groups of ZeRO / bf16: their step count
         state["step"] = saved.step.clone().to(state["step"].dtype) if torch.is_tensor(state.get("step")) \
             else saved.step.item()
     counters = saved.counters

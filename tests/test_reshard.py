@@ -119,3 +119,17 @@ def test_zero1_to_zero0_and_back_across_layouts(runs, tmp_path):
         assert sorted(after) == steps and read_events(run, "resume")[0]["resharded"]
         assert max(abs(after[s] - reference[s]) for s in steps) < 1e-5, (run.name, after, reference)
     assert losses(read_metrics(zero1))  # the run trained
+
+
+def test_starting_weights_checkpoint_resumes_on_another_layout(runs, tmp_path):
+    """A checkpoint of the starting weights (train.steps=0, as an import from Hugging Face
+    writes one) has no optimizer state yet: one process, ZeRO 1 -> tp 1 x pp 2 with ZeRO 0
+    (the torch optimizer, on two stages) trains steps 1-6 as the uninterrupted run does."""
+    _, reference = runs
+    start = tmp_path / "start"
+    run_cli(python_cmd(), start, *BASE, *layout(1, 1, 1), "train.steps=0")
+    resumed = tmp_path / "resumed"
+    after = {m["step"]: m["loss"] for m in train(torchrun_cmd(2), resumed, *BASE, *layout(1, 2, 0),
+                                                    f"checkpoint.resume={start / 'checkpoints' / 'step-00000000'}")}
+    assert read_events(resumed, "resume")[0]["resharded"] and sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(after[s] - reference[s]) for s in after) < 1e-5, (after, reference)
