@@ -462,8 +462,9 @@ def test_a_rank_killed_before_its_checksum_share_does_not_stall_rank_0(tmp_path)
         deadline = time.monotonic() + 120
         while True:  # watch every save: the moment its files are written and rank 1's share is not
             assert time.monotonic() < deadline and job.agent.poll() is None, f"never caught:\n{job.tail()}"
+            # (not the first save: a published checkpoint must exist for the restart to resume from)
             partial = next((p for p in root.glob(".partial/step-*") if (p / "launcher_state.json").exists()
-                            and not (p / ".parts/rank-00001.json").exists()), None)
+                            and not (p / ".parts/rank-00001.json").exists()), None) if published(root) else None
             if partial is None:
                 time.sleep(0.0002)
                 continue
