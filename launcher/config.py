@@ -131,6 +131,11 @@ class ModelConfig:
     """Share the input embedding with the output head (DeepSpeed TiedLayerSpec across stages). (auto)"""
     init_std: float = 0.02
     """Std of the normal init (> 0); output projections use init_std / sqrt(2 * layers)."""
+    compile: bool = False
+    """Run each transformer block's local compute (norms, attention core, projections)
+    through torch.compile (inductor: CUDA, or CPU with a C++ compiler); the tensor-parallel
+    collectives stay outside the compiled regions. Off until measured to pay for its
+    compile time on your model (bench/step.py). Not part of what a resume compares."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -161,12 +166,28 @@ class ParallelConfig:
     stage_memory_gb: Optional[float] = None
     """Memory cap per pipeline stage for `balanced` (weights, grads, optimizer state and
     in-flight activations, as estimated by parallel.costs); null = no cap."""
-    activation_checkpointing: Union[bool, Literal["auto"]] = False
-    """Recompute each pipeline item's activations in the backward pass (about a third more
-    compute). `auto`: only when the planner finds no layout that fits without it."""
+    activation_checkpointing: Union[bool, Literal["none", "selective", "full", "auto"]] = "none"
+    """What the backward pass recomputes instead of keeping. `none`; `selective`: each norm
+    and the attention core (RoPE, SDPA), the activations that are large for their compute;
+    `full`: every pipeline item from its input (about a third more compute); `auto`: the
+    planner picks the least that fits. `true` / `false` mean full / none."""
+    sequence_parallel: Union[bool, Literal["auto"]] = "auto"
+    """Split the residual stream and the norms along the sequence over the tensor group
+    between blocks (all-gather / reduce-scatter instead of all-reduce: the same bytes, and
+    those activations stored once, not tensor times). `auto`: on when tensor > 1."""
+    fused_projections: bool = True
+    """q, k, v (and gate, up) as one matmul each. Off only to measure what it buys."""
     collective_timeout_s: float = 1800.0
     """A collective (or barrier) that waits longer than this fails: the survivors of a dead
     peer exit and the job can restart instead of hanging. 1 s to 1e7 s."""
+
+
+def sequence_parallel_on(parallel: ParallelConfig, model: ModelConfig, tp: int) -> bool:
+    """parallel.sequence_parallel resolved for tensor degree tp: `auto` is on when tp > 1 and
+    the sequence splits evenly (true with an uneven split is refused when the config loads)."""
+    if parallel.sequence_parallel == "auto":
+        return tp > 1 and model.seq_len % tp == 0
+    return bool(parallel.sequence_parallel) and tp > 1
 
 
 @dataclass
@@ -583,6 +604,8 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(raw: dict) -> Config:
     cfg = _build_section(Config, raw, "")
+    if isinstance(cfg.parallel.activation_checkpointing, bool):  # the older spelling
+        cfg.parallel.activation_checkpointing = "full" if cfg.parallel.activation_checkpointing else "none"
     resolve_init_from(cfg, raw)
     resolve_vocab(cfg)
     check_config(cfg)
@@ -731,6 +754,9 @@ def check_config(cfg: Config) -> None:
         if getattr(p, name) != "auto":
             _positive(f"parallel.{name}", getattr(p, name))
     tp = 1 if p.tensor == "auto" else p.tensor
+    if p.sequence_parallel is True and tp > 1 and m.seq_len != "auto" and m.seq_len % tp:
+        raise ConfigError("parallel.sequence_parallel", f"model.seq_len={m.seq_len} is not divisible by "
+                          f"parallel.tensor={tp}: each tensor rank holds seq_len / tensor positions")
     for key, value in (("model.heads", m.heads), ("model.kv_heads", m.n_kv_heads),
                        ("model.ffn", m.ffn), ("model.vocab", m.vocab)):
         if value % tp:

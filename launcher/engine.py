@@ -19,13 +19,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config, ConfigError, sequence_parallel_on
 from launcher.hf_weights import load_hf_weights
-from launcher.model import LlamaModel, LossFn, layer_specs
+from launcher.model import BlockOptions, LlamaModel, LossFn, layer_specs
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan
 from parallel.comm_bytes import CollectiveBytes
 from parallel.compression import PowerSGDReducer
+from parallel.costs import recompute_mode
 from parallel.pipeline import StagedPipelineModule
 from parallel.tensor_parallel import TensorParallel
 from parallel.topology import ModelParallelUnit, ProcessGroups, deepspeed_topology
@@ -301,20 +302,24 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     reading its own slices, before DeepSpeed copies them into its (fp32 master) buffers."""
     import deepspeed
 
-    tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp)
+    tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
+                        sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
+    options = BlockOptions(fused=cfg.parallel.fused_projections, compile=cfg.model.compile,
+                           recompute=recompute_mode(cfg.parallel.activation_checkpointing))
+    full_recompute = options.recompute == "full"
     # seed None: no random draw for weights that init_from is about to overwrite
-    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed)
+    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options)
     loss_fn = LossFn(tp)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     pipeline = plan.layout.pp > 1
     if pipeline:
         model = StagedPipelineModule(
             specs, plan.parts, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
-            activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+            activation_checkpoint_interval=1 if full_recompute else 0,
             activation_checkpoint_func=checkpoint_fn)
         mpu = None  # the pipeline engine builds its grid from the topology
     else:
-        model = LlamaModel(specs, checkpoint_fn if cfg.parallel.activation_checkpointing else None).to(device)
+        model = LlamaModel(specs, checkpoint_fn if full_recompute else None).to(device)
         mpu = ModelParallelUnit(groups)
     if init_from:
         load_hf_weights(model, Path(init_from), tp.rank, tp.size)

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -39,22 +40,52 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from launcher.config import ModelConfig, RopeScaling
 from parallel.costs import pipeline_items
 from parallel.tensor_parallel import (
+    NO_TP,
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallel,
     VocabParallelEmbedding,
+    block_output,
+    column_parallel,
     scaled_init_std,
+    sum_grad_over_tp,
     vocab_parallel_cross_entropy,
 )
 
 
+@dataclass(frozen=True)
+class BlockOptions:
+    """How each transformer block runs (parallel.* and model.compile; none changes what it
+    computes). `recompute`: `selective` recomputes, in backward, the regions whose
+    activations are large and cheap to rebuild: each norm and the attention core (RoPE and
+    SDPA); `full` is applied per pipeline item outside the blocks (LlamaModel / DeepSpeed)."""
+
+    fused: bool = True  # q, k, v (and gate, up) as one matmul
+    recompute: str = "none"  # none | selective | full
+    compile: bool = False  # torch.compile each block's local compute
+
+
+def _maybe_compile(fn: Callable, options: BlockOptions) -> Callable:
+    """A block's local compute between its tp collectives: compiled when asked. Collectives
+    stay outside the compiled regions, so no graph break and no collective traced by dynamo."""
+    return torch.compile(fn) if options.compile else fn
+
+
+def _recomputed(fn: Callable, *args):
+    """fn(*args), its activations rebuilt in backward instead of kept (selective recompute)."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float, name: str):
+    def __init__(self, hidden: int, eps: float, name: str, tp: TensorParallel = NO_TP):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden))
         self.weight.tp_shard_dim = None
         self.weight.logical_name = name
+        sum_grad_over_tp(self.weight, tp)  # applied to sequence shards under sequence parallelism
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 (as Llama does), scale in the compute dtype
@@ -210,17 +241,24 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """x + wo(attention(rope(wq x'), rope(wk x'), wv x')), x' = norm(x). Causal, GQA."""
+    """x + wo(attention(rope(wq x'), rope(wk x'), wv x')), x' = norm(x). Causal, GQA.
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
+    Tensor parallel: one collective at the block input (q, k, v read it as one
+    column-parallel matmul) and one at its output (wo, row-parallel). With sequence
+    parallelism x and the norm hold T/tp positions; the input is all-gathered and the
+    output reduce-scattered."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int,
+                 options: BlockOptions = BlockOptions()):
         super().__init__()
+        self.tp, self.options = tp, options
         self.heads = cfg.heads // tp.size  # this rank's query heads
         self.kv_heads = cfg.n_kv_heads // tp.size
         self.head_dim = cfg.head_dim
         self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         kv_dim = cfg.n_kv_heads * cfg.head_dim
         p = f"layers.{layer}.attention"
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight")
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight", tp)
         self.wq = ColumnParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wq", std=cfg.init_std)
         self.wk = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wk", std=cfg.init_std)
         self.wv = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wv", std=cfg.init_std)
@@ -229,6 +267,9 @@ class Attention(nn.Module):
         # RoPE tables: a plain attribute, not a buffer, so engines that cast the module to
         # bf16 leave them in fp32; rebuilt when the length or device changes.
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._normed = _maybe_compile(self.norm.forward, options)  # a method: not registered as a submodule
+        self._core = _maybe_compile(self._attention_core, options)
+        self._out = _maybe_compile(self._output_projection, options)
 
     def _rope_tables(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] != seq_len or self._rope[0].device != device:
@@ -238,13 +279,30 @@ class Attention(nn.Module):
     def forward(self, x):
         return carry_segments(self._attend, x)
 
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, Hq/tp, D) queries and (B, T, Hkv/tp, D) keys and values of the normed input."""
+        q, k, v = column_parallel(h, [self.wq.weight, self.wk.weight, self.wv.weight], self.tp, self.options.fused)
+        B, T = q.shape[:2]
+        return (q.view(B, T, self.heads, self.head_dim), k.view(B, T, self.kv_heads, self.head_dim),
+                v.view(B, T, self.kv_heads, self.head_dim))
+
     def _attend(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
-        B, T, _ = x.shape
-        h = self.norm(x)
-        q = self.wq(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq/tp, T, D)
-        k = self.wk(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv/tp, T, D)
-        v = self.wv(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self._rope_tables(T, x.device)  # (T, D)
+        selective = self.options.recompute == "selective"
+        h = _recomputed(self._normed, x) if selective else self._normed(x)
+        q, k, v = self._qkv(h)
+        cos, sin = self._rope_tables(q.shape[1], x.device)  # (T, D): the full sequence
+        if not selective:
+            # v is a view of the fused projection's output: SDPA keeping it would keep q's
+            # and k's columns alive too; its own copy (kv wide) is what backward needs.
+            v = v.contiguous()
+        core = (lambda *a: _recomputed(self._core, *a)) if selective else self._core
+        out = core(q, k, v, cos, sin) if segments is None else core(q, k, v, cos, sin, segments)
+        return x + block_output(self._out(out), self.tp)
+
+    def _attention_core(self, q, k, v, cos, sin, segments: Segments = None) -> torch.Tensor:
+        """RoPE and causal attention: (B, T, heads, D) each -> (B, T, Hq/tp * D)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        B, _, T, _ = q.shape
         gqa = self.kv_heads != self.heads
         if segments is None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -254,18 +312,18 @@ class Attention(nn.Module):
             cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = document_attention(q, k, v, segments, gqa)
-        return x + self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
 
+    def _output_projection(self, out: torch.Tensor) -> torch.Tensor:
+        """wo's local partial sums (row-parallel), before the tp reduction."""
+        return F.linear(out, self.wo.weight)
 
     def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The same block for generation: x (B, T, H) are the positions after the cache's;
         their keys and values join the cache; each attends to the cache and causally within x."""
         B, T, _ = x.shape
         start = cache.length
-        h = self.norm(x)
-        q = self.wq(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(self.norm(x)))
         cos, sin = self._rope_tables(cache.k.shape[2], x.device)  # for the whole capacity: built once
         cos, sin = cos[start:start + T], sin[start:start + T]
         keys, values = cache.append(apply_rope(k, cos, sin), v)
@@ -277,29 +335,38 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """x + w_down(silu(w_gate x') * w_up x'), x' = norm(x)."""
+    """x + w_down(silu(w_gate x') * w_up x'), x' = norm(x): gate and up one column-parallel
+    matmul (one collective at the input), w_down row-parallel (one at the output)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int,
+                 options: BlockOptions = BlockOptions()):
         super().__init__()
+        self.tp, self.options = tp, options
         p = f"layers.{layer}.mlp"
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight")
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight", tp)
         self.w_gate = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_gate", std=cfg.init_std)
         self.w_up = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_up", std=cfg.init_std)
         self.w_down = RowParallelLinear(cfg.ffn, cfg.hidden, tp, seed=seed, name=f"{p}.w_down",
                                         std=scaled_init_std(cfg.init_std, cfg.layers))
+        self._normed = _maybe_compile(self.norm.forward, options)  # a method: not registered as a submodule
+        self._down = _maybe_compile(self._swiglu_down, options)
 
     def forward(self, x):
         return carry_segments(self._mlp, x)
 
     def _mlp(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
-        h = self.norm(x)
-        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (B, T, ffn/tp) inside
+        h = _recomputed(self._normed, x) if self.options.recompute == "selective" else self._normed(x)
+        gate, up = column_parallel(h, [self.w_gate.weight, self.w_up.weight], self.tp, self.options.fused)
+        return x + block_output(self._down(gate, up), self.tp)  # (B, T, ffn/tp) inside
+
+    def _swiglu_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(gate) * up, self.w_down.weight)
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = NO_TP):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, "norm.weight")
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, "norm.weight", tp)
 
     def forward(self, x):
         return carry_segments(lambda h, _: self.norm(h), x)
@@ -316,7 +383,8 @@ class Head(nn.Module):
         return carry_segments(lambda h, _: self.proj(h), x, last=True)
 
 
-def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int]) -> list[LayerSpec]:
+def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
+                options: BlockOptions = BlockOptions()) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order).
     `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard)."""
     specs = []
@@ -326,9 +394,9 @@ def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int]) -> li
                          if cfg.tie_embeddings else LayerSpec(Embedding, cfg, tp, seed))
         elif kind in ("attn", "mlp"):
             layer = int(name.split(".")[1])
-            specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer))
+            specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer, options))
         elif kind == "norm":
-            specs.append(LayerSpec(FinalNorm, cfg))
+            specs.append(LayerSpec(FinalNorm, cfg, tp))
         elif cfg.tie_embeddings:
             specs.append(TiedLayerSpec("embed", Embedding, cfg, tp, seed, forward_fn=tied_head_forward,
                                        tied_weight_attr=["embed.weight"]))

@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from launcher.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, check_config, load_config
+from launcher.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, check_config, load_config,
+                             sequence_parallel_on)
 from launcher.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, recompute_mode
 from parallel.hardware import CPU, PRESETS, Hardware, preset
@@ -102,7 +103,8 @@ def describe(cfg: Config, plan: Plan, device: str) -> str:
         f"model      {params / 1e9:.3f}B params: {m.layers} layers, hidden {m.hidden}, heads {m.heads} ({kv}), "
         f"ffn {m.ffn}, vocab {m.vocab}, seq {m.seq_len}, tied {'yes' if m.tie_embeddings else 'no'}",
         f"engine     device {device}, precision {plan.dtype}, ZeRO {cfg.zero.stage}, optimizer {cfg.optimizer.name}, "
-        f"activation checkpointing {'on' if cfg.parallel.activation_checkpointing else 'off'}",
+        f"recompute {recompute_mode(cfg.parallel.activation_checkpointing)}, sequence parallel "
+        f"{'on' if sequence_parallel_on(cfg.parallel, cfg.model, lay.tp) else 'off'}",
         f"pipeline   {lay.pp} stage(s), partition '{cfg.parallel.partition}', slowest stage "
         f"{max_stage_flops(plan.costs, plan.parts) / ideal:.3f}x the ideal (total/pp)",
         format_stage_table(stage_table(plan.costs, plan.parts, plan.memory)),
@@ -244,11 +246,11 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
                           "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
     c = best.candidate
     chosen = dataclasses.replace(p, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
-                                 activation_checkpointing=c.recompute == "full")
+                                 activation_checkpointing=c.recompute)
     resolved = dataclasses.replace(cfg, parallel=chosen)
     check_config(resolved)
     note = (f"auto       {', '.join(auto)} -> tensor {c.tp}, pipeline {c.pp}, micro_batch {c.micro_batch}, "
-            f"activation_checkpointing {str(c.recompute == 'full').lower()} (planner: {best.peak.total / GIB:.1f} "
+            f"activation_checkpointing {c.recompute} (planner: {best.peak.total / GIB:.1f} "
             f"of {cluster.hardware.memory_gib:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
             f"{cluster.hardware.name}{kept})")
     return resolved, note
@@ -279,7 +281,7 @@ def check_fits(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
     instead = (f"; fits: {better.candidate.describe()} ({better.peak.total / GIB:.1f} GiB), e.g. "
                f"parallel.tensor={better.candidate.tp} parallel.pipeline={better.candidate.pp} "
                f"parallel.micro_batch={better.candidate.micro_batch} parallel.activation_checkpointing="
-               f"{str(better.candidate.recompute == 'full').lower()}"
+               f"{better.candidate.recompute}"
                + (" zero.offload_optimizer=true" if better.candidate.offload else "") if better else
                f"; no layout of {cluster.world} ranks fits: add nodes")
     raise ConfigError("parallel", f"tp {plan.layout.tp} x pp {plan.layout.pp} x dp {plan.layout.dp} needs "
@@ -402,7 +404,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
         c = closest.candidate
         resolved = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
-            activation_checkpointing=c.recompute == "full"))
+            activation_checkpointing=c.recompute))
         note = f"auto       {err.message.split('; add nodes')[0].removeprefix('auto: ')}; shown: the layout of that ZeRO stage needing the least memory"
     plan = make_plan(resolved, world, ASSUMED_GPU)
     own = config_estimate(resolved, plan, cluster)
@@ -491,8 +493,7 @@ def format_report(r: dict) -> str:
         lines.append(f"{label:<22}" + "".join(cells))
     acts = r["activations_per_micro_batch_stage0"]
     lines.append(f"activations of one micro-batch on stage 0, by recomputation: none {gib(acts['none']):.2f}, "
-                 f"selective {gib(acts['selective']):.2f}, full {gib(acts['full']):.2f} GiB "
-                 "(selective: not yet a launcher option)")
+                 f"selective {gib(acts['selective']):.2f}, full {gib(acts['full']):.2f} GiB")
     lines.append("")
     smallest = r["smallest_world"]
     lines.append(f"rule of thumb  params(B) x 18 x 1.25 / GPU GB = {r['params'] / 1e9:.2f} x 18 x 1.25 / "

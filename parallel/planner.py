@@ -46,7 +46,7 @@ from parallel.hardware import GB, GIB, Hardware
 from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, host_state_bytes, rank_memory, state_bytes
 from parallel.partition import MemoryModel, partition
 
-RUNNABLE_RECOMPUTE = ("none", "full")  # what the launcher runs today
+RUNNABLE_RECOMPUTE = ("none", "selective", "full")  # what the launcher runs
 # Tensor-parallel all-reduces of the hidden states per item, (forward, backward), as
 # parallel/tensor_parallel.py issues them.
 TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 3), "mlp": (1, 2), "norm": (0, 0), "head": (0, 1)}

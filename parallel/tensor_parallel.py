@@ -32,11 +32,18 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's tensor-parallel group; `group=None` with size 1 means no tp."""
+    """This rank's tensor-parallel group; `group=None` with size 1 means no tp.
+    `sequence_parallel`: between blocks the residual stream (and the norms on it) is split
+    along the sequence over the group (Korthikanti et al. 2022), see `column_parallel`."""
 
     group: Any = None
     rank: int = 0
     size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def splits_sequence(self) -> bool:
+        return self.sequence_parallel and self.size > 1
 
     def shard(self, n: int) -> tuple[int, int]:
         """(start, length) of this rank's contiguous share of n items."""
@@ -53,19 +60,6 @@ def _all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return x
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward; all-reduce of the gradient backward (input of a column-parallel op)."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.contiguous(), ctx.tp), None
-
-
 class _ReduceFromTP(torch.autograd.Function):
     """All-reduce forward; identity backward (output of a row-parallel op)."""
 
@@ -78,12 +72,103 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_tp(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    return _CopyToTP.apply(x, tp) if tp.size > 1 else x
+SEQ_DIM = 1  # hidden states are (B, T, H)
 
 
-def reduce_from_tp(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, tp) if tp.size > 1 else x
+def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """(B, T/tp, ..) shards -> (B, T, ..), in rank order. all_gather_single concatenates
+    along dim 0, so the sequence goes first (a view when B = 1, the usual large-model case)."""
+    local = x.transpose(0, SEQ_DIM).contiguous()
+    out = local.new_empty((local.shape[0] * tp.size, *local.shape[1:]))
+    dist.all_gather_single(out, local, group=tp.group)
+    return out.transpose(0, SEQ_DIM)
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """(B, T, ..) partial sums -> this rank's (B, T/tp, ..) share of their sum."""
+    full = x.transpose(0, SEQ_DIM).contiguous()
+    out = full.new_empty((full.shape[0] // tp.size, *full.shape[1:]))
+    dist.reduce_scatter_single(out, full, group=tp.group)
+    return out.transpose(0, SEQ_DIM)
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward; all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _reduce_scatter_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.tp), None
+
+
+def block_output(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """A row-parallel matmul's (or the vocab-parallel embedding's) partial sums -> the
+    residual stream's layout: all-reduced (replicated), or with sequence parallelism
+    reduce-scattered along the sequence (each rank keeps T/tp positions)."""
+    if tp.size == 1:
+        return y
+    return _ReduceScatterSequence.apply(y, tp) if tp.sequence_parallel else _ReduceFromTP.apply(y, tp)
+
+
+def sum_grad_over_tp(param: nn.Parameter, tp: TensorParallel) -> None:
+    """With sequence parallelism a replicated weight applied to sequence shards (the norms)
+    gets a partial gradient on each tp rank: sum it over tp as it is produced (a hook on the
+    parameter, before accumulation, so gradient accumulation stays exact)."""
+    if tp.splits_sequence:
+        param.register_hook(lambda grad: _all_reduce(grad.contiguous(), tp))
+
+
+class _ColumnParallel(torch.autograd.Function):
+    """The column-parallel matmuls that read one block input: x @ W_i^T for each weight.
+
+    One collective per block input, however many weights read it (Megatron's placement):
+    without sequence parallelism the input gradient is all-reduced once in backward; with
+    it the sequence shards are all-gathered forward and the input gradient
+    reduce-scattered backward. Like Megatron, only the local shard is saved: backward
+    gathers it again, so the full-sequence input is never kept between forward and backward.
+
+    `fused`: the weights stay separate parameters (same names and checkpoints, HF interop
+    unchanged) but run as one matmul on their concatenation; the concatenation lives only
+    for the matmul (backward rebuilds it), so fusing costs no activation memory."""
+
+    @staticmethod
+    def forward(ctx, x, tp, fused, *weights):
+        ctx.tp, ctx.fused = tp, fused
+        ctx.save_for_backward(x, *weights)
+        full = _gather_sequence(x, tp) if tp.splits_sequence else x
+        if fused:
+            return tuple(nn.functional.linear(full, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+        return tuple(nn.functional.linear(full, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        tp = ctx.tp
+        full = _gather_sequence(x, tp) if tp.splits_sequence else x
+        flat_x = full.reshape(-1, full.shape[-1])
+        if ctx.fused:
+            grad = torch.cat(grads, dim=-1)
+            grad_x = grad @ torch.cat(weights)
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ flat_x).split([w.shape[0] for w in weights])
+        else:
+            grad_x = sum(g @ w for g, w in zip(grads, weights))
+            grad_w = [g.reshape(-1, g.shape[-1]).t() @ flat_x for g in grads]
+        if tp.splits_sequence:
+            grad_x = _reduce_scatter_sequence(grad_x, tp)
+        elif tp.size > 1:
+            grad_x = _all_reduce(grad_x.contiguous(), tp)
+        return (grad_x, None, None, *grad_w)
+
+
+def column_parallel(x: torch.Tensor, weights: list[torch.Tensor], tp: TensorParallel,
+                    fused: bool = True) -> tuple[torch.Tensor, ...]:
+    """x @ W^T for each column-parallel weight (out/tp rows) reading block input x: (B, T, H)
+    replicated, or (B, T/tp, H) with sequence parallelism -> one (B, T, out_i/tp) per weight."""
+    return _ColumnParallel.apply(x, tp, fused, *weights)
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -130,7 +215,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 0, tp), 0, tp, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(copy_to_tp(x, self.tp), self.weight)
+        return column_parallel(x, [self.weight], self.tp)[0]
 
 
 class RowParallelLinear(nn.Module):
@@ -143,7 +228,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _sharded_param(init_shard((out_features, in_features), std, seed, name, 1, tp), 1, tp, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(nn.functional.linear(x, self.weight), self.tp)
+        return block_output(nn.functional.linear(x, self.weight), self.tp)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -163,11 +248,11 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.vocab_per_rank)
         out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.tp)
+        return block_output(out, self.tp)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tied output head: (.., hidden) -> this rank's vocab shard of the logits."""
-        return nn.functional.linear(copy_to_tp(x, self.tp), self.weight)
+        return column_parallel(x, [self.weight], self.tp)[0]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
