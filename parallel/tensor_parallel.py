@@ -255,42 +255,64 @@ class VocabParallelEmbedding(nn.Module):
         return column_parallel(x, [self.weight], self.tp)[0]
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over vocab-sharded logits (B, T, V/tp) without gathering them.
+LOSS_CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB as fp32
 
-    Forward: global max, global sum of exp and the target's logit are each one all-reduce
-    of a (B, T) tensor. Backward is local: softmax shard minus the one-hot shard."""
+
+def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
+    per = max(1, LOSS_CHUNK_ELEMENTS // max(width, 1))
+    return [(start, min(start + per, rows)) for start in range(0, rows, per)]
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over vocab-sharded logits (B, T, V/tp) without gathering them, in
+    chunks of tokens so that its own memory is one fp32 chunk, not fp32 copies of the
+    logits shard (written by hand: torch's cross_entropy needs the full vocabulary row).
+
+    Forward, one pass: per chunk, each token's local max m, sum of exp(logit - m) and the
+    target's logit (0 where another rank owns it); then one MAX all-reduce of m and one SUM
+    all-reduce of (sum * exp(m - M), target logit) give the global log-sum-exp. Saved for
+    backward: the logits (already in memory) and the log-sum-exp per token. Backward is
+    local, chunk by chunk: softmax rebuilt from the log-sum-exp, minus the one-hot."""
 
     @staticmethod
     def forward(ctx, logits, targets, tp, vocab_start):
-        logits = logits.float()
-        local_max = logits.max(dim=-1).values
-        if tp.size > 1:
-            dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp.group)
-        shifted = logits - local_max.unsqueeze(-1)
-
-        n_local = logits.shape[-1]
-        local_t = targets - vocab_start
-        outside = (local_t < 0) | (local_t >= n_local)
+        width = logits.shape[-1]
+        flat = logits.reshape(-1, width)
+        local_t = targets.reshape(-1) - vocab_start
+        outside = (local_t < 0) | (local_t >= width)
         safe_t = local_t.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        _all_reduce(target_logit, tp)
-        _all_reduce(sum_exp, tp)
-        loss = sum_exp.log() - target_logit  # (B, T)
-
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), safe_t, outside)
-        return loss
+        rows = flat.shape[0]
+        local_max = torch.empty(rows, dtype=torch.float32, device=flat.device)
+        sums = torch.empty(2, rows, dtype=torch.float32, device=flat.device)  # sum of exp, target logit
+        for start, end in _row_chunks(rows, width):
+            chunk = flat[start:end].float()
+            m = chunk.max(dim=-1).values
+            local_max[start:end] = m
+            sums[0, start:end] = (chunk - m.unsqueeze(-1)).exp_().sum(dim=-1)
+            sums[1, start:end] = chunk.gather(-1, safe_t[start:end].unsqueeze(-1)).squeeze(-1)
+        sums[1].masked_fill_(outside, 0.0)
+        global_max = local_max.clone()
+        if tp.size > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp.group)
+        sums[0].mul_((local_max - global_max).exp_())
+        _all_reduce(sums, tp)
+        lse = sums[0].log_().add_(global_max)
+        ctx.save_for_backward(logits, lse, safe_t, outside)
+        return (lse - sums[1]).view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, safe_t, outside = ctx.saved_tensors
-        grad = softmax
-        one_hot = torch.zeros_like(grad).scatter_(-1, safe_t.unsqueeze(-1), 1.0)
-        grad = grad - one_hot * (~outside).unsqueeze(-1).to(grad.dtype)
-        return grad * grad_loss.unsqueeze(-1), None, None, None
+        logits, lse, safe_t, outside = ctx.saved_tensors
+        width = logits.shape[-1]
+        flat = logits.reshape(-1, width)
+        grad_flat = grad_loss.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        for start, end in _row_chunks(flat.shape[0], width):
+            g = (flat[start:end].float() - lse[start:end].unsqueeze(-1)).exp_()  # softmax (a new tensor: never the logits)
+            inside = (~outside[start:end]).to(g.dtype).unsqueeze(-1)
+            g.scatter_add_(-1, safe_t[start:end].unsqueeze(-1), -inside)
+            grad[start:end] = g.mul_(grad_flat[start:end].unsqueeze(-1))
+        return grad.view_as(logits), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor,
