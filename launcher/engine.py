@@ -50,6 +50,11 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": cfg.logging.time_breakdown,
     }
+    if lay.pp > 1 and sequence_parallel_on(cfg.parallel, cfg.model, lay.tp):
+        # DeepSpeed's pipeline sends each activation split over the tensor group and
+        # all-gathers it on the receiving stage, which is right only for tp-replicated
+        # activations; with sequence parallelism each tp rank sends its own sequence shard.
+        generated["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if plan.dtype == "bf16":
         generated.update(bf16_gradient_settings(cfg, plan))
     if cfg.zero.offload_optimizer:

@@ -77,11 +77,12 @@ SEQ_DIM = 1  # hidden states are (B, T, H)
 
 def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """(B, T/tp, ..) shards -> (B, T, ..), in rank order. all_gather_single concatenates
-    along dim 0, so the sequence goes first (a view when B = 1, the usual large-model case)."""
+    along dim 0, so the sequence goes first: the transposes are views when B = 1 (the usual
+    large-model micro-batch) and copies otherwise (Megatron keeps (T, B, H) throughout)."""
     local = x.transpose(0, SEQ_DIM).contiguous()
     out = local.new_empty((local.shape[0] * tp.size, *local.shape[1:]))
     dist.all_gather_single(out, local, group=tp.group)
-    return out.transpose(0, SEQ_DIM)
+    return out.transpose(0, SEQ_DIM).contiguous()
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
@@ -89,7 +90,7 @@ def _reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tenso
     full = x.transpose(0, SEQ_DIM).contiguous()
     out = full.new_empty((full.shape[0] // tp.size, *full.shape[1:]))
     dist.reduce_scatter_single(out, full, group=tp.group)
-    return out.transpose(0, SEQ_DIM)
+    return out.transpose(0, SEQ_DIM).contiguous()  # the residual stream (and pipeline sends) stay dense
 
 
 class _ReduceScatterSequence(torch.autograd.Function):

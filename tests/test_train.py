@@ -41,10 +41,11 @@ def test_readme_main_command_3d_matches_single_process(single, tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
     assert "world 8 = tp 2 x pp 2 x dp 2" in result.stdout
     assert "stage  items" in result.stdout and "ZeRO 1" in result.stdout
+    assert "sequence parallel on" in result.stdout  # the default with tp > 1
     assert "done: 5 steps" in result.stdout
     metrics = read_metrics(tmp_path)
     assert metrics[0]["world_size"] == 8
-    assert_close(losses(metrics), losses(single), 1e-4)
+    assert_close(losses(metrics), losses(single), 1e-5)
     for ours, ref in zip(metrics, single):  # clipping is active (norm > 1), so the norm must agree too
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
         assert ours["tokens_seen"] == ref["tokens_seen"]

@@ -1,0 +1,149 @@
+"""The lean step (issue 18): fused projections, sequence parallelism, selective and full
+recomputation and compiled blocks each compute what the dense single-process model computes
+(losses and every gradient, over several optimizer steps, fp32), and the tensor-parallel
+collectives are exactly those parallel/comm_bytes.py's formula names, with its payloads."""
+
+import functools
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from launcher.config import ModelConfig
+from launcher.model import BlockOptions, LlamaModel, LossFn, layer_specs
+from parallel.comm_bytes import CollectiveBytes, collective_counts, tp_collectives
+from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
+
+CFG = ModelConfig(layers=2, hidden=64, heads=8, kv_heads=4, ffn=96, vocab=256, seq_len=16, tie_embeddings=True)
+BATCH, STEPS, LR = 2, 3, 0.5
+DENSE = BlockOptions(fused=False)
+
+# (name, sequence parallel, options); every one runs at tp 2 and is compared with DENSE at tp 1
+VARIANTS = [
+    ("fused", False, BlockOptions()),
+    ("unfused", False, BlockOptions(fused=False)),
+    ("sequence_parallel", True, BlockOptions()),
+    ("sequence_parallel_selective", True, BlockOptions(recompute="selective")),
+    ("sequence_parallel_full", True, BlockOptions(recompute="full")),
+    ("sequence_parallel_compiled", True, BlockOptions(compile=True, recompute="selective")),
+]
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(100)  # the same batch each step: the loss must fall
+    ids = torch.randint(0, CFG.vocab, (BATCH, CFG.seq_len), generator=gen)
+    return ids, torch.randint(0, CFG.vocab, (BATCH, CFG.seq_len), generator=gen)
+
+
+def _model(tp: TensorParallel, options: BlockOptions) -> LlamaModel:
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return LlamaModel(layer_specs(CFG, tp, seed=7, options=options), checkpoint if options.recompute == "full" else None)
+
+
+def _train(tp: TensorParallel, options: BlockOptions) -> dict:
+    """STEPS steps of plain SGD; each step's loss and the full (gathered) gradients."""
+    model = _model(tp, options)
+    loss_fn = LossFn(tp)
+    out = {"losses": [], "grads": []}
+    for step in range(STEPS):
+        ids, targets = _batch(step)
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(ids), targets)
+        loss.backward()
+        out["losses"].append(loss.item())
+        out["grads"].append({n: p.grad.clone() if p.tp_shard_dim is None else gather_shards(p.grad, p.tp_shard_dim, tp)
+                             for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    return out
+
+
+def _collectives(tp: TensorParallel) -> dict:
+    """The (function, payload) of each tp collective in one forward and one backward."""
+    model = _model(tp, BlockOptions())
+    counter = CollectiveBytes(list(range(tp.size))).install()
+    try:
+        ids, targets = _batch(0)
+        loss = LossFn(tp)(model(ids), targets)
+        forward = counter.take_calls()
+        loss.backward()
+        return {"forward": forward, "backward": counter.take_calls()}
+    finally:
+        counter.uninstall()
+
+
+def _tp2(rank, world_size):
+    group = torch.distributed.group.WORLD
+    results = {name: _train(TensorParallel(group, rank, world_size, sequence_parallel=sp), options)
+               for name, sp, options in VARIANTS}
+    results["calls"] = {sp: _collectives(TensorParallel(group, rank, world_size, sequence_parallel=sp))
+                        for sp in (False, True)}
+    return results
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return _train(NO_TP, DENSE)
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    return run_distributed(_tp2, 2)
+
+
+def _assert_matches(got: dict, ref: dict, what: str) -> None:
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"]), 1):
+        assert abs(a - b) <= 1e-5, f"{what}: step {step} loss {a} vs {b}"
+    assert ref["losses"][-1] < ref["losses"][0]  # the steps train: later steps see updated weights
+    for step, (grads, ref_grads) in enumerate(zip(got["grads"], ref["grads"]), 1):
+        assert grads.keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-5, msg=f"{what}: step {step} grad of {name}")
+
+
+@pytest.mark.parametrize("options", [BlockOptions(), BlockOptions(recompute="selective"),
+                                     BlockOptions(recompute="full"), BlockOptions(compile=True)],
+                         ids=["fused", "selective", "full", "compiled"])
+def test_every_switch_matches_the_dense_model_on_one_process(dense, options):
+    _assert_matches(_train(NO_TP, options), dense, str(options))
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in VARIANTS])
+def test_every_switch_matches_the_dense_model_at_tp2(dense, tp2, name):
+    for rank, result in enumerate(tp2):
+        _assert_matches(result[name], dense, f"tp 2 rank {rank} {name}")
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["all_reduce", "sequence_parallel"])
+def test_tp_collectives_are_the_formulas(tp2, sequence_parallel):
+    act_bytes = BATCH * CFG.seq_len * CFG.hidden * 4
+    expected = tp_collectives(CFG.layers, CFG.hidden, BATCH * CFG.seq_len, 4, 2, sequence_parallel)
+    for rank, result in enumerate(tp2):
+        calls = result["calls"][sequence_parallel]
+        for phase in ("forward", "backward"):
+            print(f"\ntp 2 rank {rank}, sequence parallel {sequence_parallel}, {phase}: "
+                  f"{collective_counts(calls[phase])}")
+            assert collective_counts(calls[phase]) == collective_counts(expected[phase]), phase
+        # what the formula says per layer, spelled out: one collective per block input and output
+        moved = {phase: sum(b for _, b in calls[phase]) for phase in calls}
+        if not sequence_parallel:
+            per_layer = {phase: sum(1 for f, b in calls[phase] if f == "all_reduce" and b == act_bytes) for phase in calls}
+            assert per_layer == {"forward": 2 * CFG.layers + 1, "backward": 2 * CFG.layers + 1}  # + embed / + head
+        else:
+            assert all(f != "all_reduce" or b < act_bytes for f, b in calls["forward"] + calls["backward"])
+        print(f"tp 2 sequence parallel {sequence_parallel}: bytes forward {moved['forward']:,}, "
+              f"backward {moved['backward']:,}")
+
+
+def test_the_formula_counts_two_forward_and_two_backward_all_reduces_per_layer():
+    """Megatron's count, from the formula itself: adding a layer adds exactly 2 + 2."""
+    one, two = (tp_collectives(layers, 64, 32, 4, 2, False) for layers in (1, 2))
+    assert len(two["forward"]) - len(one["forward"]) == 2
+    assert len(two["backward"]) - len(one["backward"]) == 2
+    sp_one, sp_two = (tp_collectives(layers, 64, 32, 4, 2, True) for layers in (1, 2))
+    # with sequence parallelism the activation payloads moved equal the all-reduce case's
+    # times two (a reduce-scatter plus an all-gather per all-reduce), plus the backward re-gather
+    act = 32 * 64 * 4
+    sp_layer = sum(b for _, b in sp_two["forward"] if b == act) - sum(b for _, b in sp_one["forward"] if b == act)
+    assert sp_layer == 2 * 2 * act
