@@ -302,6 +302,7 @@ def fingerprint(cfg, weights_from: Optional[dict] = None) -> dict:
 
     model = dataclasses.asdict(cfg.model)
     model.pop("init_from")
+    model.pop("compile")  # how the blocks run, not what they compute
     out = {"model": model, "global_batch": cfg.parallel.global_batch,
            "seed": cfg.train.seed, "data.tokenizer": load_tokenizer(cfg.data.tokenizer).sha256,
            "data.val_fraction": cfg.data.val_fraction}

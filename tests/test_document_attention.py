@@ -217,6 +217,7 @@ def _engine_runs(rank, world_size):
 
     results = {}
     for name, parallel in (("tp2_pp2", {}), ("tp2_pp2_checkpointing", {"activation_checkpointing": True}),
+                           ("tp2_pp2_no_sequence_parallel", {"sequence_parallel": False}),
                            ("tp1_pp2_dp2", {"tensor": 1}), ("tp2_dp2", {"pipeline": 1})):
         cfg = engine_config(**parallel)
         plan = make_plan(cfg, world_size, detect_device_support())
@@ -231,8 +232,10 @@ def _engine_runs(rank, world_size):
 
         steps = [engine.train_step(data(step)) for step in range(2)]
         results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(2)))
-        if engine.pipeline:  # tp > 1: DeepSpeed splits the tuple's hidden states over tp to send them
-            assert engine.ds.is_pipe_partitioned == engine.ds.is_grad_partitioned == (plan.layout.tp > 1)
+        if engine.pipeline:  # tp > 1 without sequence parallelism: DeepSpeed splits the tuple's
+            # hidden states over tp to send them; with it each tp rank sends its own shard
+            split = plan.layout.tp > 1 and parallel.get("sequence_parallel") is False
+            assert engine.ds.is_pipe_partitioned == engine.ds.is_grad_partitioned == split
         engine.ds.destroy()
     return results
 

@@ -113,11 +113,15 @@ def test_srun_style_environment(single, tmp_path):
     assert_close(losses(read_metrics(tmp_path)), losses(single), 1e-5)
 
 
-def test_activation_checkpointing_changes_nothing(single, tmp_path):
-    plain = train(python_cmd(), tmp_path / "pp1", *SHORT, *SINGLE, "parallel.activation_checkpointing=true")
+def test_recomputation_and_compiled_blocks_change_nothing(single, tmp_path):
+    """Selective recomputation with compiled blocks on one process; full recomputation (the
+    old `true` spelling) with compiled blocks inside DeepSpeed's pipeline engine, tensor
+    parallel with sequence parallelism (tp 2 x pp 2)."""
+    plain = train(python_cmd(), tmp_path / "pp1", *SHORT, *SINGLE, "parallel.activation_checkpointing=selective",
+                  "model.compile=true")
     assert_close(losses(plain), losses(single), 1e-5)
-    piped = train(torchrun_cmd(2), tmp_path / "pp2", *SHORT, "parallel.tensor=1", "parallel.pipeline=2",
-                  "zero.stage=0", "parallel.activation_checkpointing=true")
+    piped = train(torchrun_cmd(4), tmp_path / "tp2pp2", *SHORT, "parallel.tensor=2", "parallel.pipeline=2",
+                  "zero.stage=0", "parallel.activation_checkpointing=true", "model.compile=true")
     assert_close(losses(piped), losses(single), 1e-5)
 
 
