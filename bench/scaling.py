@@ -4,8 +4,8 @@
 
 For each config and GPU count (nodes of 8): the fastest layout that fits (python -m
 launcher.plan's first row, `auto` with recomputation only where needed), its predicted
-tokens/s per GPU and MFU. Predictions from the cost model in parallel/planner.py, not
-measurements.
+tokens/s per GPU and MFU; SP: sequence parallelism (parallel.sequence_parallel: auto, on
+when tp > 1). Predictions from the cost model in parallel/planner.py, not measurements.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def main() -> int:
     parser.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256, 512, 1024])
     args = parser.parse_args()
     hardware = PRESETS[args.gpu]
-    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp | mb | ZeRO | recompute | GiB/rank | "
+    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp | mb | ZeRO | recompute | SP | GiB/rank | "
           "tokens/s/GPU | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
         for gpus in args.gpus:
@@ -41,10 +41,11 @@ def main() -> int:
                 cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"))
             best = choose(auto, cluster, "bf16")
             if best is None:
-                print(f"| {name} | {gpus} | - | - | - | - | - | - | does not fit | - | - |")
+                print(f"| {name} | {gpus} | - | - | - | - | - | - | - | does not fit | - | - |")
                 continue
             c = best.candidate
             print(f"| {name} | {gpus} | {c.tp} | {c.pp} | {c.dp} | {c.micro_batch} | {c.zero} | {c.recompute} | "
+                  f"{'yes' if c.sequence_parallel else 'no'} | "
                   f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")
     return 0
 

@@ -185,9 +185,14 @@ class ParallelConfig:
 def sequence_parallel_on(parallel: ParallelConfig, model: ModelConfig, tp: int) -> bool:
     """parallel.sequence_parallel resolved for tensor degree tp: `auto` is on when tp > 1 and
     the sequence splits evenly (true with an uneven split is refused when the config loads)."""
-    if parallel.sequence_parallel == "auto":
-        return tp > 1 and model.seq_len % tp == 0
-    return bool(parallel.sequence_parallel) and tp > 1
+    return resolve_sequence_parallel(parallel.sequence_parallel, model.seq_len, tp)
+
+
+def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int) -> bool:
+    """The same from the setting's value (the planner resolves it for every candidate tp)."""
+    if setting == "auto":
+        return tp > 1 and seq_len % tp == 0
+    return bool(setting) and tp > 1
 
 
 @dataclass

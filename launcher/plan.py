@@ -35,7 +35,8 @@ from launcher.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, recompute_mode
 from parallel.hardware import CPU, PRESETS, Hardware, preset
 from parallel.memory import dtype_bytes, state_bytes
-from parallel.planner import Candidate, Cluster, Estimate, Workload, candidates, estimate, rank_layouts, why_faster
+from parallel.planner import (RUNNABLE_RECOMPUTE, Candidate, Cluster, Estimate, Workload, candidates, estimate,
+                              rank_layouts, why_faster)
 from parallel.partition import (
     GB,
     MemoryModel,
@@ -66,7 +67,8 @@ def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
         raise ValueError("make_plan needs a config whose auto keys are resolved (resolve_auto)")
     costs = item_costs(cfg.model, tp=layout.tp, micro_batch=layout.micro_batch,
                        dtype_bytes=dtype_bytes(dtype),
-                       recompute=cfg.parallel.activation_checkpointing)
+                       recompute=cfg.parallel.activation_checkpointing,
+                       sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, layout.tp))
     memory = MemoryModel(stages=layout.pp, grad_accum=layout.grad_accum,
                          bytes_per_param=state_bytes(dtype, cfg.optimizer.name, cfg.zero.stage, layout.dp).total)
     cap = cfg.parallel.stage_memory_gb * GB if cfg.parallel.stage_memory_gb is not None else None
@@ -126,7 +128,8 @@ def workload(cfg: Config, dtype: str) -> Workload:
     extra = {"reduce_bucket": int(bucket)} if isinstance(bucket, (int, float)) and bucket > 0 else {}
     return Workload(model=cfg.model, global_batch=cfg.parallel.global_batch, dtype=dtype,
                     optimizer=cfg.optimizer.name, compression=cfg.compression.method,
-                    compression_rank=cfg.compression.rank, partition=cfg.parallel.partition, **extra)
+                    compression_rank=cfg.compression.rank, partition=cfg.parallel.partition,
+                    sequence_parallel=cfg.parallel.sequence_parallel, **extra)
 
 
 def assumed_cluster(world_size: int, hardware: Hardware = PRESETS["h100"]) -> Cluster:
@@ -190,14 +193,18 @@ def plan_candidates(cfg: Config, cluster: Cluster, dtype: str) -> list[Candidate
 
 
 def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
-    """The fastest layout that fits among plan_candidates; without recomputation when a
-    layout without it fits (auto recomputes only when it must), None when none fits."""
+    """The fastest layout that fits among plan_candidates; with an auto
+    activation_checkpointing, the least recomputation that fits (auto recomputes only when
+    it must): none when a layout without it fits, else selective, else full. None when
+    nothing fits."""
     ranking = rank_layouts(workload(cfg, dtype), cluster, plan_candidates(cfg, cluster, dtype))
     if not ranking.estimates:
         return None
     if cfg.parallel.activation_checkpointing == "auto":
-        plain = [e for e in ranking.estimates if e.candidate.recompute == "none"]
-        return plain[0] if plain else ranking.estimates[0]
+        for mode in RUNNABLE_RECOMPUTE:  # least recomputation first
+            fitting = [e for e in ranking.estimates if e.candidate.recompute == mode]
+            if fitting:
+                return fitting[0]
     return ranking.estimates[0]
 
 
@@ -260,7 +267,8 @@ def config_estimate(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
     """The planner's estimate of the config's own (resolved) layout and stage split."""
     lay = plan.layout
     c = Candidate(lay.tp, lay.pp, lay.dp, lay.micro_batch, cfg.zero.stage,
-                  recompute_mode(cfg.parallel.activation_checkpointing), cfg.zero.offload_optimizer)
+                  recompute_mode(cfg.parallel.activation_checkpointing), cfg.zero.offload_optimizer,
+                  sequence_parallel_on(cfg.parallel, cfg.model, lay.tp))
     return estimate(workload(cfg, plan.dtype), cluster, c, parts=list(plan.parts))
 
 
@@ -415,8 +423,9 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     pool = candidates(work, cluster, zero=None, offload=(False, True))
     ranking = rank_layouts(work, cluster, pool)
     params = sum(c.params for c in plan.costs)
+    sp = sequence_parallel_on(resolved.parallel, resolved.model, plan.layout.tp)
     stage0 = {mode: sum(c.act_bytes for c in item_costs(resolved.model, plan.layout.tp, plan.layout.micro_batch,
-                                                         dtype_bytes(plan.dtype), mode)
+                                                         dtype_bytes(plan.dtype), mode, sp)
                         [plan.parts[0]:plan.parts[1]])
               for mode in ("none", "selective", "full")}
     try:
@@ -472,7 +481,8 @@ def format_report(r: dict) -> str:
     if r["auto"]:
         lines.append(r["auto"])
     lines.append(f"layout     tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}, micro_batch {lay['micro_batch']}, "
-                 f"ZeRO {lay['zero']}, recompute {lay['recompute']}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "
+                 f"ZeRO {lay['zero']}, recompute {lay['recompute']}, sequence parallel "
+                 f"{'on' if lay['sequence_parallel'] else 'off'}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "
                  f"({lay['peak_gib']:.1f} of {hw['memory_gib']:.1f} GiB), "
                  f"~{lay['tokens_per_s']:,.0f} tokens/s, MFU {100 * lay['mfu']:.1f}%")
     stages = lay["stages"]
@@ -493,7 +503,8 @@ def format_report(r: dict) -> str:
         lines.append(f"{label:<22}" + "".join(cells))
     acts = r["activations_per_micro_batch_stage0"]
     lines.append(f"activations of one micro-batch on stage 0, by recomputation: none {gib(acts['none']):.2f}, "
-                 f"selective {gib(acts['selective']):.2f}, full {gib(acts['full']):.2f} GiB")
+                 f"selective {gib(acts['selective']):.2f}, full {gib(acts['full']):.2f} GiB"
+                 + (" (sequence parallel)" if lay["sequence_parallel"] else ""))
     lines.append("")
     smallest = r["smallest_world"]
     lines.append(f"rule of thumb  params(B) x 18 x 1.25 / GPU GB = {r['params'] / 1e9:.2f} x 18 x 1.25 / "
@@ -504,11 +515,12 @@ def format_report(r: dict) -> str:
                  "gradients that ZeRO 1-2 and tensor/pipeline degrees leave on every rank")
     lines.append("")
     lines.append(f"layouts that fit: {r['fitting']} of {r['considered']} considered, fastest first")
-    lines.append(f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'ZeRO':>4} {'recompute':>9} {'offload':>7} "
+    lines.append(f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'ZeRO':>4} {'recompute':>9} {'SP':>3} {'offload':>7} "
                  f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}")
     for i, e in enumerate(r["ranked"], 1):
         lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5} {e['micro_batch']:>3} {e['zero']:>4} "
-                     f"{e['recompute']:>9} {'yes*' if e['offload'] else 'no':>7} {e['peak_gib']:>6.1f} "
+                     f"{e['recompute']:>9} {'yes' if e['sequence_parallel'] else 'no':>3} "
+                     f"{'yes*' if e['offload'] else 'no':>7} {e['peak_gib']:>6.1f} "
                      f"{e['step_s']:>8.3f} {e['tokens_per_s']:>11,.0f} {100 * e['mfu']:>5.1f}% "
                      f"{100 * e['bubble']:>5.1f}%")
     if any(e["offload"] for e in r["ranked"]):

@@ -53,56 +53,79 @@ def recompute_mode(value) -> str:
 
 
 def activation_bytes(model: ModelConfig, kind: str, tp: int, micro_batch: int, dtype_bytes: int,
-                     recompute: str = "none") -> int:
+                     recompute: str = "none", sequence_parallel: bool = False) -> int:
     """Bytes one pipeline item saves for its backward pass, for one micro-batch on one tp rank.
 
-    Counted tensor by tensor from what this model's autograd graph keeps (measured with
-    `torch.autograd.graph.saved_tensors_hooks` in tests/test_plan.py), in the spirit of
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-    Models", sec. 4), whose 34sbh + 5as^2b assumes dropout and an unfused softmax; fused
-    SDPA (flash) keeps no s x s matrix, only the log-sum-exp per query. e = compute dtype.
-      norm (RMSNorm, in fp32):   its fp32 input, 1/rms (fp32 per token), normalised x and x*g (e each)
-      attention:                 q, k, v after RoPE and the attention output (sharded); lse (fp32)
-      MLP (SwiGLU):              gate, silu(gate), up, their product (sharded, ffn wide)
-      head + loss:               the head's input; the loss keeps an fp32 softmax of the
-                                 logits shard, int64 targets and a bool mask
-    `full` keeps only each item's input (and the loss's softmax, which is outside the
-    items); `selective` recomputes the attention core, dropping what SDPA keeps beyond its
-    inputs and the output the projection needs: the lse. With a fused kernel that is all
-    selective recomputation can save."""
-    s, b, e = model.seq_len, micro_batch, dtype_bytes
+    Counted tensor by tensor from what this model's autograd graph keeps (distinct storages,
+    measured with `torch.autograd.graph.saved_tensors_hooks` in tests/test_plan.py), in the
+    spirit of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", sec. 4), whose 34sbh + 5as^2b assumes dropout and an unfused
+    softmax; fused SDPA (flash) keeps no s x s matrix, only the log-sum-exp per query.
+    e = compute dtype; b, s, h, kv, f, V, a: micro-batch, sequence, hidden, kv width
+    (kv heads x head dim), ffn, vocabulary, query heads. r = s / tp positions of the
+    residual stream with sequence parallelism (r = s without): the norms and each block's
+    input live on r positions; what lies between a block's two collectives (q, k, v, the
+    attention output, the MLP's ffn-wide tensors) on all s positions, sharded by heads/ffn.
+
+      norm (RMSNorm, in fp32)    fp32 input (4brh: the input itself in fp32, a copy in
+                                 bf16), 1/rms (4br), normalised x and x*g (2ebrh; x*g is
+                                 the saved input of the column-parallel matmul: with sequence
+                                 parallelism its local shard, backward gathers it again)
+      attention core             q, k after RoPE, v, the output (e bs(2h + 2kv)/tp); the lse
+                                 (4bas/tp, fp32). RoPE keeps only its tables (persistent)
+      MLP (SwiGLU)               gate and up (one fused buffer), silu(gate), the product
+                                 that w_down reads: 4ebsf/tp
+      final norm                 4brh + ebrh + 4br (x*g is the head's input, counted there)
+      head + loss                the head's input (ebrh); the loss keeps the logits shard
+                                 (ebsV/tp), the lse (fp32), int64 targets and a bool mask
+      embedding                  int64 ids (with tp: the shard's local ids and a bool mask)
+
+    `selective` (launcher.model BlockOptions) recomputes each block's norm and attention
+    core: a norm keeps only its input and output (2ebrh instead of (4 + 2e)brh + 4br), the
+    attention core its inputs, which are the fused q|k|v buffer (as large as q, k, v after
+    RoPE), and its output: only the lse is dropped. With a fused SDPA kernel the attention
+    core holds little more than its inputs, so the norms are where selective saves: in bf16
+    about 17% of a block's activations at tp 1 or with sequence parallelism (Llama 7B/70B),
+    40% at tp 8 without it, where the replicated norms dominate; the MLP's ffn-wide tensors
+    stay. `full` keeps only each item's input (ebrh; the loss still keeps its own)."""
+    s, b, e, h = model.seq_len, micro_batch, dtype_bytes, model.hidden
     kv_dim = model.n_kv_heads * model.head_dim
-    bs, bsh = b * s, b * s * model.hidden
-    norm = 4 * bsh + 2 * e * bsh + 4 * bs  # fp32 input, 1/rms, x_hat, x_hat * g
-    loss = 4 * bs * model.vocab // tp + 9 * bs  # fp32 softmax of the logits shard, targets, mask
+    r = s // tp if sequence_parallel and tp > 1 else s  # residual-stream positions on this rank
+    bs, brh = b * s, b * r * h
+    if recompute == "selective" and kind in ("attn", "mlp"):
+        norm = 2 * e * brh  # the checkpoint's input and the norm's output
+    else:
+        norm = 4 * brh + 2 * e * brh + 4 * b * r  # fp32 input, 1/rms, x_hat, x_hat * g
+    loss = e * bs * model.vocab // tp + 13 * bs  # logits shard, fp32 lse, int64 targets, bool mask
     lse = 4 * b * model.heads * s // tp
     if kind == "embed":
-        return 8 * bs + (9 * bs if tp > 1 else 0)  # ids; with tp, the shard's local ids and mask
+        return 8 * bs + (bs if tp > 1 else 0)  # ids; with tp, the shard's local ids and a mask
     if recompute == "full":
-        return e * bsh + (loss if kind == "head" else 0)
+        return e * brh + (loss if kind == "head" else 0)
     if kind == "attn":
-        qkvo = e * (2 * bsh + 2 * bs * kv_dim) // tp
+        qkvo = e * bs * (2 * h + 2 * kv_dim) // tp
         return norm + qkvo + (0 if recompute == "selective" else lse)
     if kind == "mlp":
         return norm + 4 * e * bs * model.ffn // tp
     if kind == "norm":
-        return 4 * bsh + e * bsh + 4 * bs
+        return 4 * brh + e * brh + 4 * b * r
     if kind == "head":
-        return e * bsh + loss
+        return e * brh + loss
     raise ValueError(kind)
 
 
 def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
-               recompute="none") -> list[ItemCost]:
+               recompute="none", sequence_parallel: bool = False) -> list[ItemCost]:
     """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences.
-    `recompute`: none | selective | full (or parallel.activation_checkpointing's bool)."""
+    `recompute`: none | selective | full (or parallel.activation_checkpointing's bool);
+    `sequence_parallel`: as resolved for this tp (launcher.config.sequence_parallel_on)."""
     h, s = model.hidden, model.seq_len
     kv_dim = model.n_kv_heads * model.head_dim
     mode = recompute_mode(recompute)
     attn_matmul = h * h + 2 * h * kv_dim + h * h  # wq, wk, wv, wo
     mlp_matmul = 3 * h * model.ffn  # gate, up, down
     head_matmul = model.vocab * h
-    act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode)
+    act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode, sequence_parallel)
            for kind in ("embed", "attn", "mlp", "norm", "head")}
 
     table = {

@@ -11,14 +11,21 @@ Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp
 
     micro-batch on the slowest stage   t_mb = compute + tp all-reduces + pipeline sends
         compute    = FLOPs of the stage's items x b*s tokens / (tp x peak x efficiency),
-                     + the forward again under full recomputation (+1/3), or the attention
-                     core's forward under selective
-        tp         = all-reduces of b*s*h (x dtype) per item, ring: 2(tp-1)/tp of it per
-                     rank over NVLink (or the network when tp spans nodes). The launcher's
-                     tensor parallelism issues, per block, 2 forward and 5 backward
-                     all-reduces (one per column-parallel input: wq, wk, wv, gate, up), and
-                     repeats the forward ones under full recomputation
+                     + the forward again under full recomputation (+1/3), or under
+                     selective the attention core's forward (4*s*h per token per layer:
+                     the scores and the weighted sum; the norms' recompute is negligible)
+        tp         = collectives of b*s*h (x dtype), ring: 2(tp-1)/tp of it per rank for an
+                     all-reduce, (tp-1)/tp for an all-gather or a reduce-scatter, over
+                     NVLink (or the network when tp spans nodes). Per layer, without
+                     sequence parallelism: 2 forward and 2 backward all-reduces (one per
+                     column-parallel block input, q|k|v and gate|up fused; one per
+                     row-parallel output). With it each becomes a reduce-scatter + an
+                     all-gather (the same bytes), and backward gathers each block input's
+                     saved shard again: 1.5 all-reduces' worth per block in backward. Full
+                     recomputation repeats the forward ones; selective recomputes inside
+                     the blocks, between collectives (parallel/comm_bytes.py counts them)
         pipeline   = one activation forward and one gradient backward per micro-batch
+                     (b*s/tp*h per rank with sequence parallelism: each sends its shard)
     pipeline       (m + p - 1) x t_mb           (1F1B: bubble (p-1)/(m+p-1))
     data parallel  gradient reduction after the last micro-batch, not overlapped (DeepSpeed's
                    pipeline engine and ZeRO 1/2 with overlap_comm off reduce at the end):
@@ -38,18 +45,26 @@ MFU = model FLOPs per token (6 x parameters + attention, no recomputation) x tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
-from launcher.config import ModelConfig
+from launcher.config import ModelConfig, resolve_sequence_parallel
 from parallel.costs import ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
 from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, host_state_bytes, rank_memory, state_bytes
 from parallel.partition import MemoryModel, partition
 
-RUNNABLE_RECOMPUTE = ("none", "selective", "full")  # what the launcher runs
-# Tensor-parallel all-reduces of the hidden states per item, (forward, backward), as
-# parallel/tensor_parallel.py issues them.
-TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 3), "mlp": (1, 2), "norm": (0, 0), "head": (0, 1)}
+RUNNABLE_RECOMPUTE = ("none", "selective", "full")  # what the launcher runs, least recomputation first
+# Tensor-parallel collectives of the hidden states per item, (forward, backward), in
+# all-reduces' worth of ring traffic (an all-gather or a reduce-scatter is half of one), as
+# parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
+# Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
+# sequence parallelism (H floats each) are left out.
+TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "norm": (0, 0), "head": (0, 1)}
+# With it: embed reduce-scatters forward (its gradient all-gathered back); a block
+# all-gathers its input and reduce-scatters its output forward; backward all-gathers the
+# output gradient, all-gathers the saved input shard again and reduce-scatters the input
+# gradient; the head all-gathers its input forward, and backward as a block input.
+SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "norm": (0, 0), "head": (0.5, 1)}
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,11 @@ class Workload:
     compression_rank: int = 4
     reduce_bucket: int = REDUCE_BUCKET_SIZE
     partition: str = "balanced"
+    sequence_parallel: Union[bool, str] = "auto"  # parallel.sequence_parallel: auto = on when tp > 1
+
+    def sequence_parallel_at(self, tp: int) -> bool:
+        """parallel.sequence_parallel resolved for tensor degree tp."""
+        return resolve_sequence_parallel(self.sequence_parallel, self.model.seq_len, tp)
 
 
 @dataclass(frozen=True)
@@ -87,10 +107,12 @@ class Candidate:
     zero: int
     recompute: str  # none | selective | full
     offload: bool = False
+    sequence_parallel: bool = False  # resolved for this tp (Workload.sequence_parallel_at)
 
     def describe(self) -> str:
         return (f"tp {self.tp} x pp {self.pp} x dp {self.dp}, micro_batch {self.micro_batch}, ZeRO {self.zero}, "
-                f"recompute {self.recompute}" + (", optimizer offload" if self.offload else ""))
+                f"recompute {self.recompute}" + (", sequence parallel" if self.sequence_parallel else "")
+                + (", optimizer offload" if self.offload else ""))
 
 
 @dataclass(frozen=True)
@@ -130,7 +152,8 @@ class Estimate:
     def as_dict(self) -> dict:
         c = self.candidate
         return {"tp": c.tp, "pp": c.pp, "dp": c.dp, "micro_batch": c.micro_batch, "zero": c.zero,
-                "recompute": c.recompute, "offload": c.offload, "fits": self.fits,
+                "recompute": c.recompute, "sequence_parallel": c.sequence_parallel, "offload": c.offload,
+                "fits": self.fits,
                 "peak_gib": self.peak.total / GIB, "capacity_gib": self.capacity / GIB,
                 "step_s": self.step.total, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
                 "bubble": self.step.bubble, "host_gib_per_rank": self.host_bytes / GIB,
@@ -139,8 +162,9 @@ class Estimate:
                 "parts": list(self.parts), "stages": [r.as_dict() for r in self.stages]}
 
 
-def _costs(model: ModelConfig, tp: int, micro_batch: int, dtype: str, recompute: str) -> tuple[ItemCost, ...]:
-    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute))
+def _costs(model: ModelConfig, tp: int, micro_batch: int, dtype: str, recompute: str,
+           sequence_parallel: bool = False) -> tuple[ItemCost, ...]:
+    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel))
 
 
 def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate, grad_accum: int) -> list[int]:
@@ -154,7 +178,7 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
     model, hw = work.model, cluster.hardware
     grad_accum = work.global_batch // (c.micro_batch * c.dp)
     if costs is None:
-        costs = _costs(model, c.tp, c.micro_batch, work.dtype, c.recompute)
+        costs = _costs(model, c.tp, c.micro_batch, work.dtype, c.recompute, c.sequence_parallel)
     if parts is None:
         parts = stage_parts(work, costs, c, grad_accum)
     memory = tuple(rank_memory(model, costs, parts, s, tp=c.tp, dp=c.dp, micro_batch=c.micro_batch,
@@ -207,25 +231,26 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts, grad
     pp_bw = nvlink if c.tp * c.dp * c.pp <= cluster.gpus_per_node else hw.inter_node_gbps
     dp_bw = nvlink if c.tp * c.dp <= cluster.gpus_per_node else hw.inter_node_gbps
     act = tokens_mb * model.hidden * e
+    collectives = SP_ALLREDUCES if c.sequence_parallel else TP_ALLREDUCES
 
     def stage_costs(s: int) -> tuple[float, float]:
         items = costs[parts[s]:parts[s + 1]]
         flops = 0.0
-        reduces = 0
+        reduces = 0.0
         for it in items:
             flops += it.flops_per_token
             if c.recompute == "full":
                 flops += it.flops_per_token / 3
             elif c.recompute == "selective" and it.kind == "attn":
                 flops += 4 * model.seq_len * model.hidden
-            fwd, bwd = TP_ALLREDUCES[it.kind]
+            fwd, bwd = collectives[it.kind]
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
         compute = flops * tokens_mb / (c.tp * flops_rate)
         return compute, _ring(c.tp, act, tp_bw) * reduces
 
     per_stage = [stage_costs(s) for s in range(c.pp)]
     compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])
-    pp_mb = 2 * act / (pp_bw * GB) if c.pp > 1 else 0.0
+    pp_mb = 2 * act / (c.tp if c.sequence_parallel else 1) / (pp_bw * GB) if c.pp > 1 else 0.0
     slots = grad_accum + c.pp - 1
     bubble = (c.pp - 1) / slots
 
@@ -290,7 +315,7 @@ def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp
                         for off in offload:
                             if off and (z == 0 or work.compression == "powersgd"):
                                 continue  # refused by launcher.config
-                            out.append(Candidate(t, p, dp, b, z, r, off))
+                            out.append(Candidate(t, p, dp, b, z, r, off, work.sequence_parallel_at(t)))
     return out
 
 
@@ -307,10 +332,11 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
     parts_cache: dict = {}
     costs_cache: dict = {}
     for c in pool:
-        key = (c.pp, c.tp, c.micro_batch, c.recompute)
+        key = (c.pp, c.tp, c.micro_batch, c.recompute, c.sequence_parallel)
         grad_accum = work.global_batch // (c.micro_batch * c.dp)
         if key[1:] not in costs_cache:
-            costs_cache[key[1:]] = _costs(work.model, c.tp, c.micro_batch, work.dtype, c.recompute)
+            costs_cache[key[1:]] = _costs(work.model, c.tp, c.micro_batch, work.dtype, c.recompute,
+                                          c.sequence_parallel)
         costs = costs_cache[key[1:]]
         if work.partition == "balanced":  # FLOPs min-max: the same split for any tp, batch or ZeRO
             key = (c.pp,)
@@ -332,7 +358,7 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
 
 def why_faster(best: Estimate, other: Estimate) -> str:
     """The step-time terms where `best` gains most over `other`, in words."""
-    names = {"compute": "compute (bubble included)", "tp_comm": "tensor-parallel all-reduces", "pp_comm": "pipeline sends",
+    names = {"compute": "compute (bubble included)", "tp_comm": "tensor-parallel collectives", "pp_comm": "pipeline sends",
              "dp_comm": "data-parallel reduction", "optimizer": "optimizer step", "offload": "offload traffic"}
     gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
     said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]

@@ -26,7 +26,7 @@ from launcher.plan import choose, main as plan_main
 from parallel.costs import item_costs
 from parallel.hardware import PRESETS
 from parallel.memory import state_bytes
-from parallel.planner import Cluster
+from parallel.planner import RUNNABLE_RECOMPUTE, Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -300,16 +300,19 @@ def _saved_bytes(model, ids, persistent) -> int:
     return sum(seen.values())
 
 
-def _activations(rank, world_size, dtype_name, recompute, micro_batch):
-    from launcher.model import Attention, LlamaModel, LossFn, layer_specs
+def _activations(rank, world_size, dtype_name, recompute, micro_batch, sequence_parallel=False):
+    """(measured, predicted) bytes saved for backward by one micro-batch on this tp rank."""
+    from launcher.model import Attention, BlockOptions, LlamaModel, LossFn, layer_specs
     from launcher.train import DEFAULT_CONFIG
     from parallel.tensor_parallel import TensorParallel
 
     cfg = load_config(str(DEFAULT_CONFIG), [f"parallel.tensor={world_size}", "parallel.pipeline=1"])
-    tp = TensorParallel(torch.distributed.group.WORLD if world_size > 1 else None, rank, world_size)
+    tp = TensorParallel(torch.distributed.group.WORLD if world_size > 1 else None, rank, world_size,
+                        sequence_parallel=sequence_parallel)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    model = LlamaModel(layer_specs(cfg.model, tp, seed=0), checkpoint if recompute == "full" else None).to(dtype)
+    specs = layer_specs(cfg.model, tp, seed=0, options=BlockOptions(recompute=recompute))
+    model = LlamaModel(specs, checkpoint if recompute == "full" else None).to(dtype)
     model.loss_fn = LossFn(tp)
     ids = torch.randint(0, cfg.model.vocab, (micro_batch, cfg.model.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -320,12 +323,28 @@ def _activations(rank, world_size, dtype_name, recompute, micro_batch):
             persistent |= {t.untyped_storage().data_ptr() for t in module._rope}
     measured = _saved_bytes(model, ids, persistent)
     predicted = sum(c.act_bytes for c in item_costs(cfg.model, world_size, micro_batch, 4 if dtype_name == "fp32" else 2,
-                                                    recompute))
+                                                    recompute, sequence_parallel))
     return measured, predicted
 
 
+def _activation_runs(rank, world_size, runs):
+    return {run: _activations(rank, world_size, *run) for run in runs}
+
+
+# tp 2, one spawn for all: (dtype, recompute, micro_batch, sequence_parallel)
+_TP2_RUNS = tuple((dtype, recompute, 2, sp) for dtype, modes in (("fp32", ("none", "selective", "full")),
+                                                                  ("bf16", ("none", "selective")))
+                  for recompute in modes for sp in (False, True))
+
+
+@functools.cache
+def _tp2_activations() -> tuple[dict, ...]:
+    """Each rank's {run: (measured, predicted)} for _TP2_RUNS (shared by the tests below)."""
+    return tuple(run_distributed(_activation_runs, 2, _TP2_RUNS))
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("recompute", ["none", "full"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_activation_bytes_saved_for_backward_match_the_formula(dtype, recompute):
     measured, predicted = _activations(0, 1, dtype, recompute, 2)
     print(f"\ntp 1 {dtype} recompute {recompute}: saved {measured:,} bytes, formula {predicted:,}")
@@ -333,11 +352,59 @@ def test_activation_bytes_saved_for_backward_match_the_formula(dtype, recompute)
 
 
 def test_activation_bytes_saved_for_backward_match_the_formula_at_tp2():
-    for recompute in ("none", "full"):
-        results = run_distributed(_activations, 2, "fp32", recompute, 2)
-        for measured, predicted in results:
-            print(f"\ntp 2 fp32 recompute {recompute}: saved {measured:,} bytes per rank, formula {predicted:,}")
-            assert abs(measured - predicted) <= 0.10 * predicted
+    """tp 2 with and without sequence parallelism, every recomputation mode, fp32 and bf16."""
+    for rank, results in enumerate(_tp2_activations()):
+        for (dtype, recompute, _, sp), (measured, predicted) in results.items():
+            print(f"\ntp 2 rank {rank} {dtype} recompute {recompute}, sequence parallel {'on' if sp else 'off'}: "
+                  f"saved {measured:,} bytes, formula {predicted:,}")
+            assert abs(measured - predicted) <= 0.10 * predicted, (rank, dtype, recompute, sp)
+
+
+def _factor_line(label: str, base: str, other: str, measured: tuple[int, int], predicted: tuple[int, int]) -> float:
+    ratio, formula = measured[1] / measured[0], predicted[1] / predicted[0]
+    print(f"activation bytes per micro-batch, {label}: {base} {measured[0]:,}, {other} {measured[1]:,} "
+          f"({other}/{base} = {ratio:.2f}, formula {formula:.2f})")
+    return ratio / formula
+
+
+def test_activation_bytes_fall_by_the_formulas_factor_with_sequence_parallelism_and_selective_recompute():
+    """The reductions the planner counts on, measured: sequence parallelism (tp 2) and
+    selective recomputation (tp 1 and tp 2) cut the bytes saved for backward per
+    micro-batch by the formula's factor, within 5%."""
+    print()
+    checks = []
+    for dtype in ("fp32", "bf16"):
+        none, selective = _activations(0, 1, dtype, "none", 2), _activations(0, 1, dtype, "selective", 2)
+        checks.append(_factor_line(f"tp 1 {dtype}", "none", "selective", (none[0], selective[0]),
+                                   (none[1], selective[1])))
+    tp2 = _tp2_activations()[0]
+    names = {("none", False): "none", ("none", True): "SP", ("selective", False): "selective",
+             ("selective", True): "SP+selective"}
+    for dtype in ("fp32", "bf16"):
+        for a, b in ((("none", False), ("none", True)), (("none", False), ("selective", False)),
+                     (("none", True), ("selective", True)), (("none", False), ("selective", True))):
+            base, other = tp2[(dtype, *a[:1], 2, a[1])], tp2[(dtype, *b[:1], 2, b[1])]
+            checks.append(_factor_line(f"tp 2 {dtype}", names[a], names[b], (base[0], other[0]), (base[1], other[1])))
+    assert all(abs(c - 1) <= 0.05 for c in checks), checks
+
+
+def test_planner_tp_traffic_is_the_counted_collectives():
+    """The planner's per-item tensor-parallel tables, summed over the model, move what
+    parallel/comm_bytes.tp_collectives lists (the collectives tests/test_lean_step.py counts
+    in real runs), in all-reduces' worth of ring traffic: an all-gather or a reduce-scatter
+    is half. Left out by the planner: the loss's per-token all-reduces and the norm weights'."""
+    from parallel.comm_bytes import tp_collectives
+    from parallel.costs import pipeline_items
+    from parallel.planner import SP_ALLREDUCES, TP_ALLREDUCES
+
+    model = load_config(REPO / "configs/default.yaml").model
+    act, weight = {"all_reduce": 1.0, "all_gather_single": 0.5, "reduce_scatter_single": 0.5}, 1000
+    for sp, table in ((False, TP_ALLREDUCES), (True, SP_ALLREDUCES)):
+        calls = tp_collectives(model.layers, model.hidden, weight, 1, 2, sp)
+        for i, phase in enumerate(("forward", "backward")):
+            counted = sum(act[fn] for fn, payload in calls[phase] if payload == weight * model.hidden)
+            planned = sum(table[kind][i] for _, kind in pipeline_items(model))
+            assert planned == counted, (sp, phase, planned, counted)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,7 +414,7 @@ def test_activation_bytes_saved_for_backward_match_the_formula_at_tp2():
 
 def _auto(path, **parallel):
     cfg = load_config(REPO / path)
-    keys = dict(tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto", **parallel)
+    keys = {**dict(tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"), **parallel}
     return cfg.__class__(**{**cfg.__dict__, "parallel": cfg.parallel.__class__(**{**cfg.parallel.__dict__, **keys})})
 
 
@@ -356,15 +423,23 @@ def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must()
     from launcher.precision import ASSUMED_GPU
 
     h100 = PRESETS["h100"]
-    for path, gpus, recompute in (("configs/llama_70b.yaml", 32, True), ("configs/llama_70b.yaml", 128, False),
-                                  ("configs/llama_7b.yaml", 32, False)):
+    # Llama-2-70B on 32 H100s fits without recomputation thanks to sequence parallelism;
+    # without it, only with selective recomputation, and on 24 only with full.
+    for path, gpus, sp, recompute in (("configs/llama_70b.yaml", 24, False, "full"),
+                                      ("configs/llama_70b.yaml", 32, False, "selective"),
+                                      ("configs/llama_70b.yaml", 32, "auto", "none"),
+                                      ("configs/llama_70b.yaml", 128, "auto", "none"),
+                                      ("configs/llama_7b.yaml", 32, "auto", "none")):
         cluster = Cluster(gpus // 8, 8, h100)
-        cfg = _auto(path)
+        cfg = _auto(path, sequence_parallel=sp)
         resolved, note = resolve_auto(cfg, gpus, cluster, ASSUMED_GPU)
         best = choose(cfg, cluster, "bf16")
         p = resolved.parallel
         assert (p.tensor, p.pipeline, p.micro_batch) == (best.candidate.tp, best.candidate.pp, best.candidate.micro_batch)
-        assert p.activation_checkpointing is recompute, (path, gpus)
+        assert p.activation_checkpointing == best.candidate.recompute == recompute, (path, gpus, sp)
+        assert f"activation_checkpointing {recompute} (planner:" in note
+        for less in RUNNABLE_RECOMPUTE[:RUNNABLE_RECOMPUTE.index(recompute)]:  # recomputes only when it must
+            assert choose(_auto(path, sequence_parallel=sp, activation_checkpointing=less), cluster, "bf16") is None
         assert note.startswith("auto       parallel.tensor, parallel.pipeline, parallel.micro_batch, "
                                f"parallel.activation_checkpointing -> tensor {p.tensor}, pipeline {p.pipeline}")
     # A resume keeps the checkpoint's tensor and pipeline degrees when a layout with them fits
@@ -401,7 +476,7 @@ def test_auto_resolves_at_launch_and_trains(tmp_path):
     assert [m["step"] for m in steps] == [1, 2]
     saved = yaml.safe_load((run / "config.yaml").read_text())["parallel"]
     assert (saved["tensor"], saved["pipeline"], saved["micro_batch"]) == (tp, pp, mb)
-    assert saved["activation_checkpointing"] is False  # a tiny model fits without recomputation
+    assert saved["activation_checkpointing"] == "none"  # a tiny model fits without recomputation
 
 
 # --------------------------------------------------------------------------------------
