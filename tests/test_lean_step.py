@@ -73,10 +73,35 @@ def _collectives(tp: TensorParallel) -> dict:
         counter.uninstall()
 
 
+def _chunked_loss(tp: TensorParallel) -> dict:
+    """The vocab-parallel loss in several chunks (one with a remainder) of this rank's shard
+    of logits of a 100-token, 256-word batch; loss and the gathered logits' gradient."""
+    import parallel.tensor_parallel as tensor_parallel
+
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(4, 25, 256, generator=gen) * 3
+    targets = torch.randint(0, 256, (4, 25), generator=gen)
+    start, width = tp.shard(256)
+    shard = full[..., start:start + width].clone().requires_grad_(True)
+    saved = []
+    tensor_parallel.LOSS_CHUNK_ELEMENTS = 7 * width  # 15 chunks of 7 tokens
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = tensor_parallel.vocab_parallel_cross_entropy(shard, targets, tp).mean()
+        loss.backward()
+    finally:
+        tensor_parallel.LOSS_CHUNK_ELEMENTS = 1 << 24
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return {"loss": loss.item(), "grad": gather_shards(shard.grad, -1, tp), "logits": full, "targets": targets,
+            "saved_bytes": sum(storages.values()), "shard_bytes": shard.numel() * 4, "shard_ptr":
+            shard.untyped_storage().data_ptr() in storages}
+
+
 def _tp2(rank, world_size):
     group = torch.distributed.group.WORLD
     results = {name: _train(TensorParallel(group, rank, world_size, sequence_parallel=sp), options)
                for name, sp, options in VARIANTS}
+    results["loss"] = _chunked_loss(TensorParallel(group, rank, world_size))
     results["calls"] = {sp: _collectives(TensorParallel(group, rank, world_size, sequence_parallel=sp))
                         for sp in (False, True)}
     return results
@@ -147,3 +172,21 @@ def test_the_formula_counts_two_forward_and_two_backward_all_reduces_per_layer()
     act = 32 * 64 * 4
     sp_layer = sum(b for _, b in sp_two["forward"] if b == act) - sum(b for _, b in sp_one["forward"] if b == act)
     assert sp_layer == 2 * 2 * act
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_chunked_loss_is_torch_cross_entropy_and_keeps_only_the_logits(tp2, tp_size):
+    """Forward and gradient equal torch's cross-entropy on the full logits; what backward
+    keeps is the logits shard itself plus a few numbers per token (no fp32 softmax copy)."""
+    results = [_chunked_loss(NO_TP)] if tp_size == 1 else [r["loss"] for r in tp2]
+    for r in results:
+        logits = r["logits"].clone().requires_grad_(True)
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), r["targets"].reshape(-1))
+        expected.backward()
+        assert abs(r["loss"] - expected.item()) < 1e-6
+        torch.testing.assert_close(r["grad"], logits.grad, rtol=0, atol=1e-7)
+        assert r["shard_ptr"]  # the logits themselves, not a copy
+        tokens = r["targets"].numel()
+        print(f"\ntp {tp_size}: loss keeps {r['saved_bytes']:,} bytes for backward, the logits shard is "
+              f"{r['shard_bytes']:,}")
+        assert r["saved_bytes"] <= r["shard_bytes"] + 24 * tokens  # + lse (fp32), target index, mask
