@@ -42,6 +42,8 @@ def pipeline_items(model: ModelConfig) -> list[tuple[str, str]]:
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
+LOSS_CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk of the vocabulary-parallel loss: 64 MiB in fp32
+
 
 def recompute_mode(value) -> str:
     """parallel.activation_checkpointing as a mode: true = full, false = none."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 from launcher.config import ModelConfig
-from parallel.costs import ItemCost
+from parallel.costs import LOSS_CHUNK_ELEMENTS, ItemCost
 
 GIB = 1024**3
 
@@ -101,7 +101,7 @@ class RankMemory:
     activations: float  # saved for backward: per micro-batch x in_flight, plus pipeline buffers
     act_per_micro_batch: float
     in_flight: int
-    logits: float  # the vocabulary-parallel loss's working copies (last stage)
+    logits: float  # the vocabulary-parallel loss's working memory (last stage)
     bucket: float  # the largest gradient reduction / all-gather bucket
     gathered: float  # ZeRO 3: full parameters (and their gradients) of the layers being computed
     framework: float  # CUDA context, library workspaces
@@ -166,7 +166,10 @@ def rank_memory(model: ModelConfig, costs: Sequence[ItemCost], parts: Sequence[i
     if stages > 1:
         buffers = (e * bsh if stage < stages - 1 else 0) + (e * bsh if stage > 0 and e != 4 else 0)
     last = stage == stages - 1
-    logits = 16 * micro_batch * model.seq_len * model.vocab / tp if last else 0.0
+    # the chunked vocab-parallel loss (parallel.tensor_parallel): beyond the logits its
+    # backward keeps (activations), the logits' gradient and two fp32 chunks at a time
+    shard = micro_batch * model.seq_len * model.vocab / tp
+    logits = e * shard + 2 * 4 * min(shard, LOSS_CHUNK_ELEMENTS) if last else 0.0
     bucket = reduction_bucket(params, dtype, zero_stage, dp, min(reduce_bucket, params) if touched_only else reduce_bucket)
     gathered = 0.0
     if zero_stage == 3:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.costs import LOSS_CHUNK_ELEMENTS  # logits elements per chunk of the loss
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -256,7 +258,6 @@ class VocabParallelEmbedding(nn.Module):
         return column_parallel(x, [self.weight], self.tp)[0]
 
 
-LOSS_CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB as fp32
 
 
 def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
