@@ -9,6 +9,8 @@ GPU cluster the config is meant for.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from launcher.config import Config, ConfigError
@@ -23,6 +25,7 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
     from launcher.tracking import check_wandb_login
 
     plan = make_plan(cfg, world_size, device)
+    check_compile(cfg, device)
     check_data(cfg)
     check_init_from(cfg)
     ds_config = deepspeed_config(cfg, plan)
@@ -35,6 +38,21 @@ def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan
         raise ConfigError("checkpoint.dir", f"cannot read {err.filename}: {err.strerror or err}") from None
     check_wandb_login(cfg.logging.wandb)
     return plan, ds_config
+
+
+def check_compile(cfg: Config, device: DeviceSupport) -> None:
+    """model.compile builds kernels at the first step: C++ on a CPU (inductor), and Triton's
+    launchers with a C compiler on a GPU. Without one, torch fails deep inside the first
+    forward; say so before anything starts."""
+    if not cfg.model.compile:
+        return
+    variable, names, what = (("CC", ("gcc", "cc", "clang"), "a C compiler (Triton builds its kernel launchers)")
+                             if device.is_gpu else ("CXX", ("g++", "c++", "clang++"), "a C++ compiler (inductor's CPU "
+                                                    "backend)"))
+    if os.environ.get(variable) or any(shutil.which(name) for name in names):
+        return
+    raise ConfigError("model.compile", f"true needs {what} on {device.name}: none of {', '.join(names)} is on PATH "
+                      f"and ${variable} is unset; install one (apt-get install {names[0]}) or set model.compile=false")
 
 
 def check_init_from(cfg: Config) -> None:

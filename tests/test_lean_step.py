@@ -190,3 +190,28 @@ def test_chunked_loss_is_torch_cross_entropy_and_keeps_only_the_logits(tp2, tp_s
         print(f"\ntp {tp_size}: loss keeps {r['saved_bytes']:,} bytes for backward, the logits shard is "
               f"{r['shard_bytes']:,}")
         assert r["saved_bytes"] <= r["shard_bytes"] + 24 * tokens  # + lse (fp32), target index, mask
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(tmp_path):
+    """Both sides of the capability check: with no C/C++ compiler on PATH, model.compile is
+    refused before anything starts (CPU: C++ for inductor; --dry-run assumes a GPU: C for
+    Triton); with one (this machine, CI installs g++) the same command passes preflight and
+    the compiled tests above run."""
+    import os
+    import subprocess
+    import sys
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
+    base = [sys.executable, "-m", "launcher.train", "model.compile=true", "parallel.tensor=1", "parallel.pipeline=1"]
+    for extra, words in (([f"run.dir={tmp_path / 'run'}", "train.steps=1", "schedule.warmup_steps=0"], "C++ compiler"),
+                         (["--dry-run"], "C compiler")):
+        refused = subprocess.run([*base, *extra], env={**env, "PATH": str(bare)}, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("config error: model.compile:") and words in lines[0], lines
+    accepted = subprocess.run([*base, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
