@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._runs import run_measured  # noqa: E402
 GB = 1e9
 
 
@@ -82,22 +83,6 @@ def compare_dirs(a: Path, b: Path) -> tuple[int, int]:
             x, y = fa.get_tensor(name), fb.get_tensor(name)
             equal += int(x.dtype == y.dtype and torch.equal(x, y))
     return equal, len(wa)
-
-
-# Runs a command and reports the peak RSS of the largest of its descendants. Each phase gets
-# its own small wrapper: Linux carries a process's peak RSS across fork and exec, so a child
-# of this (large) process would start from our peak.
-PEAK_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-                "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-                "sys.exit(r.returncode)")
-
-
-def run_measured(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, int]:
-    """(result, peak RSS in bytes of the largest process the command started)."""
-    result = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], cwd=REPO, env=env, capture_output=True,
-                            text=True)
-    peak = int(re.findall(r"^peak_rss_kib (\d+)$", result.stderr, re.MULTILINE)[-1]) * 1024
-    return result, peak
 
 
 def main() -> int:

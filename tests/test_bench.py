@@ -15,10 +15,13 @@ import sys
 import pytest
 from launch import REPO, base_env
 
-BENCHES = sorted((REPO / "bench").glob("*.py"))
+POSITIVE = r"[\d,.]*[1-9][\d,.]*"  # a number with a non-zero digit
+
+BENCHES = sorted(path for path in (REPO / "bench").glob("*.py") if not path.name.startswith("_"))  # _*.py: shared helpers
 
 # Per script: its smallest arguments ("{tmp}" is the test's temporary directory) and a
-# figure line it must print. A new bench script fails below until it has an entry.
+# figure line it must print (or several, all of which must match). A new bench script fails
+# below until it has an entry.
 SMOKE = {
     # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
     "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
@@ -27,6 +30,15 @@ SMOKE = {
     "overhead.py": (["--steps", "6", "--repeats", "1", "model.layers=2", "model.seq_len=32",
                      "parallel.global_batch=2", "parallel.micro_batch=1", "schedule.warmup_steps=1"],
                     r"^ratio launcher / bare: \d+\.\d{3}$"),
+    # 5 warm-up steps + 1 timed step, three of its rows (one not applicable at 1 process), a 2-layer model.
+    "step.py": (["--steps", "6", "--repeats", "1", "--variants", "baseline,selective,sequence_parallel,reference",
+                 "--peak-size", "512", "model.layers=2", "model.seq_len=32", "parallel.global_batch=2",
+                 "parallel.micro_batch=1", "schedule.warmup_steps=1"],
+                (*(rf"^\| {name} \| [^|]+ \| {POSITIVE} \| {POSITIVE} \| {POSITIVE}% \| {POSITIVE} \| {POSITIVE} GiB \|"
+                   for name in ("baseline", "selective")),
+                 rf"^\| reference \| [^|]+ \| {POSITIVE} \| {POSITIVE} \| {POSITIVE}% \| {POSITIVE} \| - \|",
+                 r"^\| sequence_parallel \| n/a: needs parallel.tensor > 1 [^|]*(\| - ){6}\|$",
+                 r"^launcher at 1 process / reference: \d+\.\d{3} \(target >= 0\.97\): (PASS|MISS)$")),
     # One save against one dd, on a checkpoint of a few MB instead of a few hundred.
     "checkpoint.py": (["--repeats", "1", "--dir", "{tmp}", "model.hidden=128", "model.ffn=344",
                        "model.heads=4", "model.kv_heads=4"],
@@ -51,10 +63,11 @@ SMOKE = {
 @pytest.mark.parametrize("script", BENCHES, ids=lambda path: path.name)
 def test_bench_runs(script, tmp_path):
     assert script.name in SMOKE, f"bench/{script.name}: add its smallest arguments to SMOKE in {__file__}"
-    args, figure = SMOKE[script.name]
+    args, figures = SMOKE[script.name]
     # timeout: a hang fails; generous because a fresh machine first builds DeepSpeed's CPU ops.
     result = subprocess.run([sys.executable, f"bench/{script.name}", *(a.format(tmp=tmp_path) for a in args)],
                             cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\n"
                                     f"STDERR:\n{result.stderr[-6000:]}")
-    assert re.search(figure, result.stdout, re.MULTILINE), f"no line matches {figure!r}:\n{result.stdout}"
+    for figure in (figures,) if isinstance(figures, str) else figures:
+        assert re.search(figure, result.stdout, re.MULTILINE), f"no line matches {figure!r}:\n{result.stdout}"
