@@ -216,7 +216,9 @@ def main() -> None:
     m, fpt = cfg.model, flops_per_token(cfg.model)
     device = f"cuda: {gpu_name}" if cuda else f"cpu ({threads()} thread(s) per process)"
     print(f"device: {device}")
-    print(f"config: {args.config}; overrides: {' '.join(overrides)}")
+    shown = Path(args.config).resolve()
+    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown  # no machine paths in reports
+    print(f"config: {shown}; overrides: {' '.join(overrides)}")
     print(f"world: {world} process(es): tensor {p.tensor} x pipeline {p.pipeline} x data {world // (p.tensor * p.pipeline)}"
           f"{' (torchrun)' if world > 1 else ''}; zero.stage {cfg.zero.stage}")
     print(f"dtype: {dtype}")

@@ -77,22 +77,35 @@ class _ReduceFromTP(torch.autograd.Function):
 SEQ_DIM = 1  # hidden states are (B, T, H)
 
 
-def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """(B, T/tp, ..) shards -> (B, T, ..), in rank order. all_gather_single concatenates
-    along dim 0, so the sequence goes first: the transposes are views when B = 1 (the usual
-    large-model micro-batch) and copies otherwise (Megatron keeps (T, B, H) throughout)."""
+def _start_gather_sequence(x: torch.Tensor, tp: TensorParallel, async_op: bool = False):
+    """All-gather of (B, T/tp, ..) shards along the sequence: (buffer, work); the result is
+    `_sequence_last(buffer)` once work is done. all_gather_single concatenates along dim 0,
+    so the sequence goes first: the transposes are views when B = 1 (the usual large-model
+    micro-batch) and copies otherwise (Megatron keeps (T, B, H) throughout)."""
     local = x.transpose(0, SEQ_DIM).contiguous()
     out = local.new_empty((local.shape[0] * tp.size, *local.shape[1:]))
-    dist.all_gather_single(out, local, group=tp.group)
-    return out.transpose(0, SEQ_DIM).contiguous()
+    return out, dist.all_gather_single(out, local, group=tp.group, async_op=async_op)
+
+
+def _start_reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel, async_op: bool = False):
+    """(B, T, ..) partial sums -> (buffer, work) for this rank's (B, T/tp, ..) share of their sum."""
+    full = x.transpose(0, SEQ_DIM).contiguous()
+    out = full.new_empty((full.shape[0] // tp.size, *full.shape[1:]))
+    return out, dist.reduce_scatter_single(out, full, group=tp.group, async_op=async_op)
+
+
+def _sequence_last(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer.transpose(0, SEQ_DIM).contiguous()  # the residual stream (and pipeline sends) stay dense
+
+
+def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """(B, T/tp, ..) shards -> (B, T, ..), in rank order."""
+    return _sequence_last(_start_gather_sequence(x, tp)[0])
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """(B, T, ..) partial sums -> this rank's (B, T/tp, ..) share of their sum."""
-    full = x.transpose(0, SEQ_DIM).contiguous()
-    out = full.new_empty((full.shape[0] // tp.size, *full.shape[1:]))
-    dist.reduce_scatter_single(out, full, group=tp.group)
-    return out.transpose(0, SEQ_DIM).contiguous()  # the residual stream (and pipeline sends) stay dense
+    return _sequence_last(_start_reduce_scatter_sequence(x, tp)[0])
 
 
 class _ReduceScatterSequence(torch.autograd.Function):
@@ -149,21 +162,37 @@ class _ColumnParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # Megatron's overlap: the re-gather of the input runs while the input gradient is
+        # computed (it needs only the weights), and the input gradient's reduction while the
+        # weight gradient is computed.
         x, *weights = ctx.saved_tensors
         tp = ctx.tp
-        full = _gather_sequence(x, tp) if tp.splits_sequence else x
-        flat_x = full.reshape(-1, full.shape[-1])
+        if tp.splits_sequence:
+            gathered, gathering = _start_gather_sequence(x, tp, async_op=True)
         if ctx.fused:
             grad = torch.cat(grads, dim=-1)
             grad_x = grad @ torch.cat(weights)
-            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ flat_x).split([w.shape[0] for w in weights])
         else:
             grad_x = sum(g @ w for g, w in zip(grads, weights))
-            grad_w = [g.reshape(-1, g.shape[-1]).t() @ flat_x for g in grads]
+        reducing = None
         if tp.splits_sequence:
-            grad_x = _reduce_scatter_sequence(grad_x, tp)
-        elif tp.size > 1:
-            grad_x = _all_reduce(grad_x.contiguous(), tp)
+            grad_x, reducing = _start_reduce_scatter_sequence(grad_x, tp, async_op=True)
+            gathering.wait()
+            full = _sequence_last(gathered)
+        else:
+            full = x
+            if tp.size > 1:
+                grad_x = grad_x.contiguous()
+                reducing = dist.all_reduce(grad_x, group=tp.group, async_op=True)
+        flat_x = full.reshape(-1, full.shape[-1])
+        if ctx.fused:
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ flat_x).split([w.shape[0] for w in weights])
+        else:
+            grad_w = [g.reshape(-1, g.shape[-1]).t() @ flat_x for g in grads]
+        if reducing is not None:
+            reducing.wait()
+        if tp.splits_sequence:
+            grad_x = _sequence_last(grad_x)
         return (grad_x, None, None, *grad_w)
 
 
