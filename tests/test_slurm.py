@@ -78,19 +78,6 @@ def job_log(tmp_path: Path, job_id: str) -> str:
     return (tmp_path / f"job-{job_id}.out").read_text()
 
 
-def test_sbatch_train_7b_script_on_two_nodes(cluster, tmp_path):
-    job = sbatch(tmp_path, *TINY, "train.steps=6")
-    assert wait_for_job(job) == "COMPLETED", job_log(tmp_path, job)
-    metrics = read_metrics(tmp_path / "run")
-    assert [m["step"] for m in metrics] == list(range(1, 7)) and metrics[0]["world_size"] == 4
-    launch = read_events(tmp_path / "run", "launch")[0]
-    assert sorted(launch["nodes"]) == ["node1", "node1", "node2", "node2"]
-    log = job_log(tmp_path, job)
-    assert f"job {job} attempt 0: 2 nodes (node1 node2), training on 2 x 2 = 4 processes, 0 spare" in log
-    # c10d rendezvous numbers the agents in the order they join: either node may hold rank 0
-    assert ("nodes node1 x2, node2 x2" in log or "nodes node2 x2, node1 x2" in log) and "training finished" in log
-
-
 def test_bad_config_fails_fast_in_the_job_log_and_is_not_requeued(cluster, tmp_path):
     job = sbatch(tmp_path, *TINY, "model.hiden=64")
     assert wait_for_job(job) == "FAILED"
@@ -100,7 +87,9 @@ def test_bad_config_fails_fast_in_the_job_log_and_is_not_requeued(cluster, tmp_p
     assert job_field(job, "Restarts") == "0" and job_field(job, "ExitCode") == "2:0"
 
 
-def test_preemption_warning_checkpoints_requeues_and_finishes(cluster, tmp_path):
+def test_sbatch_on_two_nodes_checkpoints_on_the_preemption_warning_requeues_and_finishes(cluster, tmp_path):
+    """`sbatch slurm/train_7b.sh` on two nodes (4 ranks, c10d rendezvous over both), the
+    pre-emption warning mid-run, the requeue and the finish."""
     job = sbatch(tmp_path, *TINY, "train.steps=60", wait=False)
     run = tmp_path / "run"
     deadline = time.time() + 300
@@ -116,7 +105,12 @@ def test_preemption_warning_checkpoints_requeues_and_finishes(cluster, tmp_path)
     assert [r["step"] for r in read_events(run, "resume")] == [stop["step"]]
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 61))
     assert job_field(job, "Restarts") == "1"
+    for launch in read_events(run, "launch"):  # both attempts: 2 ranks on each node
+        assert launch["world_size"] == 4 and sorted(launch["nodes"]) == ["node1", "node1", "node2", "node2"]
     log = job_log(tmp_path, job)
+    assert f"job {job} attempt 0: 2 nodes (node1 node2), training on 2 x 2 = 4 processes, 0 spare" in log
+    # c10d rendezvous numbers the agents in the order they join: either node may hold rank 0
+    assert "nodes node1 x2, node2 x2" in log or "nodes node2 x2, node1 x2" in log
     assert "pre-emption warning: asking the workers to checkpoint" in log
     assert f"checkpointed after the pre-emption warning: requeueing job {job}" in log
     assert f"job {job} attempt 1:" in log and "training finished" in log
