@@ -173,8 +173,9 @@ class ParallelConfig:
     planner picks the least that fits. `true` / `false` mean full / none."""
     sequence_parallel: Union[bool, Literal["auto"]] = "auto"
     """Split the residual stream and the norms along the sequence over the tensor group
-    between blocks (all-gather / reduce-scatter instead of all-reduce: the same bytes, and
-    those activations stored once, not tensor times). `auto`: on when tensor > 1."""
+    between blocks (all-gather / reduce-scatter instead of all-reduce: the same bytes
+    forward, and half again backward, which gathers each block input again; those
+    activations stored once, not tensor times). `auto`: on when tensor > 1."""
     fused_projections: bool = True
     """q, k, v (and gate, up) as one matmul each. Off only to measure what it buys."""
     collective_timeout_s: float = 1800.0

@@ -32,7 +32,7 @@ from typing import Optional
 from launcher.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, check_config, load_config,
                              sequence_parallel_on)
 from launcher.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
-from parallel.costs import ItemCost, item_costs, recompute_mode
+from parallel.costs import RECOMPUTE_MODES, ItemCost, item_costs, recompute_mode
 from parallel.hardware import CPU, PRESETS, Hardware, preset
 from parallel.memory import dtype_bytes, state_bytes
 from parallel.planner import (RUNNABLE_RECOMPUTE, Candidate, Cluster, Estimate, Workload, candidates, estimate,
@@ -427,7 +427,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     stage0 = {mode: sum(c.act_bytes for c in item_costs(resolved.model, plan.layout.tp, plan.layout.micro_batch,
                                                          dtype_bytes(plan.dtype), mode, sp)
                         [plan.parts[0]:plan.parts[1]])
-              for mode in ("none", "selective", "full")}
+              for mode in RECOMPUTE_MODES}
     try:
         smallest = smallest_world(free, cluster.hardware, cluster.gpus_per_node)
     except ConfigError:

@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 from launcher.config import ModelConfig, resolve_sequence_parallel
-from parallel.costs import ItemCost, flops_per_token, item_costs
+from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
 from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, host_state_bytes, rank_memory, state_bytes
 from parallel.partition import MemoryModel, partition
 
-RUNNABLE_RECOMPUTE = ("none", "selective", "full")  # what the launcher runs, least recomputation first
+RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least recomputation first
 # Tensor-parallel collectives of the hidden states per item, (forward, backward), in
 # all-reduces' worth of ring traffic (an all-gather or a reduce-scatter is half of one), as
 # parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).

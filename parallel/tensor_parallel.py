@@ -127,7 +127,7 @@ def block_output(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     reduce-scattered along the sequence (each rank keeps T/tp positions)."""
     if tp.size == 1:
         return y
-    return _ReduceScatterSequence.apply(y, tp) if tp.sequence_parallel else _ReduceFromTP.apply(y, tp)
+    return _ReduceScatterSequence.apply(y, tp) if tp.splits_sequence else _ReduceFromTP.apply(y, tp)
 
 
 def sum_grad_over_tp(param: nn.Parameter, tp: TensorParallel) -> None:
