@@ -65,7 +65,7 @@ def run_launcher(args: list[str], steps: int, nproc: int = 1) -> LaunchResult:
         if result.returncode:  # the output is captured: show why, not just the exit code
             raise LaunchError(f"launcher.train failed (exit {result.returncode}): {' '.join(cmd[1:])}\n"
                               f"{result.stderr[-3000:]}")
-        from launcher.metrics import read_step_records
+        from launcher.metrics.runlog import read_step_records
 
         records = read_step_records(Path(run_dir) / "metrics.jsonl")[0]
     return LaunchResult(records[WARMUP:], peak)
@@ -77,9 +77,9 @@ def bare_loop(cfg, steps: int) -> float:
     with the same AdamW, clipping and schedule."""
     import torch
 
-    from launcher.data import training_batches
-    from launcher.model import LlamaModel, LossFn, layer_specs
-    from launcher.optim import build_optimizer, build_scheduler
+    from launcher.data.batches import training_batches
+    from launcher.model.llama import LlamaModel, LossFn, layer_specs
+    from launcher.training.optim import build_optimizer, build_scheduler
     from parallel.tensor_parallel import NO_TP
 
     torch.manual_seed(cfg.train.seed)

@@ -64,16 +64,19 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from launcher import checkpoint as ckpt
-    from launcher.config import load_config
-    from launcher.data import training_batches
-    from launcher.engine import build_engine
-    from launcher.launch_env import discover, export_env
-    from launcher.precision import detect_device_support
-    from launcher.preflight import preflight
-    from parallel.topology import build_process_groups, init_distributed, pick_device
-
     import torch.distributed as dist
+
+    from launcher.checkpoint.save import save
+    from launcher.checkpoint.state import LauncherState, fingerprint, layout_record
+    from launcher.checkpoint.store import Verified
+    from launcher.config.load import load_config
+    from launcher.data.batches import training_batches
+    from launcher.ds.distributed import init_distributed
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.engine import build_engine
+    from launcher.training.launch_env import discover, export_env, pick_device
+    from launcher.training.preflight import preflight
+    from parallel.topology import build_process_groups
 
     cfg = load_config(REPO / "configs/default.yaml", MODEL + args.overrides)
     penv = discover()
@@ -90,8 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         batches = training_batches(cfg, Path(cache), global_batch=1, micro_batch=1)
         engine.train_step(batches.next_step())
-        verified = ckpt.Verified()  # what retention counts; every save here goes to a fresh root
-        state = lambda step: ckpt.LauncherState(step, 0, step, ckpt.layout_record(cfg, plan), ckpt.fingerprint(cfg))  # noqa: E731
+        verified = Verified()  # what retention counts; every save here goes to a fresh root
+        state = lambda step: LauncherState(step, 0, step, layout_record(cfg, plan), fingerprint(cfg))  # noqa: E731
 
         def timed_step() -> float:
             start = time.perf_counter()
@@ -103,7 +106,7 @@ def main() -> None:
             root = work / f"save{i}"
             before = timed_step()
             start = time.perf_counter()
-            ckpt.save(engine.ds, root, state(1), 0, 0, 1, keep_last=1, verified=verified).wait()
+            save(engine.ds, root, state(1), 0, 0, 1, keep_last=1, verified=verified).wait()
             save_s.append(time.perf_counter() - start)
             # The step right after a save, with nothing in flight: what a save costs the next
             # step by itself (caches, page cache), for comparison with the async figure.
@@ -119,7 +122,7 @@ def main() -> None:
         for i in range(3 * args.repeats):  # one pair is one step each side: take many
             before = timed_step()
             started = time.perf_counter()
-            pending = ckpt.save(engine.ds, work / f"async{i}", state(2 + i), 0, 0, 1, keep_last=1, verified=verified,
+            pending = save(engine.ds, work / f"async{i}", state(2 + i), 0, 0, 1, keep_last=1, verified=verified,
                                 background=True)
             start, inflight = time.perf_counter(), []
             while pending._thread is not None and pending._thread.is_alive():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from launcher.metrics import read_step_records  # noqa: E402
+from launcher.metrics.runlog import read_step_records  # noqa: E402
 
 DEFAULT_RUNS = "none,fp16,bf16,powersgd,none@zero0,powersgd@zero0"
 

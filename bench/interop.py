@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._runs import run_measured  # noqa: E402
+
 GB = 1e9
 
 
@@ -41,8 +42,8 @@ def write_hf_dir(model, out: Path, shard_bytes: int = 2_000_000_000) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from launcher import hf_names
-    from launcher.export import hf_config, plan_shards
+    from launcher.hf.export import hf_config, plan_shards
+    from launcher.model import weights as hf_names
 
     out.mkdir(parents=True, exist_ok=True)
     entries = [(ours, hf, hf_names.full_shape(model, ours)) for ours, hf in hf_names.weights(model)]
@@ -95,7 +96,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from launcher.config import load_config
+    from launcher.config.load import load_config
 
     model = load_config(args.config, args.overrides).model
     if args.write_only:

@@ -33,7 +33,7 @@ def main() -> None:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
     import torch
 
-    from launcher.config import load_config
+    from launcher.config.load import load_config
 
     torch.set_num_threads(threads())
     overrides = ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=0", *args.overrides]

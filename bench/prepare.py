@@ -86,7 +86,7 @@ def train_tokenizer(docs: list[str], vocab: int, path: Path) -> None:
 
 def encode_anchor(tokenizer, docs: list[str]) -> tuple[float, int]:
     """Seconds and tokens for encode_batch over `docs`, one thread, prepare's batch sizes."""
-    from launcher.prepare import BATCH_CHARS, BATCH_DOCS
+    from launcher.data.prepare_tasks import BATCH_CHARS, BATCH_DOCS
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokens, batch, chars = 0, [], 0
@@ -111,7 +111,7 @@ def _set_barrier(barrier) -> None:
 
 
 def _encode_slice(spec: str, docs: list[str]) -> tuple[float, int]:
-    from launcher.tokenizer import load_tokenizer
+    from launcher.formats.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec)
     _BARRIER.wait()  # all processes encode at once
@@ -135,12 +135,12 @@ def time_to_first_step(docs: list[str], work: Path, factor: int, repeats: int) -
     """Open a small and a `factor`x larger prepared dataset and take the first batch, in
     process (median of `repeats`) and through `python -m launcher.train` (spawn to the
     first step's record): the start must not grow with the corpus."""
-    import subprocess
     import statistics
+    import subprocess
 
-    from launcher.config import config_from_dict
-    from launcher.data import open_run_data
-    from launcher.prepare import prepare
+    from launcher.config.load import config_from_dict
+    from launcher.data.batches import open_run_data
+    from launcher.data.prepare import prepare
 
     sizes = {}
     for name, copies in (("small", 1), (f"{factor}x", factor)):
@@ -187,8 +187,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
 
-    from launcher.prepare import prepare
-    from launcher.tokenizer import load_tokenizer
+    from launcher.data.prepare import prepare
+    from launcher.formats.tokenizer import load_tokenizer
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     many = args.workers or cores

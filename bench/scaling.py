@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.config import load_config  # noqa: E402
-from launcher.plan import choose  # noqa: E402
+from launcher.config.load import load_config  # noqa: E402
+from launcher.planning.auto import choose  # noqa: E402
 from parallel.hardware import PRESETS  # noqa: E402
 from parallel.planner import Cluster  # noqa: E402
 

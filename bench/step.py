@@ -48,7 +48,7 @@ REFERENCE_TARGET = 0.97
 
 def baseline_switches(cfg, tp: int) -> dict[str, str]:
     """The baseline's value of every switch, as an override would spell it."""
-    from launcher.config import sequence_parallel_on
+    from launcher.config.derived import sequence_parallel_on
     from parallel.costs import recompute_mode
 
     def text(value) -> str:
@@ -157,7 +157,7 @@ def table(rows: list[Row], base_switches: dict[str, str], flops_per_token: float
 
 
 def main() -> None:
-    from launcher.train import DEFAULT_CONFIG
+    from launcher.cli import DEFAULT_CONFIG
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -175,9 +175,10 @@ def main() -> None:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
     import torch
 
-    from launcher.config import ConfigError, load_config
-    from launcher.precision import detect_device_support, resolve_dtype
+    from launcher.config.load import load_config
+    from launcher.planning.precision import detect_device_support, resolve_dtype
     from parallel.costs import flops_per_token
+    from parallel.errors import ConfigError
     from parallel.hardware import peak_tflops_of
 
     torch.set_num_threads(threads())

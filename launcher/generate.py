@@ -23,122 +23,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from launcher.config import CONFIG_ERROR_EXIT_CODE, ConfigError, ModelConfig, model_config
-from launcher.launch_env import choose_deepspeed_accelerator
-
-
-@dataclass
-class Loaded:
-    model: "torch.nn.Module"  # launcher.model.LlamaModel, tp 1
-    config: ModelConfig
-    vocab: int  # the rows that mean something (a padded vocabulary's extra rows are never sampled)
-    encode: "callable"  # str -> list[int]
-    decode: "callable"  # list[int] -> str
-    eos: set[int]
-    source: str
-
-
-def _build(config: ModelConfig):
-    from launcher.model import LlamaModel, layer_specs
-    from parallel.tensor_parallel import NO_TP
-
-    return LlamaModel(layer_specs(config, NO_TP, seed=None)).eval()  # every weight is loaded next
-
-
-def from_checkpoint(path: Path) -> Loaded:
-    """A checkpoint of any layout: each full tensor gathered from its slices on disk."""
-    from launcher.export import CheckpointReader, resolve_checkpoint, run_tokenizer, trimmed_vocab
-
-    ckpt, run = resolve_checkpoint(path)
-    reader = CheckpointReader(ckpt)
-    tok = run_tokenizer(run, reader.state)
-    if tok is None:
-        raise ConfigError("--checkpoint", f"{ckpt}: its run's tokenizer cannot be found (the run directory's "
-                          "config.yaml names data.tokenizer); pass the run directory, not a copied checkpoint")
-    model = _build(reader.model)
-    with torch.no_grad():
-        # each parameter once (a tied head's is the embedding's), in pipeline-item order, as the reader prefers
-        for param in model.parameters():
-            param.copy_(reader.tensor(param.logical_name))
-    reader.close()
-    return Loaded(model, reader.model, trimmed_vocab(reader.model, reader.state, tok),
-                  encode=lambda text: [int(i) for i in tok.encode_batch([text])[0]], decode=tok.decode,
-                  eos={tok.eod_id}, source=str(ckpt))
-
-
-def from_hf(directory: Path) -> Loaded:
-    """A Hugging Face Llama directory (config.json, *.safetensors, tokenizer.json)."""
-    from launcher.hf_weights import check_hf_weights, hf_model_values, load_hf_weights, read_hf_config
-    from launcher.tokenizer import load_tokenizer
-
-    config = model_config(hf_model_values(directory, key="--hf"), "--hf")
-    check_hf_weights(config, directory, key="--hf")
-    tok = load_tokenizer(str(directory), key="--hf")
-    model = _build(config)
-    load_hf_weights(model, directory, tp_rank=0, tp_size=1, key="--hf")
-    eos = _eos_ids(directory, read_hf_config(directory, "--hf")) or {tok.eod_id}
-
-    def encode(text: str) -> list[int]:  # with the tokenizer's special tokens (BOS), as transformers does
-        return list(tok.tokenizer.encode(text, add_special_tokens=True).ids)
-
-    return Loaded(model, config, config.vocab, encode=encode, decode=tok.decode, eos=eos, source=str(directory))
-
-
-def _eos_ids(directory: Path, config: dict) -> set[int]:
-    """generation_config.json's eos_token_id (an id or a list), else config.json's."""
-    try:
-        eos = json.loads((directory / "generation_config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        eos = None
-    if eos is None:
-        eos = config.get("eos_token_id")
-    ids = eos if isinstance(eos, list) else [eos]
-    return {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token from a (vocab,) row of logits: the argmax at temperature 0; else a sample
-    from softmax(logits / temperature) over the smallest set of most likely tokens whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    ordered, order = probs.sort(descending=True)
-    # keep token k when the tokens before it hold less than top_p: the first one always
-    keep = (ordered.cumsum(0) - ordered) < top_p
-    kept = ordered * keep
-    pick = torch.multinomial((kept / kept.sum()).float().cpu(), 1, generator=generator)
-    return int(order[pick.to(order.device)])
-
-
-@torch.no_grad()
-def generate(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, device: torch.device) -> list[int]:
-    from launcher.model import Attention, KVCache
-
-    model = loaded.model
-    capacity = len(prompt_ids) + max_new_tokens
-    like = next(model.parameters())
-    caches = [KVCache.empty(1, m.kv_heads, capacity, m.head_dim, like) for m in model.items
-              if isinstance(m, Attention)]
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([prompt_ids], device=device)
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        logits = model.decode(ids, caches)[0, -1, :loaded.vocab].float()
-        token = next_token(logits, temperature, top_p, generator)
-        out.append(token)
-        if token in loaded.eos:
-            break
-        ids = torch.tensor([[token]], device=device)
-    return out
-
+from launcher.errors import CONFIG_ERROR_EXIT_CODE
+from launcher.inference.loading import from_checkpoint, from_hf
+from launcher.inference.sampling import generate
+from launcher.training.launch_env import choose_deepspeed_accelerator
+from parallel.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # Command line
@@ -146,9 +40,9 @@ def generate(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, tempera
 
 
 def parse_args(argv: list[str]):
-    from launcher.train import _ArgumentParser
+    from launcher.cli import ArgumentParser
 
-    parser = _ArgumentParser(prog="python -m launcher.generate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m launcher.generate", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     source.add_argument("--hf", help="a Hugging Face Llama directory")

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from launcher.metrics import read_step_records  # noqa: E402
+from launcher.metrics.runlog import read_step_records  # noqa: E402
 
 PANELS = [  # (file, y label, [(metric key, line label suffix)])
     ("loss.png", "loss", [("loss", "train"), ("val_loss", "val")]),

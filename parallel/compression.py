@@ -22,7 +22,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
+    PowerSGDState,
+    powerSGD_hook,
+)
 
 # Elements per bucket (32 MiB of fp32), like DDP's 25 MB buckets: each bucket costs three
 # all-reduces (vectors, P, Q), so fewer is better, but the error-feedback copy is per bucket.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config import ModelConfig
+from launcher.config.schema import ModelConfig
 
 
 @dataclass(frozen=True)

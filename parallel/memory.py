@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
-from launcher.config import ModelConfig
+from launcher.config.schema import ModelConfig
 from parallel.costs import LOSS_CHUNK_ELEMENTS, ItemCost
 
 GIB = 1024**3

@@ -47,10 +47,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from launcher.config import ModelConfig, resolve_sequence_parallel
+from launcher.config.schema import ModelConfig
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
-from parallel.memory import REDUCE_BUCKET_SIZE, RankMemory, dtype_bytes, host_state_bytes, rank_memory, state_bytes
+from parallel.layout import resolve_sequence_parallel
+from parallel.memory import (
+    REDUCE_BUCKET_SIZE,
+    RankMemory,
+    dtype_bytes,
+    host_state_bytes,
+    rank_memory,
+    state_bytes,
+)
 from parallel.partition import MemoryModel, partition
 
 RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least recomputation first

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.topology import init_distributed
+from launcher.ds.distributed import init_distributed
 
 
 def free_port() -> int:

@@ -44,7 +44,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Step records, one per step: after a restart the later attempt's records count."""
-    from launcher.metrics import read_step_records
+    from launcher.metrics.runlog import read_step_records
 
     return read_step_records(run_dir / "metrics.jsonl")[0]
 

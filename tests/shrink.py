@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from launcher.config import load_config
-from launcher.precision import detect_device_support, resolve_dtype
+from launcher.config.load import load_config
+from launcher.planning.precision import detect_device_support, resolve_dtype
 
 MAX_PROCS = 8
 HEAD_DIM = 8
@@ -44,8 +44,9 @@ def _divisors_down(n: int) -> list[int]:
 def planned(cfg):
     """The config with its `auto` parallel keys resolved as a dry run resolves them: by the
     planner, for the fewest H100 nodes the config fits on."""
-    from launcher.plan import assumed_cluster, default_world_size, resolve_auto
-    from launcher.precision import ASSUMED_GPU
+    from launcher.planning.auto import default_world_size, resolve_auto
+    from launcher.planning.cluster import assumed_cluster
+    from launcher.planning.precision import ASSUMED_GPU
 
     world = default_world_size(cfg)
     return resolve_auto(cfg, world, assumed_cluster(world), ASSUMED_GPU)[0]

@@ -13,9 +13,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
-from launch import (REPO, base_env, losses, python_cmd, read_events, read_metrics, read_records, run_cli,
-                    torchrun_cmd, train)
+from launch import (
+    REPO,
+    base_env,
+    losses,
+    python_cmd,
+    read_events,
+    read_metrics,
+    read_records,
+    run_cli,
+    torchrun_cmd,
+    train,
+)
 
 FAST = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1"]
@@ -381,7 +390,7 @@ def test_manifest_hashes_computed_while_writing_match_the_files(run, request):
     """Every rank hashes its files as it writes them (no reading back): the manifest of each
     checkpoint (1 process; dp 2 ZeRO 1 shards; pp 2 x dp 2 layer files) lists exactly the
     files on disk, each with the size and xxh3 of the file as it is on disk."""
-    from launcher.checkpoint import checksum_file
+    from launcher.checkpoint.store import checksum_file
 
     for ckpt in sorted((request.getfixturevalue(run) / "checkpoints").glob("step-*")):
         entries = json.loads((ckpt / "manifest.json").read_text())["files"]

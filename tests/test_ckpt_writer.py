@@ -3,8 +3,9 @@ those hashes: in one process, no engine."""
 
 import torch
 
-from launcher.checkpoint import checksum_file, manifest_entries
-from launcher.ckpt_writer import HashingFile, Written
+from launcher.checkpoint.save import manifest_entries
+from launcher.checkpoint.store import checksum_file
+from launcher.checkpoint.writer import HashingFile, Written
 
 
 def test_hash_and_size_written_equal_the_file_on_disk(tmp_path):

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
 from launch import losses, torchrun_cmd, train
+
 from parallel.compression import PowerSGDReducer
 
 FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0", "schedule.warmup_steps=2"]
@@ -241,12 +241,13 @@ def test_resume_with_powersgd_is_bit_exact(tmp_path):
 def _tied_copies(rank, world_size, overrides, cache):
     """Train a few steps in this process group through build_engine; return this rank's copy
     of the tied embedding/head weight and its pipeline stage."""
-    from launcher.config import load_config
-    from launcher.data import training_batches
-    from launcher.engine import build_engine, deepspeed_config
-    from launcher.plan import make_plan
-    from launcher.precision import detect_device_support
-    from launcher.train import DEFAULT_CONFIG
+    from launcher.cli import DEFAULT_CONFIG
+    from launcher.config.load import load_config
+    from launcher.data.batches import training_batches
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.engine import build_engine
     from parallel.topology import build_process_groups
 
     cfg = load_config(str(DEFAULT_CONFIG), overrides)

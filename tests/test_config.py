@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import ConfigError, load_config
-from launcher.plan import assumed_cluster, default_world_size, resolve_auto
-from launcher.precision import ASSUMED_GPU
+from launcher.config.load import load_config
+from launcher.planning.auto import default_world_size, resolve_auto
+from launcher.planning.cluster import assumed_cluster
+from launcher.planning.precision import ASSUMED_GPU
+from parallel.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -33,10 +33,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from launcher.config import Config, load_config
+from launcher.config.load import load_config
+from launcher.config.schema import Config
 from launcher.train import main
 from parallel.costs import ItemCost
-from parallel.partition import MemoryModel, PartitionError, balanced, minmax_split, monotone_minmax_split
+from parallel.partition import (
+    MemoryModel,
+    PartitionError,
+    balanced,
+    minmax_split,
+    monotone_minmax_split,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = (REPO / "configs" / "default.yaml").read_text()

@@ -11,18 +11,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.config import ConfigError, DataConfig, DataSource, config_from_dict
-from launcher.data import (
+from launcher.config.load import config_from_dict
+from launcher.config.schema import DataConfig, DataSource
+from launcher.data.batches import open_run_data, training_batches
+from launcher.data.prepare import prepare
+from launcher.data.sampling import (
     BLEND_BLOCK,
     Blend,
-    EMBEDDED_CORPUS,
     feistel_permutation,
-    open_run_data,
     permutation_key,
-    training_batches,
 )
-from launcher.prepare import prepare
-from launcher.preflight import check_data
+from launcher.data.sources import EMBEDDED_CORPUS
+from launcher.training.preflight import check_data
+from parallel.errors import ConfigError
 
 SEQ = 16
 
@@ -206,7 +207,7 @@ def test_document_segments_and_loss_mask_come_from_the_index(tmp_path):
     tokens, starts = stream.read(0, 13)
     assert bytes(tokens.astype(np.uint8)) == b"abc\0de\0fgh\0ij"
     assert np.flatnonzero(starts).tolist() == [0, 4, 11]  # not at the NUL inside "de\0fgh"
-    from launcher.data import to_batch
+    from launcher.data.batches import to_batch
     (ids, segments), (targets, mask) = to_batch(tokens[None], starts[None], True, True)
     assert segments[0].tolist() == [0] * 4 + [1] * 7 + [2]
     assert mask[0].tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1]  # inputs that end a document

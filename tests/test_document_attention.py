@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import run_distributed
 from torch.nn.attention.flex_attention import create_block_mask
 
-from distributed import run_distributed
-from launcher.config import (
+from launcher.config.schema import (
     Config,
     ModelConfig,
     OptimizerConfig,
@@ -22,20 +22,17 @@ from launcher.config import (
     TrainConfig,
     ZeroConfig,
 )
-from launcher.model import (
-    Attention,
-    LlamaModel,
-    LossFn,
-    apply_rope,
+from launcher.model.attention import Attention
+from launcher.model.documents import (
     document_attention,
     document_positions,
     flex_document_attention,
-    layer_specs,
-    rope_cos_sin,
     same_document_causal,
     sdpa_document_attention,
 )
-from launcher.optim import build_optimizer, build_scheduler
+from launcher.model.layers import apply_rope, rope_cos_sin
+from launcher.model.llama import LlamaModel, LossFn, layer_specs
+from launcher.training.optim import build_optimizer, build_scheduler
 from parallel.tensor_parallel import NO_TP, vocab_parallel_cross_entropy
 
 MHA = ModelConfig(layers=2, hidden=32, heads=4, ffn=64, vocab=64, seq_len=16)
@@ -210,9 +207,10 @@ def micro_batches(step: int) -> list:
 
 def _engine_runs(rank, world_size):
     """Two train steps and an eval batch per engine: (losses, grad norms, eval loss)."""
-    from launcher.engine import build_engine, deepspeed_config
-    from launcher.plan import make_plan
-    from launcher.precision import detect_device_support
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.engine import build_engine
     from parallel.topology import build_process_groups
 
     results = {}

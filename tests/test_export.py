@@ -12,10 +12,10 @@ import transformers
 from hf_llama import hf_tokenizer
 from launch import REPO, base_env, torchrun_cmd, train
 
-from launcher import hf_names
-from launcher.config import ModelConfig
-from launcher.export import CheckpointReader, item_key, resolve_checkpoint
-from launcher.model import LlamaModel, layer_specs
+from launcher.checkpoint.reader import CheckpointReader, item_key, resolve_checkpoint
+from launcher.config.schema import ModelConfig
+from launcher.model import weights as hf_names
+from launcher.model.llama import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP, TensorParallel
 
 SEED, LR = 1234, 3e-3

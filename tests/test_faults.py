@@ -38,8 +38,15 @@ from typing import Optional
 
 import psutil
 import torch
-
-from launch import REPO, base_env, losses, read_events, read_metrics, torchrun_cmd, train
+from launch import (
+    REPO,
+    base_env,
+    losses,
+    read_events,
+    read_metrics,
+    torchrun_cmd,
+    train,
+)
 from test_checkpoint import model_tensors
 
 SEED = 17

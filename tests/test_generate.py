@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from launch import REPO, base_env, run_cli, torchrun_cmd
 
-from launcher.config import load_config
-from launcher.generate import next_token
-from launcher.hf_weights import load_hf_weights
-from launcher.model import Attention, KVCache, LlamaModel, layer_specs
+from launcher.config.load import load_config
+from launcher.hf.weights import load_hf_weights
+from launcher.inference.sampling import next_token
+from launcher.model.attention import Attention, KVCache
+from launcher.model.llama import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP
 
 PROMPT = "alpha beta gamma delta"

@@ -20,17 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from launch import REPO, base_env, read_metrics, run_cli, torchrun_cmd
 
-from launcher.checkpoint import LauncherState
-from launcher.config import ConfigError, load_config
-from launcher.data import training_batches
-from launcher.export import resolve_checkpoint
-from launcher.hf_weights import (
-    HFWeights,
-    check_hf_weights,
-    hf_model_values,
-    load_hf_weights,
-)
-from launcher.model import LlamaModel, layer_specs
+from launcher.checkpoint.reader import resolve_checkpoint
+from launcher.checkpoint.state import LauncherState
+from launcher.config.load import load_config
+from launcher.data.batches import training_batches
+from launcher.formats.hf_config import hf_model_values
+from launcher.hf.weights import HFWeights, check_hf_weights, load_hf_weights
+from launcher.model.llama import LlamaModel, layer_specs
+from parallel.errors import ConfigError
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
 
 DEFAULT = REPO / "configs" / "default.yaml"

@@ -4,9 +4,16 @@ import os
 
 import pytest
 
-from launcher.config import ConfigError
-from launcher.launch_env import device_index, discover, export_env, first_slurm_host, slurm_port, slurm_tasks_on_node
-from parallel.topology import pick_device
+from launcher.training.launch_env import (
+    device_index,
+    discover,
+    export_env,
+    first_slurm_host,
+    pick_device,
+    slurm_port,
+    slurm_tasks_on_node,
+)
+from parallel.errors import ConfigError
 
 
 @pytest.mark.parametrize("nodelist,first", [

@@ -7,10 +7,11 @@ import functools
 
 import pytest
 import torch
-
 from distributed import run_distributed
-from launcher.config import ModelConfig
-from launcher.model import BlockOptions, LlamaModel, LossFn, layer_specs
+
+from launcher.config.schema import ModelConfig
+from launcher.model.layers import BlockOptions
+from launcher.model.llama import LlamaModel, LossFn, layer_specs
 from parallel.comm_bytes import CollectiveBytes, collective_counts, tp_collectives
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
 

@@ -3,7 +3,6 @@
 import subprocess
 
 import matplotlib.image as mpimg
-
 from launch import REPO, base_env, python_cmd, read_events, read_metrics, train
 from wandb_reader import history, run_ids
 

@@ -11,8 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-
-from launch import REPO, SHORT, base_env, losses, python_cmd, read_events, torchrun_cmd, train
+from launch import (
+    REPO,
+    SHORT,
+    base_env,
+    losses,
+    python_cmd,
+    read_events,
+    torchrun_cmd,
+    train,
+)
 
 WORDS = ["the", "model", "reads", "tokens", "from", "shards", "and", "learns", "which", "word", "comes", "next",
          "pipeline", "tensor", "data", "parallel", "stage", "rank", "loss", "step"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ModelConfig, load_config
+from launcher.config.load import load_config
+from launcher.config.schema import ModelConfig
 from parallel.costs import ItemCost, item_costs
 from parallel.memory import state_bytes
 from parallel.partition import (

@@ -4,15 +4,17 @@ into stages (with tensor parallelism inside each) computes the single-process lo
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
-from launcher.config import ModelConfig
-from launcher.model import LlamaModel, layer_specs
+
+from launcher.config.schema import ModelConfig
+from launcher.ds.pipeline import deepspeed_topology
+from launcher.ds.seams import StagedPipelineModule
+from launcher.model.llama import LlamaModel, layer_specs
 from parallel.costs import item_costs
+from parallel.layout import Layout
 from parallel.partition import partition
-from parallel.pipeline import StagedPipelineModule
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
-from parallel.topology import Layout, build_process_groups, deepspeed_topology
+from parallel.topology import build_process_groups
 
 CFG = ModelConfig(layers=3, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=256, seq_len=16)
 

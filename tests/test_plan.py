@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
+from distributed import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distributed import run_distributed
 from launch import base_env, python_cmd
-from launcher.config import load_config
-from launcher.plan import choose, main as plan_main
+
+from launcher.config.load import load_config
+from launcher.plan import main as plan_main
+from launcher.planning.auto import choose
 from parallel.costs import item_costs
 from parallel.hardware import PRESETS
 from parallel.memory import state_bytes
@@ -45,7 +46,9 @@ def test_model_states_agree_with_deepspeeds_estimators(config):
     within 5% once the 16-bit gradient partition the estimator leaves out (2 bytes per
     parameter / dp, `grad_partitions_flat_buffer`; measured below in fp32) is added to it."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+    )
 
     model = load_config(config).model
     params, largest = _params(model)
@@ -212,11 +215,12 @@ def _held(ds) -> dict[str, int]:
 
 
 def _measure_states(rank, world_size, runs):
-    from launcher.data import training_batches
-    from launcher.engine import build_engine, deepspeed_config
-    from launcher.plan import make_plan
-    from launcher.precision import detect_device_support
-    from launcher.train import DEFAULT_CONFIG
+    from launcher.cli import DEFAULT_CONFIG
+    from launcher.data.batches import training_batches
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.engine import build_engine
     from parallel.memory import rank_memory
     from parallel.topology import build_process_groups
 
@@ -302,8 +306,10 @@ def _saved_bytes(model, ids, persistent) -> int:
 
 def _activations(rank, world_size, dtype_name, recompute, micro_batch, sequence_parallel=False):
     """(measured, predicted) bytes saved for backward by one micro-batch on this tp rank."""
-    from launcher.model import Attention, BlockOptions, LlamaModel, LossFn, layer_specs
-    from launcher.train import DEFAULT_CONFIG
+    from launcher.cli import DEFAULT_CONFIG
+    from launcher.model.attention import Attention
+    from launcher.model.layers import BlockOptions
+    from launcher.model.llama import LlamaModel, LossFn, layer_specs
     from parallel.tensor_parallel import TensorParallel
 
     cfg = load_config(str(DEFAULT_CONFIG), [f"parallel.tensor={world_size}", "parallel.pipeline=1"])
@@ -419,8 +425,8 @@ def _auto(path, **parallel):
 
 
 def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must():
-    from launcher.plan import resolve_auto
-    from launcher.precision import ASSUMED_GPU
+    from launcher.planning.auto import resolve_auto
+    from launcher.planning.precision import ASSUMED_GPU
 
     h100 = PRESETS["h100"]
     # Llama-2-70B on 32 H100s fits without recomputation thanks to sequence parallelism;

@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from launch import REPO, base_env, python_cmd, read_metrics
-from launcher.config import ConfigError, load_config
-from launcher.precision import DeviceSupport, detect_device_support, resolve_dtype
-from launcher.train import DEFAULT_CONFIG
+
+from launcher.cli import DEFAULT_CONFIG
+from launcher.config.load import load_config
+from launcher.planning.precision import (
+    DeviceSupport,
+    detect_device_support,
+    resolve_dtype,
+)
+from parallel.errors import ConfigError
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "schedule.warmup_steps=2"]
 H100 = DeviceSupport("cuda (H100)", is_gpu=True, bf16=True, fp16=True)
@@ -124,9 +129,10 @@ def _one_step(rank, world_size, dtype, fp32_accumulation):
     after one optimizer step over 16 micro-batches."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from launcher.data import training_batches
-    from launcher.engine import build_engine, deepspeed_config
-    from launcher.plan import make_plan
+    from launcher.data.batches import training_batches
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.training.engine import build_engine
     from parallel.topology import build_process_groups
 
     cfg = load_config(DEFAULT_CONFIG, [*ONE_STEP, f"precision.dtype={dtype}"])

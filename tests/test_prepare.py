@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from launch import REPO, base_env
 
-from launcher.prepare import BAD_LINES, PLAN, main, prepare
-from launcher.shards import FORMAT, read_manifest, shard_paths
-from launcher.tokenizer import load_tokenizer
+from launcher.data.prepare import BAD_LINES, PLAN, prepare
+from launcher.data.shards import FORMAT, read_manifest, shard_paths
+from launcher.formats.tokenizer import load_tokenizer
+from launcher.prepare import main
 
 WORDS = ["the", "model", "reads", "tokens", "from", "shards", "and", "learns", "which", "word", "comes", "next",
          "pipeline", "tensor", "données", "Übung", "并行", "stage", "rank", "loss", "step", "\t", "\n"]

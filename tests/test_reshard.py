@@ -4,9 +4,16 @@ steps' losses match the uninterrupted single-process run within 1e-5 (fp32)."""
 
 import pytest
 import torch
-
 from distributed import run_distributed
-from launch import losses, python_cmd, read_events, read_metrics, run_cli, torchrun_cmd, train
+from launch import (
+    losses,
+    python_cmd,
+    read_events,
+    read_metrics,
+    run_cli,
+    torchrun_cmd,
+    train,
+)
 
 # Default model; a short run: checkpoints at 3 and 6 of 6 steps, 8 sequences per step.
 BASE = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2", "train.steps=6",
@@ -33,34 +40,36 @@ def _resume_in_process(rank, world_size, jobs):
     master), then train to the end."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from launcher import train as launcher_train
-    from launcher.config import load_config
-    from launcher.checkpoint import check_resume_config
-    from launcher.engine import deepspeed_config
-    from launcher.launch_env import choose_deepspeed_accelerator, discover
-    from launcher.plan import make_plan
-    from launcher.precision import detect_device_support
+    from launcher.checkpoint.state import check_resume_config
+    from launcher.cli import DEFAULT_CONFIG
+    from launcher.config.load import load_config
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.launch_env import choose_deepspeed_accelerator, discover
+    from launcher.training.loop import StopSignal, train_loop
+    from launcher.training.setup import resume, set_up
 
     choose_deepspeed_accelerator()
     results = []
     for overrides in jobs:
-        cfg = load_config(str(launcher_train.DEFAULT_CONFIG), overrides)
+        cfg = load_config(str(DEFAULT_CONFIG), overrides)
         # launcher.preflight's steps, less DeepSpeed's own config check, which reads the world
         # size of the process group this test already started
         plan = make_plan(cfg, world_size, detect_device_support())
         check_resume_config(cfg, plan)
-        run = launcher_train.set_up(cfg, plan, deepspeed_config(cfg, plan), discover(), torch.device("cpu"))
-        launcher_train.resume(run)
+        run = set_up(cfg, plan, deepspeed_config(cfg, plan), discover(), torch.device("cpu"))
+        resume(run)
         params = {p.logical_name: (p.detach().clone(), safe_get_full_fp32_param(p).clone())
                   for p in run.engine.ds.module.parameters()}
-        code = launcher_train.train_loop(run, launcher_train.StopSignal())
+        code = train_loop(run, StopSignal())
         run.engine.ds.destroy()
         results.append({"tp": (run.groups.coord.tp, plan.layout.tp), "params": params, "code": code})
     return results
 
 
 def _tp_slice(full: torch.Tensor, name: str, tp_rank: int, tp: int) -> torch.Tensor:
-    from launcher import hf_names
+    from launcher.model import weights as hf_names
 
     dim = hf_names.tp_dim(name)
     return full if dim is None else full.chunk(tp, dim)[tp_rank]
@@ -71,8 +80,8 @@ def test_tp2_pp2_dp2_resumes_on_other_tensor_and_pipeline_degrees(runs, tmp_path
     one 8-process world: every rank's weights and fp32 master equal the saved full tensors
     (read by launcher.export's reader, another code path) exactly; steps 4-6 match the
     uninterrupted single-process run."""
-    from launcher import hf_names
-    from launcher.export import CheckpointReader
+    from launcher.checkpoint.reader import CheckpointReader
+    from launcher.model import weights as hf_names
 
     saved, reference = runs
     ckpt = saved / "checkpoints" / "step-00000003"

@@ -7,7 +7,6 @@ for bit; a one-process run of the same shrunk model gives the same first loss.""
 from pathlib import Path
 
 import pytest
-
 from launch import losses, python_cmd, read_events, torchrun_cmd, train
 from shrink import shrink
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, read_events, read_metrics, read_records
 
 _spec = importlib.util.spec_from_file_location("bench_recovery", REPO / "bench" / "recovery.py")

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-
-from distributed import run_distributed
-from launcher.config import ModelConfig
-from launcher.model import LlamaModel, LossFn, layer_specs
-from parallel.tensor_parallel import TensorParallel, gather_shards
-from parallel.topology import Layout, build_process_groups
 import torch.distributed as dist
+from distributed import run_distributed
+
+from launcher.config.schema import ModelConfig
+from launcher.model.llama import LlamaModel, LossFn, layer_specs
+from parallel.layout import Layout
+from parallel.tensor_parallel import TensorParallel, gather_shards
+from parallel.topology import build_process_groups
 
 SHAPES = {
     "mha": ModelConfig(layers=2, hidden=64, heads=4, ffn=96, vocab=256, seq_len=16),

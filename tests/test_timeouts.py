@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
 from launch import REPO, base_env, torchrun_cmd
-from parallel.topology import Layout, build_process_groups, deepspeed_topology
+
+from launcher.ds.pipeline import deepspeed_topology
+from parallel.layout import Layout
+from parallel.topology import build_process_groups
 
 TIMEOUT_S = 3.0
 MARGIN_S = 12.0  # 8 processes on a couple of cores: scheduling, not the timeout, is the slack

@@ -5,10 +5,13 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
-from launcher.config import ConfigError, ParallelConfig
-from parallel.topology import Coord, Layout, ModelParallelUnit, build_process_groups, deepspeed_topology, resolve_layout
+
+from launcher.config.schema import ParallelConfig
+from launcher.ds.pipeline import deepspeed_topology
+from parallel.errors import ConfigError
+from parallel.layout import Coord, Layout, resolve_layout
+from parallel.topology import ModelParallelUnit, build_process_groups
 
 LAYOUTS = [(1, 1, 1), (2, 2, 2), (8, 4, 2), (4, 1, 3), (1, 8, 1), (2, 3, 5)]
 

@@ -5,8 +5,17 @@ import subprocess
 import sys
 
 import pytest
-
-from launch import SHORT, base_env, losses, mpirun_cmd, python_cmd, read_metrics, torchrun_cmd, train, REPO
+from launch import (
+    REPO,
+    SHORT,
+    base_env,
+    losses,
+    mpirun_cmd,
+    python_cmd,
+    read_metrics,
+    torchrun_cmd,
+    train,
+)
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=0"]
 

@@ -1,0 +1,124 @@
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.checkpoint.state import (
+    deepspeed_loads,
+    describe_layout,
+    same_layout,
+    set_rng_state,
+)
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+
+def deepspeed_state_classes() -> list:
+    """The DeepSpeed classes its own checkpoints pickle (loss scalers, the ZeRO stage enum,
+    the bf16 optimizer's fragment addresses): plain data holders, allowed by name so that
+    every file is read with `torch.load(weights_only=True)`, which runs no code from the
+    file. Found by loading checkpoints of every engine path (ZeRO 0-3, fp32/bf16/fp16,
+    pipeline) with weights_only=True; tests/test_checkpoint.py loads each path this way."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location=None):
+    """torch.load that cannot execute code from the file (DeepSpeed's engine loads with
+    weights_only=False)."""
+    with torch.serialization.safe_globals(deepspeed_state_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _ClampedList(list):
+    """A list whose out-of-range integer indices give its last element (see `load`)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index >= len(self):
+            index = len(self) - 1
+        return super().__getitem__(index)
+
+
+def _deepspeed_load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int) -> None:
+    """DeepSpeed's own loader, for a checkpoint of this layout (the data degree may differ)."""
+    ds_engine.checkpoint_engine.load = load_weights_only
+    real_dp, real_reader = ds_engine.seq_dp_world_size, ds_engine._get_all_zero_checkpoints
+    if saved_dp != current_dp:
+        ds_engine.seq_dp_world_size = saved_dp
+        if current_dp > saved_dp:
+            # Growing dp: DeepSpeed also reads the shard list at index `new dp rank` (only for
+            # the global fields every shard holds alike) before merging the whole list.
+            ds_engine._get_all_zero_checkpoints = lambda *a: _ClampedList(real_reader(*a) or [])
+    try:
+        path, _ = ds_engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    finally:
+        ds_engine.seq_dp_world_size = real_dp
+        ds_engine._get_all_zero_checkpoints = real_reader
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+
+
+def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: int, tp_rank: int,
+         model: dict, compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
+    """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
+    the same layout, this rank's RNG and compression state. Returns a notice line, if any.
+
+    Another layout DeepSpeed cannot read (tensor or pipeline degree, stage boundaries, ZeRO
+    stage, dtype, or dp under its bf16 optimizer) is resharded by launcher.reshard: every
+    rank reads its own slices of the saved state.
+
+    Compression state (PowerSGD's error feedback) is per rank and has no meaning on another
+    layout: there, and when the checkpoint has none, compression starts afresh.
+
+    A different data-parallel degree: ZeRO 0 state does not depend on dp; ZeRO 1/2 state
+    is saved in DeepSpeed's elastic format (zero_optimization.elastic_checkpoint), which its
+    optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
+    dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
+    it is shown the saved dp, which is exactly what its elastic path expects."""
+    notes = []
+    if deepspeed_loads(saved_layout, current_layout):
+        _deepspeed_load(ds_engine, ckpt, saved_layout["dp"], current_layout["dp"])
+    else:
+        from launcher.checkpoint.reshard import load_resharded
+
+        start = time.perf_counter()
+        load_resharded(ds_engine, ckpt, saved_layout, model, tp_rank, current_layout["tp"])
+        notes.append(f"checkpoint {ckpt.name} was saved with {describe_layout(saved_layout)}: resharded to "
+                     f"{describe_layout(current_layout)} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
+                     "each rank read its own slices; RNG states start from the seed)")
+    # The scheduler's load_state_dict restores its counter, not the optimizer's lr; ZeRO's
+    # elastic optimizer state has no param_groups to bring it back. Without this the first
+    # step after a resume would run at step 1's warm-up lr.
+    if ds_engine.lr_scheduler is not None:
+        for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    same = same_layout(saved_layout, current_layout)
+    rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
+    if same and rng_file.exists():
+        try:
+            set_rng_state(load_weights_only(rng_file))
+        except pickle.UnpicklingError:  # written before RNG states were plain data (numpy objects)
+            notes.append(f"{rng_file}: not plain data (an older checkpoint), refused unread; RNG states start "
+                         "from the seed, so this resume is not bit-exact")
+    if compressor is not None:
+        compression_file = ckpt / "compression" / f"rank-{rank:05d}.pt"
+        try:
+            saved = load_weights_only(compression_file, map_location=device) if same else None
+        except (FileNotFoundError, pickle.UnpicklingError):
+            saved = None
+        note = compressor.load_state_dict(saved) if saved is not None else (
+            f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors start afresh")
+        if note:
+            notes.append(note)
+    return "; ".join(notes) or None

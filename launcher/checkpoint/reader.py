@@ -1,0 +1,266 @@
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.checkpoint.load import deepspeed_state_classes
+from launcher.checkpoint.state import LauncherState
+from launcher.checkpoint.store import MANIFEST, STATE, published
+from launcher.config.coerce import model_config
+from launcher.config.schema import ModelConfig
+from launcher.model import weights as hf_names
+from parallel.costs import pipeline_items
+from parallel.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# --------------------------------------------------------------------------------------
+# Finding the checkpoint and the run it belongs to
+# --------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
+    """(checkpoint directory, run directory or None). A run directory gives its newest
+    published checkpoint. ConfigError('--checkpoint', ...) when it is neither."""
+    if (path / STATE).is_file():
+        if not (path / MANIFEST).is_file():
+            raise ConfigError("--checkpoint", f"{path}: no {MANIFEST} (an incomplete save); export a published one")
+        run = path.parent.parent
+        return path, run if (run / "config.yaml").is_file() else None
+    if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+        root = path / "checkpoints"
+        ckpt_dir = (_read_yaml(path / "config.yaml").get("checkpoint") or {}).get("dir")
+        if ckpt_dir:
+            root = Path(ckpt_dir)
+        for ckpt in published(root):
+            if (ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file():
+                return ckpt, path
+        raise ConfigError("--checkpoint", f"{path}: a run directory with no published checkpoint under {root}")
+    if published(path):  # a checkpoint root (checkpoint.dir)
+        for ckpt in published(path):
+            if (ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file():
+                run = path.parent
+                return ckpt, run if (run / "config.yaml").is_file() else None
+    raise ConfigError("--checkpoint", f"{path}: not a checkpoint (no {STATE}) nor a run directory (no config.yaml, "
+                      "no checkpoints/); pass runs/NAME or runs/NAME/checkpoints/step-NNNNNNNN")
+
+
+def run_tokenizer(run: Optional[Path], state: LauncherState):
+    """The run's tokenizer (launcher.tokenizer) when its config.yaml names one that loads and
+    matches the checkpoint's fingerprint; else None (no vocabulary trim, no files copied)."""
+    from launcher.formats.tokenizer import BYTE, load_tokenizer
+
+    if state.fingerprint.get("data.tokenizer") == BYTE:  # its fingerprint names it: no file needed
+        return load_tokenizer(BYTE)
+    if run is None:
+        return None
+
+    data = _read_yaml(run / "config.yaml").get("data") or {}
+    spec = data.get("tokenizer")
+    if not spec:
+        return None
+    try:
+        tok = load_tokenizer(str(spec), data.get("eod_token"))
+    except ConfigError:
+        return None
+    saved = state.fingerprint.get("data.tokenizer")
+    return tok if saved in (None, tok.sha256) else None
+
+
+def trimmed_vocab(model: ModelConfig, state: LauncherState, tok) -> int:
+    """The vocabulary rows that mean something: a run started from model.init_from keeps that
+    model's vocab_size; else the tokenizer's size; the rows above (tensor-parallel padding,
+    never a target) are dropped."""
+    source_vocab = (state.fingerprint.get("weights_from") or {}).get("vocab_size")
+    if isinstance(source_vocab, int) and 0 < source_vocab <= model.vocab:
+        return source_vocab
+    if tok is not None and tok.vocab_size < model.vocab:
+        return tok.vocab_size
+    return model.vocab
+
+
+# --------------------------------------------------------------------------------------
+# Reading full tensors from any layout, one at a time
+# --------------------------------------------------------------------------------------
+
+
+def load_mmap(path: Path) -> dict:
+    """torch.load that runs no code from the file, memory-mapped (pages are read when used)."""
+    with torch.serialization.safe_globals(deepspeed_state_classes()):
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def item_key(model: ModelConfig, ours: str) -> tuple[int, str]:
+    """Our logical name -> (pipeline item index, key in that item's state dict):
+    'layers.1.mlp.w_up.weight' -> (4, 'w_up.weight'); 'head.weight' -> (last, 'proj.weight')
+    (the tied head is item 0's 'embed.weight')."""
+    n_items = len(pipeline_items(model))
+    if ours == "embed.weight" or (ours == "head.weight" and model.tie_embeddings):
+        return 0, "embed.weight"
+    if ours == "head.weight":
+        return n_items - 1, "proj.weight"
+    if ours == "norm.weight":
+        return n_items - 2, "norm.weight"
+    _, layer, block, rest = ours.split(".", 3)  # layers.{i}.attention|mlp.<rest>
+    return 1 + 2 * int(layer) + (block == "mlp"), rest
+
+
+class CheckpointReader:
+    """Full (tp-gathered) tensors of one checkpoint by our logical names, e.g.
+    reader.tensor('layers.0.attention.wq.weight') -> (hidden, hidden), in the dtype on disk
+    (fp32 for ZeRO 3, whose weights come from the fp32 partitions).
+
+    Memory: the files of one pipeline item at a time are memory-mapped (only the pages of
+    the tensors read become resident) and unmapped when the next item is asked for, so the
+    reader holds about one item's slices, never the model. Ask in item order (Hugging Face's
+    order is) or files are mapped again."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt = ckpt
+        self.state = LauncherState.read(ckpt)
+        self.model = model_config(self.state.fingerprint["model"], "--checkpoint")
+        lay = self.state.layout
+        self.tp, self.pp, self.zero_stage = lay["tp"], lay["pp"], lay["zero_stage"]
+        self.dtype = DTYPES.get(lay["dtype"], torch.float32)
+        self._item: Optional[tuple[int, list]] = None  # (item index, each tp rank's open files)
+        self._zero3_index: list[dict] = []  # ZeRO 3: per tp rank, name -> where its pieces are
+        if self.zero_stage == 3:
+            self._zero3_index = [self._zero3_layout(r) for r in range(self.tp)]
+        else:
+            for index in (0, len(pipeline_items(self.model)) - 1):  # refuse a missing file up front
+                self._item_paths(index)
+
+    def _need(self, path: Path) -> Path:
+        if not path.is_file():
+            raise ConfigError("--checkpoint", f"{path}: missing (layout tp={self.tp} pp={self.pp} "
+                              f"zero={self.zero_stage} from {STATE})")
+        return path
+
+    def _item_paths(self, index: int) -> list[Path]:
+        if self.pp == 1:
+            return [self._need(self.ckpt / f"mp_rank_{r:02d}_model_states.pt") for r in range(self.tp)]
+        if self.model.tie_embeddings and index == len(pipeline_items(self.model)) - 1:
+            index = 0  # the tied head's weight is saved with the embedding only
+        files = sorted(self.ckpt.glob(f"layer_{index:02d}-*model_states.pt"))
+        if len(files) != self.tp:
+            raise ConfigError("--checkpoint", f"{self.ckpt}: {len(files)} files for pipeline item {index}, "
+                              f"expected one per tp rank ({self.tp})")
+        return files
+
+    def _zero3_optim_paths(self, tp_rank: int) -> list[Path]:
+        paths = sorted(self.ckpt.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
+                       key=lambda p: int(p.name.split("_")[3]))
+        if not paths:
+            raise ConfigError("--checkpoint", f"{self.ckpt}: no ZeRO 3 optimizer files for tp rank {tp_rank}")
+        return paths
+
+    def _zero3_layout(self, tp_rank: int) -> dict:
+        """Where each parameter of one tp rank is: name -> (group, offset, piece, shape). ZeRO 3
+        cuts every parameter into dp equal pieces (the last padded); dp rank d's flat fp32
+        group holds piece d of each of the group's parameters, in order (zero_to_fp32.py)."""
+        world = len(self._zero3_optim_paths(tp_rank))
+        opt = load_mmap(self._zero3_optim_paths(tp_rank)[0])["optimizer_state_dict"]
+        count = opt.get("partition_count", world)
+        count = max(count) if isinstance(count, list) else count
+        if count != world:
+            raise ConfigError("--checkpoint", f"{self.ckpt}: {world} ZeRO 3 files for tp rank {tp_rank}, "
+                              f"the optimizer was partitioned {count} ways")
+        model_file = self._need(self.ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        where = {}
+        for group, shapes in enumerate(load_mmap(model_file)["param_shapes"]):  # per group: {name: shape}
+            offset = 0
+            for name, shape in shapes.items():
+                piece = math.ceil(math.prod(shape) / world)
+                where[name] = (group, offset, piece, tuple(shape))
+                offset += piece
+        return where
+
+    def _open(self, index: int) -> list:
+        """Each tp rank's files for pipeline item `index`: a state dict (pipeline > 1: the
+        item's; pipeline = 1: the module's), or ZeRO 3's flat groups of every dp rank."""
+        if self._item is None or self._item[0] != index:
+            self._item = None  # unmap the previous item's files first
+            if self.zero_stage == 3:
+                files = [[load_mmap(p)["optimizer_state_dict"]["fp32_flat_groups"]
+                          for p in self._zero3_optim_paths(r)] for r in range(self.tp)]
+            else:
+                files = [load_mmap(p) for p in self._item_paths(index)]
+                if self.pp == 1:
+                    files = [f["module"] for f in files]
+            self._item = (index, files)
+        return self._item[1]
+
+    def _slice(self, ours: str, tp_rank: int) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """This tp rank's slice: its shape and its contents, row-major, as consecutive pieces
+        (one memory-mapped tensor; ZeRO 3: the 1-D pieces of every dp rank, the last padded)."""
+        index, key = item_key(self.model, ours)
+        files = self._open(index)[tp_rank]
+        if self.zero_stage == 3:
+            group, offset, piece, shape = self._zero3_index[tp_rank][f"items.{index}.{key}"]
+            # detached: ZeRO 3 saves its flat groups with requires_grad, and a copy out of one
+            # would keep the mapped file alive through its grad_fn
+            return shape, [flat[group][offset:offset + piece].detach() for flat in files]
+        part = files[f"items.{index}.{key}" if self.pp == 1 else key].detach()
+        return tuple(part.shape), [part]
+
+    def tensor(self, ours: str, dtype: Optional[torch.dtype] = None, rows: Optional[int] = None) -> torch.Tensor:
+        """The full tensor, a new one in `dtype` (default: as on disk): each tp slice is cast
+        and copied straight into its place along the tp dimension (one allocation, no
+        intermediate). `rows`: keep the first rows only (a vocabulary trim; vocabulary rows
+        are dim 0, tp rank r holds rows [r*n/tp, (r+1)*n/tp))."""
+        dim, dtype = hf_names.tp_dim(ours), dtype or self.dtype
+        slices = [self._slice(ours, r) for r in range(self.tp if dim is not None else 1)]
+        kept, start = [], 0  # rows of each slice that are kept
+        for shape, _ in slices:
+            kept.append(shape[0] if rows is None else max(0, min(rows - start, shape[0])))
+            start += shape[0]
+        cat_dim = dim if dim is not None else 0
+        widths = [k if cat_dim == 0 else shape[cat_dim] for k, (shape, _) in zip(kept, slices)]
+        full = list(slices[0][0])
+        full[0] = sum(kept) if cat_dim == 0 else kept[0]
+        if cat_dim != 0:
+            full[cat_dim] = sum(widths)
+        out = torch.empty(full, dtype=dtype)
+        at = 0
+        for (shape, pieces), k, width in zip(slices, kept, widths):
+            if k:
+                _copy_rows(out.narrow(cat_dim, at, width), shape, pieces, k)
+            at += width
+        return out
+
+    def close(self) -> None:
+        self._item = None
+
+
+def _copy_rows(dest: torch.Tensor, shape: tuple[int, ...], pieces: list[torch.Tensor], rows: int) -> None:
+    """dest (rows, ...) <- the first `rows` rows of the tensor of `shape` whose row-major
+    contents are the consecutive `pieces`, cast on the way."""
+    if len(pieces) == 1 and tuple(pieces[0].shape) == tuple(shape):
+        dest.copy_(pieces[0][:rows])
+        return
+    if not dest.is_contiguous():  # a column block of the output (ZeRO 3 with tp > 1)
+        dest.copy_(torch.cat(pieces)[:math.prod(shape)].view(shape)[:rows])
+        return
+    flat, at = dest.view(-1), 0
+    for piece in pieces:
+        n = min(piece.numel(), flat.numel() - at)
+        if n <= 0:
+            break
+        flat[at:at + n].copy_(piece[:n])
+        at += n

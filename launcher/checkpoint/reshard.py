@@ -1,0 +1,323 @@
+"""Resume a checkpoint on another tensor, pipeline or data degree, or another ZeRO stage.
+
+DeepSpeed's own loader needs the saving layout's files one for one (same tp x pp; a dp
+change only through its elastic ZeRO 1/2 merge, and not for its bf16 optimizer), and its
+universal-checkpoint route (`ds_to_universal`) is an offline pass over the whole checkpoint
+that needs per-parameter tensor-parallel metadata DeepSpeed's model-side API records and
+our model does not. Here every rank of the new layout builds its engine as for a fresh
+start and fills it in place:
+
+    for each parameter of this rank (one pipeline stage, one tp rank):
+        fp32 master, exp_avg, exp_avg_sq  <- read from the saved files: the saved tp slices
+                                             that overlap, each assembled from the ZeRO
+                                             fragments of every saved dp rank
+        -> this rank's tp slice           -> DeepSpeed's fragment API (safe_set_full_*),
+                                             which keeps only this rank's ZeRO partition;
+                                             a plain torch optimizer (ZeRO 0, fp32) gets
+                                             the tensors in its state directly
+
+Files are memory-mapped: a rank reads the pages of the tensors its stage needs, and opens
+the optimizer files of the saved stages that hold them only (the small model-state files of
+every saved stage say which holds what). The Adam step count, the
+scheduler, DeepSpeed's step and sample counters come along; RNG states and PowerSGD's
+error feedback are per rank and start afresh (as on any layout change).
+
+Where the state is on disk (DeepSpeed 0.19), for saved (stage s, tp rank t), m = s * tp + t:
+    mp_rank_MM_model_states.pt        lr scheduler, counters; `param_shapes` (ZeRO >= 1: the
+                                      names and tp-slice shapes of stage s, per group);
+                                      ZeRO 0: the torch optimizer's state by index; pp = 1:
+                                      the module's weights
+    [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt
+                                      ZeRO 1/2 and the bf16 optimizer: dp rank D's flat fp32
+                                      partition per group, its moments, and
+                                      `param_slice_mappings` (name -> start, numel in it)
+    layer_XX-model_TT-model_states.pt pipeline > 1: item XX's weights of tp rank TT
+Parameter names: 'items.X.key' (pipeline 1), 'X.key' (pipeline > 1), a tied embedding
+'tied_modules.embed.embed.weight'; X is the pipeline item (parallel.costs order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.config.coerce import model_config
+from launcher.config.schema import ModelConfig
+from launcher.model import weights as hf_names
+from parallel.costs import pipeline_items
+from parallel.errors import ConfigError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's; Lion has exp_avg only
+
+
+def logical_name(model: ModelConfig, saved: str) -> str:
+    """A module parameter name as DeepSpeed saved it -> our logical name
+    ('3.wq.weight' -> 'layers.1.attention.wq.weight'); the inverse of export.item_key."""
+    if saved.startswith("tied_modules."):
+        return "embed.weight"  # the only tied weight: the embedding, shared with the head
+    item, key = saved.removeprefix("items.").split(".", 1)
+    index, last = int(item), len(pipeline_items(model)) - 1
+    if index == 0:
+        return "embed.weight"
+    if index == last:
+        return "head.weight"
+    if index == last - 1:
+        return "norm.weight"
+    layer, block = divmod(index - 1, 2)
+    return f"layers.{layer}.{'mlp' if block else 'attention'}.{key}"
+
+
+@dataclass
+class _Slice:
+    """Where one saved tp slice of a parameter is: its shape, and either ZeRO fragments
+    [(optimizer file, group, start, numel) per dp rank, in order] or a ZeRO 0 torch
+    optimizer entry (model file, group index of the state) plus the weight's file and key."""
+
+    shape: tuple
+    fragments: list
+    zero0: Optional[tuple] = None  # (mp file, state index, weight file, weight key)
+
+
+class SavedState:
+    """The full (tp-gathered) fp32 master weights and optimizer moments of a checkpoint, by
+    logical name, for any saved layout with ZeRO 0-2."""
+
+    def __init__(self, ckpt: Path, layout: dict, model: dict):
+        self.ckpt = ckpt
+        self.model = model_config(model, "checkpoint.resume")
+        self.tp, self.pp, self.zero = layout["tp"], layout["pp"], layout["zero_stage"]
+        if self.zero == 3:
+            raise ConfigError("zero.stage", f"checkpoint {ckpt} was saved with ZeRO 3: it resumes on its own layout "
+                              f"only (tensor={self.tp} pipeline={self.pp} data={layout['dp']} zero.stage=3)")
+        self._files: dict = {}
+        self.index: dict[str, list[_Slice]] = {}  # logical name -> one _Slice per saved tp rank
+        self.step: Optional[torch.Tensor] = None  # the optimizer's step count
+        # Which saved stages hold which parameters: from the small model-state files; the
+        # optimizer files of a stage are opened when one of its parameters is asked for.
+        self._stages: dict[str, list[int]] = {}
+        for stage in range(self.pp):
+            for name in self._stage_names(stage):
+                self._stages.setdefault(logical_name(self.model, name), []).append(stage)
+        self._indexed: set[int] = set()
+        self.counters = self._open(self._need(ckpt / "mp_rank_00_model_states.pt"))
+
+    # ----------------------------------------------------------------- files
+    def _need(self, path: Path) -> Path:
+        if not path.is_file():
+            raise ConfigError("checkpoint.resume", f"{path}: missing (saved with tensor={self.tp} "
+                              f"pipeline={self.pp} zero.stage={self.zero})")
+        return path
+
+    def _open(self, path: Path) -> dict:
+        if path not in self._files:
+            from launcher.checkpoint.reader import load_mmap
+
+            self._files[path] = load_mmap(path)
+        return self._files[path]
+
+    def _optim_files(self, m: int) -> list[Path]:
+        found = sorted(self.ckpt.glob(f"*zero_pp_rank_*_mp_rank_{m:02d}_optim_states.pt"),
+                       key=lambda p: int(p.name.split("zero_pp_rank_")[1].split("_")[0]))
+        if not found:
+            raise ConfigError("checkpoint.resume", f"{self.ckpt}: no ZeRO optimizer files for model-parallel rank {m}")
+        return found
+
+    # ----------------------------------------------------------------- index
+    def _add(self, saved_name: str, t: int, piece: _Slice) -> None:
+        name = logical_name(self.model, saved_name)
+        slices = self.index.setdefault(name, [None] * self.tp)
+        if slices[t] is None:  # a tied weight appears on two stages, identical: the first wins
+            slices[t] = piece
+
+    def _stage_names(self, stage: int) -> list[str]:
+        mp = self._open(self._need(self.ckpt / f"mp_rank_{stage * self.tp:02d}_model_states.pt"))
+        if mp.get("param_shapes"):
+            return [name for group in mp["param_shapes"] for name in group]
+        return [w[0] for w in self._stage_weights(mp, stage, 0)]
+
+    def _slices(self, name: str) -> list[_Slice]:
+        for stage in self._stages.get(name, [])[:1]:  # a tied weight: its first stage's copy
+            if stage not in self._indexed:
+                for t in range(self.tp):
+                    self._index_stage(stage, t)
+                self._indexed.add(stage)
+        slices = self.index.get(name)
+        if slices is None or any(s is None for s in slices):
+            raise ConfigError("checkpoint.resume", f"{self.ckpt}: no saved state for {name}")
+        return slices
+
+    def _index_stage(self, stage: int, t: int) -> None:
+        m = stage * self.tp + t
+        mp_file = self._need(self.ckpt / f"mp_rank_{m:02d}_model_states.pt")
+        mp = self._open(mp_file)
+        if self.zero == 0 and mp.get("optimizer") and "state" in mp["optimizer"]:
+            self._index_torch_optimizer(mp_file, mp, stage, t)
+            return
+        shapes = {name: tuple(shape) for group in mp["param_shapes"] for name, shape in group.items()}
+        where: dict[str, list] = {}
+        for path in self._optim_files(m):
+            opt = self._open(path)["optimizer_state_dict"]
+            for group, mapping in enumerate(opt["param_slice_mappings"]):
+                for name, address in mapping.items():
+                    where.setdefault(name, []).append((path, group, address.start, address.numel))
+            if self.step is None:
+                self.step = _base_state(opt, 0).get("step")  # None: saved before any step
+        for name, fragments in where.items():
+            self._add(name, t, _Slice(shapes[name], fragments))
+
+    def _index_torch_optimizer(self, mp_file: Path, mp: dict, stage: int, t: int) -> None:
+        """ZeRO 0 with a torch optimizer: its state is by index, in the order of the stage's
+        parameters (launcher.optim.param_groups: matrices first, then gains), which is the
+        order of the saved weights."""
+        weights = self._stage_weights(mp, stage, t)  # [(saved name, file, key, shape)] in module order
+        order = [w for w in weights if len(w[3]) >= 2] + [w for w in weights if len(w[3]) < 2]
+        opt = mp["optimizer"]
+        indices = [i for group in opt["param_groups"] for i in group["params"]]
+        if len(indices) != len(order):
+            raise ConfigError("checkpoint.resume", f"{mp_file}: {len(indices)} optimizer entries for "
+                              f"{len(order)} parameters of stage {stage}")
+        for i, (saved_name, path, key, shape) in zip(indices, order):
+            self._add(saved_name, t, _Slice(shape, [], zero0=(mp_file, i, path, key)))
+            if self.step is None and i in opt["state"]:
+                self.step = opt["state"][i]["step"]
+
+    def _stage_weights(self, mp: dict, stage: int, t: int) -> list:
+        if self.pp == 1:
+            module = mp["module"]
+            buffers = set(mp.get("buffer_names") or [])
+            return [(k, None, k, tuple(v.shape)) for k, v in module.items() if k not in buffers]
+        parts = self._parts()
+        out = []
+        items = range(parts[stage], parts[stage + 1])
+        if self.model.tie_embeddings and stage == self.pp - 1 and 0 not in items:
+            # the last stage's head is the tied embedding: DeepSpeed registers it first
+            out.append(("tied_modules.embed.embed.weight", self.ckpt / f"layer_00-model_{t:02d}-model_states.pt",
+                        "embed.weight", tuple(self._open(self.ckpt / f"layer_00-model_{t:02d}-model_states.pt")
+                                              ["embed.weight"].shape)))
+        for item in items:
+            path = self.ckpt / f"layer_{item:02d}-model_{t:02d}-model_states.pt"
+            if not path.is_file():  # a tied head: saved with item 0 only
+                continue
+            for key, value in self._open(path).items():
+                out.append((f"{item}.{key}", path, key, tuple(value.shape)))
+        return out
+
+    def _parts(self) -> list[int]:
+        from launcher.checkpoint.state import LauncherState
+
+        parts = LauncherState.read(self.ckpt).layout.get("parts")
+        if not parts:
+            raise ConfigError("checkpoint.resume", f"{self.ckpt}: saved with ZeRO 0 and pipeline {self.pp} before "
+                              "stage boundaries were recorded; resume it on its own layout once to re-save it")
+        return parts
+
+    # ----------------------------------------------------------------- reading
+    def _slice_tensor(self, piece: _Slice, what: str) -> torch.Tensor:
+        if piece.zero0 is not None:
+            mp_file, i, path, key = piece.zero0
+            if what == "fp32":
+                source = self._open(mp_file)["module"] if path is None else self._open(path)
+                return source[key].detach().float().reshape(piece.shape)
+            return self._open(mp_file)["optimizer"]["state"][i][what].detach().float().reshape(piece.shape)
+        flat = []
+        for path, group, start, numel in piece.fragments:
+            opt = self._open(path)["optimizer_state_dict"]
+            source = opt["single_partition_of_fp32_groups"][group] if what == "fp32" else _base_state(opt, group)[what]
+            flat.append(source.detach()[start:start + numel])
+        out = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+        if out.numel() != math.prod(piece.shape):
+            raise ConfigError("checkpoint.resume", f"{self.ckpt}: fragments of {out.numel()} elements for a slice "
+                              f"of shape {piece.shape}")
+        return out.float().view(piece.shape)
+
+    def slice_for(self, name: str, what: str, dim: Optional[int], rank: int, size: int) -> torch.Tensor:
+        """This rank's tp slice (rank of size along dim; dim None: replicated) of `what`
+        ('fp32' or a moment), reading only the saved slices that overlap it."""
+        slices = self._slices(name)
+        if dim is None:  # replicated over tp: every saved tp rank holds it whole
+            return self._slice_tensor(slices[0], what)
+        saved_width = slices[0].shape[dim]
+        width = saved_width * self.tp // size
+        start, stop = rank * width, (rank + 1) * width
+        parts = []
+        for t, piece in enumerate(slices):
+            lo, hi = t * saved_width, (t + 1) * saved_width
+            if hi <= start or lo >= stop:
+                continue  # this saved slice is not read at all
+            a, b = max(lo, start) - lo, min(hi, stop) - lo
+            parts.append(self._slice_tensor(piece, what).narrow(dim, a, b - a))
+        return torch.cat(parts, dim).contiguous()
+
+    def moments(self) -> list[str]:
+        some = self._slices(next(iter(self._stages)))[0]
+        if some.zero0 is not None:
+            mp_file, i, _, _ = some.zero0
+            state = self._open(mp_file)["optimizer"]["state"].get(i, {})
+        else:
+            path, group, _, _ = some.fragments[0]
+            state = _base_state(self._open(path)["optimizer_state_dict"], group)
+        return [k for k in MOMENTS if k in state]
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _base_state(opt: dict, group: int) -> dict:
+    """The torch optimizer's state of one flat group: ZeRO 1/2 save a list per group
+    (elastic format), the bf16 optimizer torch's state_dict."""
+    base = opt["base_optimizer_state"]
+    return base[group] if isinstance(base, list) else base["state"][group]
+
+
+def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_rank: int, tp_size: int) -> None:
+    """Fill this rank's engine (built for its own layout) from a checkpoint of another
+    layout: weights, fp32 master, optimizer moments and step, scheduler, counters.
+    Not a collective; every rank reads its own slices."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    saved = SavedState(ckpt, saved_layout, model)
+    optimizer = ds_engine.optimizer
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap a torch optimizer
+    moments = saved.moments()
+    stepped = saved.step is not None  # a checkpoint of the starting weights (step 0) has no optimizer state
+    if stepped and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 and the bf16 optimizer create the torch optimizer's state, and link each
+        # parameter's fragment of it, at their first step; do both now so that the fragment
+        # API below has a state to write into (zeros, overwritten at once).
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state[flat]:
+                    base.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
+                                        **{k: torch.zeros_like(flat) for k in moments}}
+        optimizer._lazy_init_hp_params_optimizer_state()
+    with torch.no_grad():
+        for param in ds_engine.module.parameters():  # each once: a tied weight is one parameter
+            dim = hf_names.tp_dim(param.logical_name)  # split over tp in the saved and in this layout
+            master = saved.slice_for(param.logical_name, "fp32", dim, tp_rank, tp_size)
+            if tuple(master.shape) != tuple(param.shape):
+                raise ConfigError("checkpoint.resume", f"{ckpt}: {param.logical_name} slice {tuple(master.shape)} "
+                                  f"for tp rank {tp_rank} of {tp_size}, the parameter is {tuple(param.shape)}")
+            param.copy_(master.to(param.dtype))
+            values = {k: saved.slice_for(param.logical_name, k, dim, tp_rank, tp_size) for k in moments}
+            if hasattr(param, "_hp_mapping"):  # DeepSpeed's ZeRO 1/2 or bf16 optimizer: its partition only
+                safe_set_full_fp32_param(param, master)
+                for key, value in values.items():
+                    safe_set_full_optimizer_state(param, value, key)
+            elif stepped:  # a torch optimizer on the parameters themselves (ZeRO 0, fp32)
+                state = base.state[param]
+                state["step"] = saved.step.clone().float()
+                state.update({k: v.to(param.dtype) for k, v in values.items()})
+    for state in base.state.values() if stepped else ():  # the flat groups of ZeRO / bf16: their step count
+        state["step"] = saved.step.clone().to(state["step"].dtype) if torch.is_tensor(state.get("step")) \
+            else saved.step.item()
+    counters = saved.counters
+    ds_engine.global_steps = counters["global_steps"]
+    ds_engine.global_samples = counters.get("global_samples", ds_engine.global_steps * ds_engine.train_batch_size())
+    ds_engine.skipped_steps = counters.get("skipped_steps", 0)
+    if ds_engine.lr_scheduler is not None and counters.get("lr_scheduler"):
+        ds_engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
+    saved.close()

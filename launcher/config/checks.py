@@ -1,0 +1,218 @@
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from launcher.config.schema import Config, DataConfig
+from parallel.errors import ConfigError, show_value
+
+# --------------------------------------------------------------------------------------
+# Checks that need no world size
+# --------------------------------------------------------------------------------------
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {show_value(value)}")
+
+
+# Upper bounds on the sizes that planning iterates over or multiplies out. Generous for
+# real models up to ~1T parameters: Llama 3 405B has 126 layers, hidden 16384, ffn 53248,
+# vocab 128256; Megatron-LM's 1T example 128 layers, hidden 25600, pp 64; Gemma's vocab is
+# 256000; DeepNet trained 1000 layers. Beyond them a value is a typo (an extra digit), and
+# the stage partitioner (a dynamic program over the 2 * layers + 3 pipeline items and the
+# pp stages) would run for minutes to hours before saying anything.
+LIMITS = {
+    "model.layers": (1024, "DeepNet's 1000 layers are the deepest trained transformer"),
+    "model.hidden": (1 << 17, "1T-parameter models use hidden 25600"),
+    "model.ffn": (1 << 20, "8x the largest hidden size in use"),
+    "model.vocab": (1 << 22, "the largest vocabularies in use have 256K entries"),
+    "model.seq_len": (1 << 24, "16M tokens per sequence"),
+    "parallel.pipeline": (256, "the largest published pipelines have 64-128 stages"),
+    "parallel.global_batch": (1 << 24, "16M sequences per optimizer step"),
+}
+SEED_RANGE = 2**32  # numpy's legacy seed (np.random.seed) takes 0 <= seed < 2**32
+MAX_FP16_SCALE_POWER = 64  # the loss scale starts at 2**this: DeepSpeed's default is 16
+# A collective (or barrier) timeout: at least a second (the first barrier of a job takes
+# longer than that), at most ~115 days (a wait that long is a hang, not a timeout; inf and
+# far larger values overflow Python's timedelta, or int64 nanoseconds in C++).
+TIMEOUT_RANGE_S = (1.0, 1e7)
+
+
+def _at_most(key: str, value: int) -> None:
+    limit, why = LIMITS[key]
+    if value > limit:
+        raise ConfigError(key, f"{show_value(value)} is more than {limit:,}, the most this launcher plans for ({why}); "
+                          "a typo?")
+
+
+def check_config(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
+        check_positive(f"model.{name}", getattr(m, name))
+    for key in LIMITS:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) != "auto":
+            _at_most(key, getattr(getattr(cfg, section), name))
+    if m.rope_theta <= 1:
+        raise ConfigError("model.rope_theta", f"must be > 1 (RoPE's frequencies are theta**(-i/d); Llama uses "
+                          f"10000 or 500000), got {m.rope_theta}")
+    check_positive("model.norm_eps", m.norm_eps)
+    check_positive("model.init_std", m.init_std)
+    if m.rope_scaling is not None:
+        r = m.rope_scaling
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            check_positive(f"model.rope_scaling.{name}", getattr(r, name))
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise ConfigError("model.rope_scaling.high_freq_factor", f"{r.high_freq_factor} must be above "
+                              f"low_freq_factor={r.low_freq_factor}")
+    if m.kv_heads is not None:
+        check_positive("model.kv_heads", m.kv_heads)
+    if m.hidden % m.heads:
+        raise ConfigError("model.heads", f"hidden={m.hidden} is not divisible by heads={show_value(m.heads)}")
+    if m.head_dim % 2:
+        raise ConfigError("model.heads", f"head_dim=hidden/heads={m.head_dim} must be even for RoPE")
+    if m.heads % m.n_kv_heads:
+        raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={show_value(m.n_kv_heads)}")
+
+    for name in ("tensor", "pipeline", "micro_batch", "global_batch", "data"):
+        if getattr(p, name) != "auto":
+            check_positive(f"parallel.{name}", getattr(p, name))
+    tp = 1 if p.tensor == "auto" else p.tensor
+    if p.sequence_parallel is True and tp > 1 and m.seq_len != "auto" and m.seq_len % tp:
+        raise ConfigError("parallel.sequence_parallel", f"model.seq_len={m.seq_len} is not divisible by "
+                          f"parallel.tensor={tp}: each tensor rank holds seq_len / tensor positions")
+    for key, value in (("model.heads", m.heads), ("model.kv_heads", m.n_kv_heads),
+                       ("model.ffn", m.ffn), ("model.vocab", m.vocab)):
+        if value % tp:
+            raise ConfigError(key, f"{key.split('.')[1]}={value} is not divisible by parallel.tensor={show_value(tp)}")
+    if p.pipeline != "auto" and m.layers < p.pipeline:
+        raise ConfigError("parallel.pipeline",
+                          f"pipeline={p.pipeline} stages but only model.layers={m.layers} layers")
+    if p.micro_batch != "auto" and p.micro_batch > p.global_batch:
+        raise ConfigError("parallel.micro_batch", f"micro_batch={show_value(p.micro_batch)} is more than "
+                          f"parallel.global_batch={p.global_batch}")
+    if p.partition not in ("balanced", "uniform", "parameters") and not p.partition.startswith("type:"):
+        raise ConfigError("parallel.partition",
+                          f"expected balanced, uniform, parameters or type:<regex>, got {show_value(p.partition)}")
+    if p.partition.startswith("type:"):
+        try:
+            re.compile(p.partition[len("type:"):])
+        except (re.error, RecursionError, OverflowError) as err:
+            raise ConfigError("parallel.partition", f"type:<regex>: not a regular expression: {err}") from None
+    low, high = TIMEOUT_RANGE_S
+    if not low <= p.collective_timeout_s <= high:
+        raise ConfigError("parallel.collective_timeout_s", f"expected {low:g} to {high:g} seconds, got "
+                          f"{p.collective_timeout_s:g}")
+    if p.stage_memory_gb is not None:
+        check_positive("parallel.stage_memory_gb", p.stage_memory_gb)
+    if p.pipeline != "auto" and p.pipeline > 1 and cfg.zero.stage > 1:
+        raise ConfigError("zero.stage", f"ZeRO stage {cfg.zero.stage} cannot be used with parallel.pipeline="
+                          f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO 0 or 1")
+    power = cfg.precision.fp16_initial_scale_power
+    if not 0 <= power <= MAX_FP16_SCALE_POWER:
+        raise ConfigError("precision.fp16_initial_scale_power", f"expected 0 to {MAX_FP16_SCALE_POWER} (the loss "
+                          f"scale starts at 2**power; DeepSpeed's default is 16), got {show_value(power)}")
+
+    check_compression(cfg)
+    if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer", "needs zero.stage 1, 2 or 3 (DeepSpeed offloads ZeRO's "
+                          "optimizer partitions)")
+    if cfg.zero.offload_optimizer and cfg.compression.method == "powersgd":
+        raise ConfigError("zero.offload_optimizer", "cannot be combined with compression.method=powersgd (its "
+                          "reduction writes into ZeRO's device-side gradient buffers)")
+
+    o = cfg.optimizer
+    check_positive("optimizer.lr", o.lr)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optimizer.betas", f"expected two numbers in [0, 1), got {show_value(o.betas)}")
+    check_positive("optimizer.eps", o.eps)
+    check_positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    check_positive("optimizer.grad_clip", o.grad_clip, allow_zero=True)
+    check_positive("schedule.min_lr", cfg.schedule.min_lr, allow_zero=True)
+    if cfg.schedule.min_lr > o.lr:
+        raise ConfigError("schedule.min_lr", f"min_lr={cfg.schedule.min_lr} is above optimizer.lr={o.lr}")
+
+    t = cfg.train
+    check_positive("train.steps", t.steps, allow_zero=True)
+    check_positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
+    if cfg.schedule.warmup_steps > t.steps > 0:
+        # The learning rate would never reach optimizer.lr and the cosine decay never start.
+        raise ConfigError("schedule.warmup_steps", f"warmup_steps={show_value(cfg.schedule.warmup_steps)} is longer "
+                          f"than the run (train.steps={show_value(t.steps)}): lower it (0 = no warm-up) or train longer")
+    # log_every, eval_every and checkpoint.every may exceed the run: the last step is always
+    # logged, evaluated (eval_every > 0) and checkpointed.
+    check_positive("train.log_every", t.log_every)
+    check_positive("train.eval_every", t.eval_every, allow_zero=True)
+    check_positive("train.eval_batches", t.eval_batches)
+    if not 0 <= t.seed < SEED_RANGE:
+        raise ConfigError("train.seed", f"expected 0 <= seed < 2**32 (numpy's seed range), got {show_value(t.seed)}")
+    check_positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "required", "none") and (not resume.strip() or not Path(resume).is_dir()):
+        raise ConfigError("checkpoint.resume", f"expected auto, required, none or a checkpoint directory; "
+                          f"not found: {resume}")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
+    check_data_sources(cfg.data)
+    if cfg.logging.peak_tflops is not None:
+        check_positive("logging.peak_tflops", cfg.logging.peak_tflops)
+    if not cfg.run.name.strip():
+        raise ConfigError("run.name", "must not be empty (the run directory is runs/<name>)")
+    check_vocab_covers_tokenizer(cfg)
+
+
+# launcher.data.Blend's schedule needs BLEND_BLOCK / sources >= sources (its quotas stay >= 0).
+MAX_DATA_SOURCES = 256
+
+
+def check_data_sources(data: DataConfig) -> None:
+    """The shape of `data.path` / `data.sources` (what the directories hold is checked at
+    launch: launcher.preflight.check_data)."""
+    for key, value in (("data.path", data.path), ("data.val_path", data.val_path)):
+        if value is not None and not value.strip():
+            raise ConfigError(key, "must not be empty (null = the default)")
+    if not data.sources:
+        return
+    if data.path is not None:
+        raise ConfigError("data.path", "set either data.path (one dataset) or data.sources (a blend), not both")
+    if len(data.sources) > MAX_DATA_SOURCES:
+        raise ConfigError("data.sources", f"{len(data.sources)} sources; at most {MAX_DATA_SOURCES} are supported")
+    seen = set()
+    for i, source in enumerate(data.sources):
+        if not source.path.strip():
+            raise ConfigError(f"data.sources[{i}].path", "must name a prepared directory")
+        if source.path in seen:
+            raise ConfigError(f"data.sources[{i}].path", f"{show_value(source.path)} is listed twice; give it one weight")
+        seen.add(source.path)
+        check_positive(f"data.sources[{i}].weight", source.weight)
+
+
+def check_vocab_covers_tokenizer(cfg: Config) -> None:
+    from launcher.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab < tokenizer.vocab_size:
+        raise ConfigError("model.vocab", f"{cfg.model.vocab} does not cover the {tokenizer.vocab_size:,} tokens of "
+                          f"data.tokenizer={show_value(cfg.data.tokenizer)}: raise it, or set model.vocab: auto")
+
+
+def check_compression(cfg: Config) -> None:
+    c = cfg.compression
+    if c.method != "powersgd":
+        return
+    check_positive("compression.rank", c.rank)
+    # warmup_steps may exceed train.steps: the whole run then takes the exact reduction through
+    # our PowerSGD path (tests compare it with DeepSpeed's own reduction that way).
+    check_positive("compression.warmup_steps", c.warmup_steps, allow_zero=True)
+    check_positive("compression.min_compression_rate", c.min_compression_rate)
+    if cfg.zero.stage > 1:
+        raise ConfigError("compression.method", f"powersgd cannot be used with zero.stage={cfg.zero.stage}: ZeRO 2/3 "
+                          "reduce-scatter each gradient inside backward, so there is no whole-gradient all-reduce to "
+                          "compress; use ZeRO 0/1, or compression.method fp16/bf16")
+    if cfg.precision.dtype == "fp16":
+        raise ConfigError("compression.method", "powersgd cannot be used with precision.dtype=fp16: the gradients "
+                          "carry the dynamic loss scale and overflow on skipped steps, which error feedback would "
+                          "keep adding back; use bf16 or fp32")

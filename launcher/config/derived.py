@@ -1,0 +1,18 @@
+
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.config.schema import Config, ModelConfig, ParallelConfig
+from parallel.layout import resolve_sequence_parallel
+
+
+def sequence_parallel_on(parallel: ParallelConfig, model: ModelConfig, tp: int) -> bool:
+    """parallel.sequence_parallel resolved for tensor degree tp: `auto` is on when tp > 1 and
+    the sequence splits evenly (true with an uneven split is refused when the config loads)."""
+    return resolve_sequence_parallel(parallel.sequence_parallel, model.seq_len, tp)
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name

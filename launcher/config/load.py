@@ -1,0 +1,113 @@
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.config.checks import check_config
+from launcher.config.coerce import build_section, yaml_name
+from launcher.config.resolve import resolve_init_from, resolve_vocab
+from launcher.config.schema import Config
+from parallel.errors import ConfigError, show_value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text if text.strip() else repr(text), "an override must look like section.key=value")
+    dotted, _, raw_value = text.partition("=")
+    path = dotted.strip().split(".")
+    if len(path) < 2 or not all(part.strip() for part in path):
+        raise ConfigError(dotted if dotted.strip() else repr(text),
+                          "an override must name section.key, e.g. parallel.tensor=2")
+    path = [part.strip() for part in path]
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of more than 4300 digits
+        value = raw_value  # not YAML: take it as a plain string and let the type check judge
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set `section.key=value` strings (values parsed as YAML) into the raw mapping."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:  # absent, or an empty section (`model:` alone in the file)
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path), f"'{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a larger file is the wrong file (a checkpoint, a corpus)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path}: {path.stat().st_size:,} bytes is not a config file "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError("--config", f"{path}: cannot read it: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError("--config", f"{path}: not UTF-8 text (byte {err.start}, line {line})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError("--config", f"{path}: {problem}{where}") from None
+    except RecursionError:
+        raise ConfigError("--config", f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # PyYAML's int(): more than 4300 digits
+        raise ConfigError("--config", f"{path}: invalid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{path}: expected a mapping of sections at the top level, "
+                          f"got {show_value(raw)}")
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = build_section(Config, raw, "")
+    if isinstance(cfg.parallel.activation_checkpointing, bool):  # the older spelling
+        cfg.parallel.activation_checkpointing = "full" if cfg.parallel.activation_checkpointing else "none"
+    resolve_init_from(cfg, raw)
+    resolve_vocab(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override, type-check and validate a config (world-size checks come later)."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def rename(node):
+        if isinstance(node, dict):
+            return {yaml_name(k): rename(v) for k, v in node.items()}
+        return node
+
+    return rename(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

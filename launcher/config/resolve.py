@@ -1,0 +1,53 @@
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+from launcher.config.checks import check_positive
+from launcher.config.coerce import coerce_value
+from launcher.config.schema import Config, ModelConfig
+from parallel.errors import ConfigError
+
+# The model keys `auto` reads from model.init_from's config.json (launcher/hf_weights.py).
+AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "rope_scaling",
+                   "norm_eps", "tie_embeddings")
+
+
+def resolve_init_from(cfg: Config, raw: dict) -> None:
+    """`model.init_from`: the model keys that are `auto` or left out take the directory's
+    config.json values, a data.tokenizer left out its tokenizer.json. Without init_from,
+    `auto` is an error (except model.vocab's, from the tokenizer)."""
+    m = cfg.model
+    if m.init_from is None:
+        for name in AUTO_MODEL_KEYS:
+            if name != "vocab" and getattr(m, name) == "auto":
+                raise ConfigError(f"model.{name}", "auto reads a Hugging Face config.json: set model.init_from "
+                                  "to the model directory, or give a value")
+        return
+    from launcher.formats.hf_config import hf_model_values
+
+    if not m.init_from.strip():
+        raise ConfigError("model.init_from", "empty: give a Hugging Face model directory, or null")
+    values = hf_model_values(Path(m.init_from))
+    given = raw.get("model") or {}
+    hints = typing.get_type_hints(ModelConfig)
+    for name in AUTO_MODEL_KEYS:
+        if name not in given or getattr(m, name) == "auto":
+            setattr(m, name, coerce_value(values[name], hints[name], f"model.{name}"))
+            if name == "vocab" and cfg.parallel.tensor != "auto":  # even vocabulary-parallel shards
+                check_positive("parallel.tensor", cfg.parallel.tensor)
+                m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
+    if "tokenizer" not in (raw.get("data") or {}) and (Path(m.init_from) / "tokenizer.json").is_file():
+        cfg.data.tokenizer = m.init_from
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """`model.vocab: auto` -> the tokenizer's size padded for tensor parallelism."""
+    if cfg.model.vocab != "auto":
+        return
+    from launcher.formats.tokenizer import load_tokenizer, padded_vocab
+
+    tp = 1 if cfg.parallel.tensor == "auto" else cfg.parallel.tensor  # auto picks a tp dividing the vocabulary
+    check_positive("parallel.tensor", tp)
+    cfg.model.vocab = padded_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, tp)

@@ -1,0 +1,99 @@
+"""The on-disk format of a prepared dataset: what `launcher.prepare` writes and training reads.
+
+    DIR/manifest.json        written last, atomically: DIR is a complete dataset iff it exists
+    DIR/tokenizer.json       a copy of the Hugging Face tokenizer (absent for `byte`)
+    DIR/shards/NNNNNN.bin    tokens, little-endian uint16 (vocabulary <= 65536) or uint32
+    DIR/shards/NNNNNN.idx    int64 little-endian, documents + 1 entries: document boundaries
+                             as token offsets in the shard, from 0 to its token count
+    DIR/shards/NNNNNN.json   the shard's record (below), written after its .bin and .idx: a
+                             shard is finished iff its record exists and matches its task
+    DIR/shards/NNNNNN.bad    the shard's bad lines (file:line: reason), before its record
+    DIR/bad_lines.txt        all of them, in input order
+    DIR/prepare-plan.json    what DIR is being prepared from (written first; launcher.prepare)
+
+Every document in a shard ends with the tokenizer's end-of-document token, so the shards laid
+end to end are the documents packed back to back with that token between them. Offsets and
+counts are 64-bit everywhere (a shard may exceed 4G tokens).
+
+manifest.json:
+    {"format": FORMAT, "tokenizer": {"name", "sha256", "vocab_size", "eod_id"}, "dtype",
+     "tokens", "documents", "bad_lines", "text_field",
+     "sources": [{"path", "bytes"}], "shards": [shard record, ...]}
+shard record:
+    {"name": "000000", "source": <index into sources>, "start": <byte>, "end": <byte>,
+     "tokens": n, "documents": d, "bad_lines": b}
+
+Why not Megatron's .bin/.idx: its index packs int32 document sizes (documents over 2G tokens
+overflow) behind a binary header, and its builder funnels all tokens through one writer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from launcher.files import write_atomic
+from parallel.errors import ConfigError
+
+FORMAT = "llm-launcher-tokens/1"
+MANIFEST = "manifest.json"
+TOKENIZER_COPY = "tokenizer.json"
+SHARDS = "shards"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def shard_paths(root: Path, name: str) -> tuple[Path, Path, Path]:
+    """(tokens .bin, index .idx, record .json) of shard `name`."""
+    base = Path(root) / SHARDS / name
+    return base.with_suffix(".bin"), base.with_suffix(".idx"), base.with_suffix(".json")
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    write_atomic(Path(root) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path, key: str) -> dict:
+    """The manifest of a prepared directory; one-line ConfigError naming `key` otherwise."""
+    root = Path(path)
+    if root.is_file():
+        raise ConfigError(key, f"{root} is a file; training reads prepared token shards: python -m launcher.prepare "
+                          f"--input {root} --out DIR, then set {key} to DIR")
+    if not root.is_dir():
+        raise ConfigError(key, f"not found: {root}")
+    if not (root / MANIFEST).is_file():
+        raise ConfigError(key, f"{root} is not a prepared dataset (no {MANIFEST}; an interrupted "
+                          "`python -m launcher.prepare` finishes when run again)")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("shards"), list)
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(key, f"{root / MANIFEST}: unreadable ({err})") from None
+    if not ok:
+        raise ConfigError(key, f"{root / MANIFEST}: not a {FORMAT} manifest")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard, memory-mapped: tokens and document boundaries (nothing read up front)."""
+
+    tokens: np.ndarray  # (n,) uint16/uint32 memmap
+    bounds: np.ndarray  # (documents + 1,) int64 memmap: 0, end of doc 0, ..., n
+
+
+def open_shard(root: Path, record: dict, dtype: np.dtype) -> Shard:
+    bin_path, idx_path, _ = shard_paths(root, record["name"])
+    n, docs = int(record["tokens"]), int(record["documents"])
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    bounds = np.memmap(idx_path, dtype="<i8", mode="r", shape=(docs + 1,))
+    return Shard(tokens=tokens, bounds=bounds)

@@ -1,0 +1,95 @@
+"""The DeepSpeed engine: its config generated from ours, the model, optimizer and schedule.
+
+pipeline > 1: DeepSpeed's PipelineModule (cut at our boundaries) + PipelineEngine (1F1B),
+              ZeRO 0/1.
+pipeline = 1: the plain DeepSpeedEngine with our mpu (tp and dp groups), ZeRO 0-3.
+
+`TrainEngine.train_step` runs one optimizer step over this rank's micro-batches and returns
+the loss averaged over the whole global batch (what a single process would report) and the
+global gradient norm.
+"""
+
+from __future__ import annotations
+
+from launcher.config.derived import sequence_parallel_on
+from launcher.config.schema import Config
+from launcher.planning.plan import Plan
+from parallel.errors import ConfigError
+
+
+def deepspeed_config(cfg: Config, plan: Plan) -> dict:
+    """The DeepSpeed config, generated from ours, with the user's `deepspeed:` block merged
+    in. A user key that contradicts a generated one is a ConfigError (one source of truth)."""
+    lay = plan.layout
+    generated = {
+        "train_batch_size": lay.global_batch,
+        "train_micro_batch_size_per_gpu": lay.micro_batch,
+        "gradient_accumulation_steps": lay.grad_accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        # elastic_checkpoint: ZeRO 1/2 optimizer shards saved so that a resume may change dp
+        "zero_optimization": {"stage": cfg.zero.stage, **({"elastic_checkpoint": True} if cfg.zero.stage in (1, 2) else {})},
+        "bf16": {"enabled": plan.dtype == "bf16"},
+        "fp16": {"enabled": plan.dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": cfg.precision.fp16_initial_scale_power},
+        "zero_allow_untested_optimizer": True,  # Lion is ours; ZeRO wraps any torch optimizer
+        "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
+        "wall_clock_breakdown": cfg.logging.time_breakdown,
+    }
+    if lay.pp > 1 and sequence_parallel_on(cfg.parallel, cfg.model, lay.tp):
+        # DeepSpeed's pipeline sends each activation split over the tensor group and
+        # all-gathers it on the receiving stage, which is right only for tp-replicated
+        # activations; with sequence parallelism each tp rank sends its own sequence shard.
+        generated["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    if plan.dtype == "bf16":
+        generated.update(bf16_gradient_settings(cfg, plan))
+    if cfg.zero.offload_optimizer:
+        # The config's own optimizer steps the host-side partitions; DeepSpeed would otherwise
+        # insist on its compiled CPU Adam (a C++ build at first use).
+        generated["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        generated["zero_force_ds_cpu_optimizer"] = False
+    method = cfg.compression.method
+    if method in ("fp16", "bf16"):
+        generated["communication_data_type"] = method
+    elif method == "powersgd" and cfg.zero.stage == 1:
+        # ZeRO 1's own reduction stays in place for its bookkeeping (each rank's partition of
+        # the already averaged gradient into the optimizer's buffers) with its collective made
+        # the identity (`route_dp_reduction`). These settings make that collective a single
+        # full-gradient all-reduce per bucket, in the step, in the order we reduce.
+        generated["zero_optimization"].update(reduce_scatter=False, overlap_comm=False, contiguous_gradients=True)
+    return merge_user_block(generated, cfg.deepspeed)
+
+
+def bf16_gradient_settings(cfg: Config, plan: Plan) -> dict:
+    """bf16 training accumulates micro-batch gradients and reduces them over data parallel
+    in fp32, as Megatron and torchtitan do: a bf16 sum of 16+ micro-batches loses the
+    small ones (8 bits of mantissa). DeepSpeed's paths:
+      - pipeline, ZeRO 0: its bf16 optimizer, which accumulates in fp32 by construction;
+      - ZeRO 1: `grad_accum_dtype: fp32` selects that same bf16 optimizer (fp32 master
+        weights and gradients, optimizer state sharded);
+      - ZeRO 2/3: `grad_accum_dtype: fp32` gives its partitions fp32 gradient buffers;
+      - no pipeline, ZeRO 0: DeepSpeed's bf16 wrapper sums micro-batch gradients in the bf16
+        `.grad` and refuses `grad_accum_dtype: fp32` (NotImplementedError), so it is refused.
+    The reduction's dtype follows `communication_data_type` (default: the model's, bf16),
+    so it is set to fp32 unless compression.method asks for less."""
+    if plan.layout.pp == 1 and cfg.zero.stage == 0:
+        raise ConfigError("zero.stage", "bf16 with zero.stage=0 and parallel.pipeline=1 would accumulate gradients "
+                          "in bf16 (DeepSpeed has no fp32 accumulation there); use zero.stage=1 (its bf16 "
+                          "optimizer, fp32 gradients), or precision.dtype=fp32")
+    settings: dict = {"communication_data_type": "fp32"}
+    if cfg.zero.stage > 0:
+        settings["data_types"] = {"grad_accum_dtype": "fp32"}
+    return settings
+
+
+def merge_user_block(generated: dict, user: dict, prefix: str = "deepspeed") -> dict:
+    merged = dict(generated)
+    for key, value in user.items():
+        path = f"{prefix}.{key}"
+        if key not in generated:
+            merged[key] = value
+        elif isinstance(generated[key], dict) and isinstance(value, dict):
+            merged[key] = merge_user_block(generated[key], value, path)
+        elif generated[key] != value:
+            raise ConfigError(path, f"{value!r} contradicts the value generated from the config "
+                              f"({generated[key]!r}); set it through the launcher's own keys")
+    return merged

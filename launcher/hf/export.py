@@ -1,0 +1,166 @@
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.checkpoint.load import deepspeed_state_classes
+from launcher.checkpoint.reader import (
+    CheckpointReader,
+    run_tokenizer,
+    trimmed_vocab,
+)
+from launcher.config.schema import ModelConfig
+from launcher.model import weights as hf_names
+from parallel.errors import ConfigError
+
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# --------------------------------------------------------------------------------------
+# Writing the Hugging Face directory
+# --------------------------------------------------------------------------------------
+
+
+def hf_config(model: ModelConfig, vocab: int, dtype: torch.dtype, bos: Optional[int], eos: Optional[int],
+              max_positions: Optional[int] = None) -> dict:
+    """config.json; max_position_embeddings is `max_positions` (the context of the model a run
+    started from), else model.seq_len."""
+    name = HF_DTYPE_NAMES[dtype]
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.hidden,
+            "intermediate_size": model.ffn, "num_hidden_layers": model.layers,
+            "num_attention_heads": model.heads, "num_key_value_heads": model.n_kv_heads,
+            "head_dim": model.head_dim, "vocab_size": vocab, "max_position_embeddings": max_positions or model.seq_len,
+            "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
+            "rope_scaling": dataclasses.asdict(model.rope_scaling) if model.rope_scaling else None,
+            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+            "initializer_range": model.init_std, "pretraining_tp": 1, "use_cache": True,
+            "tie_word_embeddings": model.tie_embeddings, "torch_dtype": name, "dtype": name,
+            "bos_token_id": bos, "eos_token_id": eos}
+
+
+def plan_shards(entries: list[tuple[str, str, tuple[int, ...]]], itemsize: int,
+                max_bytes: int) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Consecutive groups of tensors of at most max_bytes each (a larger tensor alone)."""
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+@dataclass
+class Summary:
+    params: int
+    shards: int
+    bytes: int
+    seconds: float
+    peak_rss: int  # bytes, this process's peak
+    rss_growth: int  # bytes, peak minus the peak before reading the checkpoint
+    vocab: int
+    dtype: torch.dtype
+    tokenizer: str  # what was done about the tokenizer, for the summary
+
+    def line(self, ckpt: Path, out: Path) -> str:
+        mb = 1 << 20
+        return (f"export: {ckpt} -> {out}: {self.params:,} parameters (vocab {self.vocab}; {self.tokenizer}), "
+                f"{self.shards} shard(s), "
+                f"{self.bytes / mb:.1f} MiB {HF_DTYPE_NAMES[self.dtype]}, {self.seconds:.1f} s, peak RSS "
+                f"{self.peak_rss / mb:.0f} MiB ({self.peak_rss / self.bytes:.2f}x the model), "
+                f"+{self.rss_growth / mb:.0f} MiB while exporting ({self.rss_growth / self.bytes:.2f}x)")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: Linux's VmHWM (ru_maxrss would include
+    the parent's peak: Linux carries it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere on Linux-likes
+
+
+def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype] = None,
+           max_shard_bytes: int = 5_000_000_000) -> Summary:
+    from safetensors.torch import save_file
+
+    deepspeed_state_classes()  # imports done before measuring what reading and writing cost
+    start, rss_before = time.perf_counter(), _peak_rss()
+    reader = CheckpointReader(ckpt)
+    model = reader.model
+    dtype = dtype or reader.dtype
+    tok = run_tokenizer(run, reader.state)
+    vocab = trimmed_vocab(model, reader.state, tok)
+    entries = [(ours, hf, hf_names.full_shape(model, ours, vocab)) for ours, hf in hf_names.weights(model)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = plan_shards(entries, itemsize, max_shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for ours, hf, shape in shard:
+            # a new tensor (never a view of a memory-mapped file, which would stay mapped)
+            full = reader.tensor(ours, dtype, rows=vocab if ours in ("embed.weight", "head.weight") else None)
+            if tuple(full.shape) != shape:
+                raise ConfigError("--checkpoint", f"{ours}: shape {tuple(full.shape)} on disk, expected {shape}")
+            tensors[hf] = full
+            weight_map[hf] = name
+            total += tensors[hf].numel()
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        del tensors
+    reader.close()
+    nbytes = total * itemsize
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    bos, eos = _special_ids(tok)
+    source_context = (reader.state.fingerprint.get("weights_from") or {}).get("max_position_embeddings")
+    config = hf_config(model, vocab, dtype, bos, eos, source_context if isinstance(source_context, int) else None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    note = (f"tokenizer {tok.name}" if tok is not None else
+            "no tokenizer found (the run's config.yaml): vocabulary not trimmed, no tokenizer files")
+    if tok is not None and getattr(tok, "file", None) is not None:
+        note += " copied"
+        shutil.copyfile(tok.file, out / "tokenizer.json")
+        if (tok.file.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(tok.file.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+    peak = _peak_rss()
+    return Summary(params=total, shards=len(shards), bytes=nbytes, seconds=time.perf_counter() - start,
+                   peak_rss=peak, rss_growth=peak - rss_before, vocab=vocab, dtype=dtype, tokenizer=note)
+
+
+def _special_ids(tok) -> tuple[Optional[int], Optional[int]]:
+    """(bos, eos) ids: eos is the run's end-of-document token; bos from tokenizer_config.json."""
+    if tok is None:
+        return None, None
+    bos = None
+    file = getattr(tok, "file", None)
+    if file is not None:
+        try:
+            token = json.loads((file.parent / "tokenizer_config.json").read_text()).get("bos_token")
+        except (OSError, ValueError, AttributeError):
+            token = None
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str):
+            bos = tok.tokenizer.token_to_id(token)
+    return bos, tok.eod_id

@@ -1,0 +1,96 @@
+"""The one map between our parameter names and Hugging Face's Llama (export, import, generate).
+
+Our names are the logical (full, unsharded) tensors of launcher.model, whatever the layout;
+`{i}` is the layer index. RoPE already uses Hugging Face's `rotate_half` layout, so q and k
+need no permutation: every tensor maps as is (the vocabulary may be trimmed, see export).
+
+`tp_dim` is the dimension split over tensor parallelism (None: replicated), as the layers of
+parallel.tensor_parallel set `tp_shard_dim` (tests/test_export.py checks the two agree).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Optional
+
+from launcher.config.schema import ModelConfig
+
+
+class Weight(NamedTuple):
+    ours: str
+    hf: str
+    tp_dim: Optional[int]
+
+
+# One line per weight, in Hugging Face's order.            shape (full)
+TABLE = [
+    Weight("embed.weight", "model.embed_tokens.weight", 0),  # (vocab, hidden)
+    Weight("layers.{i}.attention.norm.weight", "model.layers.{i}.input_layernorm.weight", None),  # (hidden,)
+    Weight("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight", 0),  # (hidden, hidden)
+    Weight("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight", 0),  # (kv_dim, hidden)
+    Weight("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight", 0),  # (kv_dim, hidden)
+    Weight("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", 1),  # (hidden, hidden)
+    Weight("layers.{i}.mlp.norm.weight", "model.layers.{i}.post_attention_layernorm.weight", None),  # (hidden,)
+    Weight("layers.{i}.mlp.w_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", 0),  # (ffn, hidden)
+    Weight("layers.{i}.mlp.w_up.weight", "model.layers.{i}.mlp.up_proj.weight", 0),  # (ffn, hidden)
+    Weight("layers.{i}.mlp.w_down.weight", "model.layers.{i}.mlp.down_proj.weight", 1),  # (hidden, ffn)
+    Weight("norm.weight", "model.norm.weight", None),  # (hidden,)
+    Weight("head.weight", "lm_head.weight", 0),  # (vocab, hidden); absent when tied
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_BY_OURS = [(_pattern(w.ours), w) for w in TABLE]
+_BY_HF = [(_pattern(w.hf), w) for w in TABLE]
+
+
+def _lookup(name: str, patterns) -> tuple[Weight, Optional[str]]:
+    for pattern, weight in patterns:
+        match = pattern.match(name)
+        if match:
+            return weight, (match.group(1) if match.groups() else None)
+    raise KeyError(f"{name}: not a Llama weight name (launcher/hf_names.py TABLE)")
+
+
+def to_hf(ours: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    weight, i = _lookup(ours, _BY_OURS)
+    return weight.hf.format(i=i)
+
+
+def from_hf(hf: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'."""
+    weight, i = _lookup(hf, _BY_HF)
+    return weight.ours.format(i=i)
+
+
+def tp_dim(ours: str) -> Optional[int]:
+    return _lookup(ours, _BY_OURS)[0].tp_dim
+
+
+def weights(model: ModelConfig) -> list[tuple[str, str]]:
+    """(ours, hf) of every weight of this model, in Hugging Face's order (no head when tied)."""
+    out = []
+    for w in TABLE:
+        if "{i}" in w.ours:
+            continue
+        if w.ours == "embed.weight":
+            out.append((w.ours, w.hf))
+            for i in range(model.layers):
+                out += [(t.ours.format(i=i), t.hf.format(i=i)) for t in TABLE if "{i}" in t.ours]
+        elif not (w.ours == "head.weight" and model.tie_embeddings):
+            out.append((w.ours, w.hf))
+    return out
+
+
+def full_shape(model: ModelConfig, ours: str, vocab: Optional[int] = None) -> tuple[int, ...]:
+    """Shape of the full tensor; `vocab` (default model.vocab) for the embedding and head rows."""
+    h, kv_dim = model.hidden, model.n_kv_heads * model.head_dim
+    leaf = ours.split(".")[-2]
+    shapes = {"embed": (vocab or model.vocab, h), "head": (vocab or model.vocab, h), "norm": (h,),
+              "wq": (h, h), "wk": (kv_dim, h), "wv": (kv_dim, h), "wo": (h, h),
+              "w_gate": (model.ffn, h), "w_up": (model.ffn, h), "w_down": (h, model.ffn)}
+    return shapes[leaf]

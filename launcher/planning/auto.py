@@ -1,0 +1,201 @@
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from launcher.config.checks import check_config
+from launcher.config.derived import sequence_parallel_on
+from launcher.config.schema import Config
+from launcher.planning.plan import Plan
+from launcher.planning.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
+from parallel.costs import recompute_mode
+from parallel.errors import ConfigError
+from parallel.hardware import PRESETS, Hardware
+from parallel.planner import (
+    RUNNABLE_RECOMPUTE,
+    Candidate,
+    Cluster,
+    Estimate,
+    Workload,
+    candidates,
+    estimate,
+    rank_layouts,
+)
+
+
+def default_world_size(cfg: Config, hardware: Hardware = PRESETS["h100"]) -> int:
+    """The smallest world the config fits: tp * pp * (data, or 1 when auto); with an auto
+    tensor or pipeline degree, the fewest whole nodes of 8 GPUs of `hardware` it fits on."""
+    p = cfg.parallel
+    if "auto" in (p.tensor, p.pipeline):
+        return smallest_world(cfg, hardware, 8)
+    return p.tensor * p.pipeline * (1 if p.data == "auto" else p.data)
+
+
+# --------------------------------------------------------------------------------------
+# The planner applied to a config: auto keys, the fit check, smallest world
+# --------------------------------------------------------------------------------------
+
+AUTO_KEYS = ("tensor", "pipeline", "micro_batch", "activation_checkpointing")
+GIB = 1024**3
+
+
+def workload(cfg: Config, dtype: str) -> Workload:
+    zero_block = cfg.deepspeed.get("zero_optimization") if isinstance(cfg.deepspeed, dict) else None
+    bucket = (zero_block or {}).get("reduce_bucket_size", None)
+    extra = {"reduce_bucket": int(bucket)} if isinstance(bucket, (int, float)) and bucket > 0 else {}
+    return Workload(model=cfg.model, global_batch=cfg.parallel.global_batch, dtype=dtype,
+                    optimizer=cfg.optimizer.name, compression=cfg.compression.method,
+                    compression_rank=cfg.compression.rank, partition=cfg.parallel.partition,
+                    sequence_parallel=cfg.parallel.sequence_parallel, **extra)
+
+
+def _pinned(cfg: Config) -> dict:
+    p = cfg.parallel
+    return {"tp": None if p.tensor == "auto" else p.tensor,
+            "pp": None if p.pipeline == "auto" else p.pipeline,
+            "micro_batch": None if p.micro_batch == "auto" else p.micro_batch,
+            "recompute": None if p.activation_checkpointing == "auto" else recompute_mode(p.activation_checkpointing),
+            "zero": cfg.zero.stage, "offload": (cfg.zero.offload_optimizer,)}
+
+
+def plan_candidates(cfg: Config, cluster: Cluster, dtype: str) -> list[Candidate]:
+    """The layouts `auto` chooses among: every value the config gives is kept."""
+    pool = candidates(workload(cfg, dtype), cluster, **_pinned(cfg))
+    if cfg.parallel.data != "auto":
+        pool = [c for c in pool if c.dp == cfg.parallel.data]
+    return pool
+
+
+def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
+    """The fastest layout that fits among plan_candidates; with an auto
+    activation_checkpointing, the least recomputation that fits (auto recomputes only when
+    it must): none when a layout without it fits, else selective, else full. None when
+    nothing fits."""
+    ranking = rank_layouts(workload(cfg, dtype), cluster, plan_candidates(cfg, cluster, dtype))
+    if not ranking.estimates:
+        return None
+    if cfg.parallel.activation_checkpointing == "auto":
+        for mode in RUNNABLE_RECOMPUTE:  # least recomputation first
+            fitting = [e for e in ranking.estimates if e.candidate.recompute == mode]
+            if fitting:
+                return fitting[0]
+    return ranking.estimates[0]
+
+
+def planned_dtype(cfg: Config, device: DeviceSupport) -> str:
+    """precision.dtype resolved for a layout not chosen yet: `auto` depends on the pipeline
+    degree only through pp > 1, and the planner never picks bf16 with ZeRO 0 and pp 1
+    (launcher.engine refuses it), so an auto pipeline counts as pp > 1."""
+    p = cfg.parallel
+    probe = dataclasses.replace(cfg, parallel=dataclasses.replace(p, pipeline=2 if p.pipeline == "auto" else p.pipeline))
+    return resolve_dtype(probe, device)
+
+
+def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
+                 resume: Optional[dict] = None) -> tuple[Config, str]:
+    """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
+    device, and the line that says so ('' when nothing was auto). `resume`: the layout record
+    of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
+    when a layout with it fits (no conversion at load), else the best layout is resharded into."""
+    p = cfg.parallel
+    auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
+    if not auto:
+        return cfg, ""
+    dtype = planned_dtype(cfg, device)
+    best, kept = None, ""
+    if resume is not None and "auto" in (p.tensor, p.pipeline):
+        keep = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            p, tensor=resume["tp"] if p.tensor == "auto" else p.tensor,
+            pipeline=resume["pp"] if p.pipeline == "auto" else p.pipeline))
+        best = choose(keep, cluster, dtype)
+        if best is not None:
+            kept = f"; tensor {resume['tp']} x pipeline {resume['pp']} kept from the checkpoint being resumed"
+    if best is None:
+        best = choose(cfg, cluster, dtype)
+    if best is None:
+        pool = plan_candidates(cfg, cluster, dtype)
+        if not pool:
+            raise ConfigError("parallel.global_batch", f"auto: no tp x pp x dp of {world_size} ranks has a data "
+                              f"degree dividing global_batch={p.global_batch} (and the other values the config "
+                              "gives): raise the global batch or use fewer ranks")
+        smallest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest
+        need = (f"; the smallest needs {smallest.peak.total / GIB:.1f} GiB per rank ({smallest.candidate.describe()})"
+                if smallest else "")
+        offload = " and optimizer offload" if cfg.zero.offload_optimizer else ""
+        raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks with zero.stage={cfg.zero.stage}{offload} "
+                          f"fits {cluster.hardware.memory_gib:.1f} GiB per device ({cluster.hardware.name}){need}; "
+                          "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
+    c = best.candidate
+    chosen = dataclasses.replace(p, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
+                                 activation_checkpointing=c.recompute)
+    resolved = dataclasses.replace(cfg, parallel=chosen)
+    check_config(resolved)
+    note = (f"auto       {', '.join(auto)} -> tensor {c.tp}, pipeline {c.pp}, micro_batch {c.micro_batch}, "
+            f"activation_checkpointing {c.recompute} (planner: {best.peak.total / GIB:.1f} "
+            f"of {cluster.hardware.memory_gib:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
+            f"{cluster.hardware.name}{kept})")
+    return resolved, note
+
+
+def config_estimate(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
+    """The planner's estimate of the config's own (resolved) layout and stage split."""
+    lay = plan.layout
+    c = Candidate(lay.tp, lay.pp, lay.dp, lay.micro_batch, cfg.zero.stage,
+                  recompute_mode(cfg.parallel.activation_checkpointing), cfg.zero.offload_optimizer,
+                  sequence_parallel_on(cfg.parallel, cfg.model, lay.tp))
+    return estimate(workload(cfg, plan.dtype), cluster, c, parts=list(plan.parts))
+
+
+def check_fits(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
+    """A ConfigError (exit 2) when a rank of the config's layout cannot fit the device,
+    with its numbers and the fastest layout that fits; else the estimate."""
+    est = config_estimate(cfg, plan, cluster)
+    if est.fits:
+        return est
+    r = est.peak
+    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in (
+        ("weights", r.weights), ("grads", r.grads), ("optimizer", r.optimizer),
+        ("activations", r.activations), ("buffers", max(r.logits, r.bucket) + r.gathered),
+        ("overhead+margin", r.framework + r.margin)))
+    free = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"))
+    better = choose(free, cluster, plan.dtype)
+    instead = (f"; fits: {better.candidate.describe()} ({better.peak.total / GIB:.1f} GiB), e.g. "
+               f"parallel.tensor={better.candidate.tp} parallel.pipeline={better.candidate.pp} "
+               f"parallel.micro_batch={better.candidate.micro_batch} parallel.activation_checkpointing="
+               f"{better.candidate.recompute}"
+               + (" zero.offload_optimizer=true" if better.candidate.offload else "") if better else
+               f"; no layout of {cluster.world} ranks fits: add nodes")
+    raise ConfigError("parallel", f"tp {plan.layout.tp} x pp {plan.layout.pp} x dp {plan.layout.dp} needs "
+                      f"{r.total / GIB:.1f} GiB on a stage-{r.stage} rank ({parts} GiB) but the device has "
+                      f"{cluster.hardware.memory_gib:.1f} GiB ({cluster.hardware.name}){instead}; "
+                      "--force to try anyway")
+
+
+def fit_line(cfg: Config, plan: Plan, cluster: Cluster, force: bool) -> str:
+    """The line printed at launch about the estimate; a ConfigError when it does not fit
+    (unless `force`)."""
+    try:
+        est = check_fits(cfg, plan, cluster)
+    except ConfigError as err:
+        if not force:
+            raise
+        return f"memory     --force: starting although {err.message.split('; --force')[0]}"
+    return (f"memory     est. {est.peak.total / GIB:.2f} GiB on the largest rank (stage {est.peak.stage}) of "
+            f"{cluster.hardware.memory_gib:.2f} GiB per device ({cluster.hardware.name}; "
+            "python -m launcher.plan for the breakdown)")
+
+
+def smallest_world(cfg: Config, hardware: Hardware, gpus_per_node: int, limit: int = 1 << 16) -> int:
+    """Fewest GPUs (whole nodes, then doubling) on which some layout of the config fits."""
+    free = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, data="auto"))
+    dtype = planned_dtype(free, ASSUMED_GPU)
+    world = gpus_per_node
+    while world <= limit:
+        cluster = Cluster(world // gpus_per_node, gpus_per_node, hardware)
+        if choose(free, cluster, dtype) is not None:
+            return world
+        world *= 2
+    raise ConfigError("parallel", f"no layout fits {hardware.name} up to {limit} GPUs")

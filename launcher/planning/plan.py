@@ -1,0 +1,77 @@
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.config.derived import sequence_parallel_on
+from launcher.config.schema import Config
+from launcher.planning.precision import DeviceSupport, resolve_dtype
+from parallel.costs import ItemCost, item_costs, recompute_mode
+from parallel.errors import ConfigError
+from parallel.layout import Layout, resolve_layout
+from parallel.memory import dtype_bytes, state_bytes
+from parallel.partition import (
+    GB,
+    MemoryModel,
+    PartitionError,
+    format_stage_table,
+    max_stage_flops,
+    partition,
+    stage_table,
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    dtype: str  # resolved: fp32 | bf16 | fp16
+    costs: list[ItemCost]
+    parts: list[int]  # pipeline stage boundaries over the items
+    memory: MemoryModel
+
+
+def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
+    """Resolve the layout, dtype and stage boundaries; every problem is a ConfigError."""
+    layout = resolve_layout(cfg.parallel, world_size)
+    dtype = resolve_dtype(cfg, device)
+    if "auto" in (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.micro_batch,
+                  cfg.parallel.activation_checkpointing):
+        raise ValueError("make_plan needs a config whose auto keys are resolved (resolve_auto)")
+    costs = item_costs(cfg.model, tp=layout.tp, micro_batch=layout.micro_batch,
+                       dtype_bytes=dtype_bytes(dtype),
+                       recompute=cfg.parallel.activation_checkpointing,
+                       sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, layout.tp))
+    memory = MemoryModel(stages=layout.pp, grad_accum=layout.grad_accum,
+                         bytes_per_param=state_bytes(dtype, cfg.optimizer.name, cfg.zero.stage, layout.dp).total)
+    cap = cfg.parallel.stage_memory_gb * GB if cfg.parallel.stage_memory_gb is not None else None
+    try:
+        parts = partition(cfg.parallel.partition, costs, layout.pp, memory, cap)
+    except PartitionError as err:
+        key = "parallel.stage_memory_gb" if "stage_memory_gb" in str(err) else "parallel.partition"
+        raise ConfigError(key, str(err)) from None
+    return Plan(layout=layout, dtype=dtype, costs=costs, parts=parts, memory=memory)
+
+
+def describe(cfg: Config, plan: Plan, device: str) -> str:
+    """The lines printed before training (and by --dry-run)."""
+    m, lay = cfg.model, plan.layout
+    params = sum(c.params for c in plan.costs)
+    total_flops = sum(c.flops_per_token for c in plan.costs)
+    ideal = total_flops / lay.pp
+    tokens = lay.global_batch * m.seq_len
+    kv = f"kv {m.n_kv_heads}" + (" GQA" if m.n_kv_heads != m.heads else "")
+    lines = [
+        f"layout     world {lay.world_size} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp} "
+        f"(rank = (pp*{lay.dp} + dp)*{lay.tp} + tp; tp innermost)",
+        f"batch      micro_batch {lay.micro_batch} x grad_accum {lay.grad_accum} x dp {lay.dp} "
+        f"= global_batch {lay.global_batch} sequences = {tokens:,} tokens/step",
+        f"model      {params / 1e9:.3f}B params: {m.layers} layers, hidden {m.hidden}, heads {m.heads} ({kv}), "
+        f"ffn {m.ffn}, vocab {m.vocab}, seq {m.seq_len}, tied {'yes' if m.tie_embeddings else 'no'}",
+        f"engine     device {device}, precision {plan.dtype}, ZeRO {cfg.zero.stage}, optimizer {cfg.optimizer.name}, "
+        f"recompute {recompute_mode(cfg.parallel.activation_checkpointing)}, sequence parallel "
+        f"{'on' if sequence_parallel_on(cfg.parallel, cfg.model, lay.tp) else 'off'}",
+        f"pipeline   {lay.pp} stage(s), partition '{cfg.parallel.partition}', slowest stage "
+        f"{max_stage_flops(plan.costs, plan.parts) / ideal:.3f}x the ideal (total/pp)",
+        format_stage_table(stage_table(plan.costs, plan.parts, plan.memory)),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from launcher.config.derived import sequence_parallel_on
+from launcher.config.schema import Config
+from launcher.ds.pipeline import deepspeed_topology
+from launcher.ds.seams import (
+    StagedPipelineModule,
+    keep_fp32_grad_norm,
+    route_dp_reduction,
+)
+from launcher.hf.weights import load_hf_weights
+from launcher.model.layers import BlockOptions
+from launcher.model.llama import LlamaModel, LossFn, layer_specs
+from launcher.planning.plan import Plan
+from launcher.training.optim import build_optimizer, build_scheduler
+from parallel.compression import PowerSGDReducer
+from parallel.costs import recompute_mode
+from parallel.tensor_parallel import TensorParallel
+from parallel.topology import ModelParallelUnit, ProcessGroups
+
+
+def mark_grad_norm_owners(model: torch.nn.Module, tp_rank: int) -> None:
+    """Make DeepSpeed count every parameter once in the global grad norm: tp-sharded
+    parameters on every rank (already `tensor_model_parallel`), tp-replicated ones (norm
+    gains) on tp rank 0 only. DeepSpeed's norm code counts a parameter when it is marked
+    model-parallel or when the rank is model-parallel rank 0."""
+    for p in model.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = tp_rank == 0
+
+
+def to_device(x, device: torch.device):
+    """A micro-batch's inputs or targets onto the device: a tensor, or a tuple of them
+    ((ids, segments) with document attention, (targets, loss_mask) with eod_mask_loss)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(t.to(device) for t in x)
+    return x.to(device)
+
+
+@dataclass
+class TrainEngine:
+    ds: Any  # deepspeed DeepSpeedEngine or PipelineEngine
+    groups: ProcessGroups
+    loss_fn: LossFn
+    device: torch.device
+    pipeline: bool
+    compressor: Optional[PowerSGDReducer] = None  # PowerSGD's state, saved in checkpoints
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first (inputs) and last (targets) pipeline stages consume batches."""
+        return not self.pipeline or self.groups.is_first_stage or self.groups.is_last_stage
+
+    def train_step(self, micro_batches: list) -> tuple[float, Optional[float]]:
+        if self.pipeline:
+            loss = self.ds.train_batch(data_iter=iter(micro_batches) if self.reads_data else None)
+        else:
+            losses = []
+            for inputs, targets in micro_batches:
+                micro_loss = self.loss_fn(self.ds(to_device(inputs, self.device)), to_device(targets, self.device))
+                self.ds.backward(micro_loss)
+                self.ds.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                losses.append(micro_loss.detach().float())
+            loss = self._dp_mean(torch.stack(losses).mean())
+        grad_norm = self.ds.get_global_grad_norm()
+        return float(loss), (float(grad_norm) if grad_norm is not None else None)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Optional[list]) -> float:
+        """Mean loss over one global batch; `micro_batches` is None on middle pipeline stages,
+        which read no data but still run every micro-batch (the global batch's count)."""
+        if self.pipeline:
+            loss = self.ds.eval_batch(data_iter=iter(micro_batches) if self.reads_data else None,
+                                      num_micro_batches=self.ds.micro_batches)
+            return float(loss)
+        self.ds.eval()
+        losses = [self.loss_fn(self.ds(to_device(i, self.device)), to_device(t, self.device)).float()
+                  for i, t in micro_batches]
+        self.ds.train()
+        return float(self._dp_mean(torch.stack(losses).mean()))
+
+    def loss_scale(self) -> Optional[float]:
+        """fp16's dynamic loss scale (None in fp32/bf16)."""
+        if not self.ds.fp16_enabled():
+            return None
+        scale = getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", None)
+        return float(scale) if scale is not None else None
+
+    def time_breakdown_ms(self) -> dict:
+        """What DeepSpeed's wall-clock breakdown reported since the last call, in ms
+        (forward, backward, allreduce, optimizer step; send/recv with pipelines); empty
+        unless logging.time_breakdown. DeepSpeed prints and resets its timers itself at each
+        step, so the values are caught as it logs them (see `capture_timer_logs`)."""
+        captured, self._captured_ms = getattr(self, "_captured_ms", {}), {}
+        return {f"time_{name}_ms": value for name, value in captured.items()}
+
+    def capture_timer_logs(self) -> None:
+        timers, real_log = self.ds.timers, self.ds.timers.log
+        self._captured_ms = {}
+
+        def log(names, normalizer=1.0, reset=True, **kwargs):
+            for name in names:
+                if name in timers.get_timers():
+                    value = timers.get_timers()[name].elapsed(reset=False) / normalizer
+                    self._captured_ms[name] = self._captured_ms.get(name, 0.0) + value
+            return real_log(names, normalizer=normalizer, reset=reset, **kwargs)
+
+        timers.log = log
+
+    def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.groups.layout.dp > 1:
+            dist.all_reduce(value, group=self.groups.dp_group)
+            value = value / self.groups.layout.dp
+        return value
+
+
+def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.device,
+                 ds_config: dict, init_from: Optional[str] = None) -> TrainEngine:
+    """`init_from`: a Hugging Face directory whose weights replace the random init, each rank
+    reading its own slices, before DeepSpeed copies them into its (fp32 master) buffers."""
+    import deepspeed
+
+    tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
+                        sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
+    options = BlockOptions(fused=cfg.parallel.fused_projections, compile=cfg.model.compile,
+                           recompute=recompute_mode(cfg.parallel.activation_checkpointing))
+    full_recompute = options.recompute == "full"
+    # seed None: no random draw for weights that init_from is about to overwrite
+    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options)
+    loss_fn = LossFn(tp)
+    checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    pipeline = plan.layout.pp > 1
+    if pipeline:
+        model = StagedPipelineModule(
+            specs, plan.parts, topology=deepspeed_topology(plan.layout), loss_fn=loss_fn,
+            activation_checkpoint_interval=1 if full_recompute else 0,
+            activation_checkpoint_func=checkpoint_fn)
+        mpu = None  # the pipeline engine builds its grid from the topology
+    else:
+        model = LlamaModel(specs, checkpoint_fn if full_recompute else None).to(device)
+        mpu = ModelParallelUnit(groups)
+    if init_from:
+        load_hf_weights(model, Path(init_from), tp.rank, tp.size)
+    mark_grad_norm_owners(model, groups.coord.tp)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    # DeepSpeed's elastic ZeRO checkpoint (resume on another dp) records the optimizer step
+    # from param_groups, where its own FusedAdam keeps it, and refuses to load without it.
+    # torch's AdamW keeps the real count per parameter (carried through the elastic merge);
+    # a constant group entry satisfies the bookkeeping and is read by nothing else.
+    for group in optimizer.param_groups:
+        group.setdefault("step", 0)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
+    # DeepSpeed picks its device from $LOCAL_RANK, which export_env set to our device index.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mpu)
+    if plan.dtype == "fp32" and cfg.zero.stage == 0:
+        keep_fp32_grad_norm(engine)
+    compressor = None
+    if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
+        compressor = route_dp_reduction(engine, cfg, groups.dp_group, pipeline)
+    train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
+                               compressor=compressor)
+    if cfg.logging.time_breakdown:
+        train_engine.capture_timer_logs()
+    return train_engine

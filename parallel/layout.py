@@ -1,0 +1,107 @@
+"""The 3D layout: world size -> (pp, dp, tp) degrees, rank <-> coordinates, process groups.
+
+Axis order, outermost to innermost: pipeline, data, tensor. This is DeepSpeed's
+`PipeModelDataParallelTopology` order (axes pipe, data, model), so our rank map and
+DeepSpeed's are one and the same:
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+Tensor parallelism is innermost, so the ranks of one tp group are consecutive and sit on
+one node (with tp <= GPUs per node); pipeline neighbours are the farthest apart, which suits
+them: they exchange one activation per micro-batch.
+
+Everything except `build_process_groups` is pure integer arithmetic, testable without any
+process group (and used by `--dry-run` on a laptop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+from launcher.config.schema import ParallelConfig
+from parallel.errors import ConfigError
+
+
+class Coord(NamedTuple):
+    pp: int
+    dp: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved parallel degrees and batch arithmetic for one world size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    global_batch: int
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    def coord(self, rank: int) -> Coord:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        tp_rank = rank % self.tp
+        dp_rank = (rank // self.tp) % self.dp
+        pp_rank = rank // (self.tp * self.dp)
+        return Coord(pp=pp_rank, dp=dp_rank, tp=tp_rank)
+
+    def rank(self, coord: Coord) -> int:
+        return (coord.pp * self.dp + coord.dp) * self.tp + coord.tp
+
+    def tp_group_ranks(self) -> list[list[int]]:
+        """Every tensor-parallel group (ranks differing only in tp)."""
+        return [[self.rank(Coord(p, d, t)) for t in range(self.tp)]
+                for p in range(self.pp) for d in range(self.dp)]
+
+    def dp_group_ranks(self) -> list[list[int]]:
+        return [[self.rank(Coord(p, d, t)) for d in range(self.dp)]
+                for p in range(self.pp) for t in range(self.tp)]
+
+    def pp_group_ranks(self) -> list[list[int]]:
+        return [[self.rank(Coord(p, d, t)) for p in range(self.pp)]
+                for d in range(self.dp) for t in range(self.tp)]
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = tp {self.tp} x pp {self.pp} x dp {self.dp}; "
+                f"micro_batch {self.micro_batch} x grad_accum {self.grad_accum} x dp {self.dp} "
+                f"= global_batch {self.global_batch}")
+
+
+def resolve_layout(parallel: ParallelConfig, world_size: int) -> Layout:
+    """Check the parallel section against a world size; raise ConfigError naming the key."""
+    if world_size < 1:
+        raise ConfigError("--world-size", f"must be >= 1, got {world_size}")
+    tp, pp = parallel.tensor, parallel.pipeline
+    if parallel.data == "auto":
+        if world_size % (tp * pp):
+            raise ConfigError("parallel.data", f"auto: world size {world_size} is not divisible by "
+                              f"tensor*pipeline = {tp}*{pp} = {tp * pp} (start a multiple of {tp * pp} "
+                              f"processes, e.g. torchrun --nproc_per_node {tp * pp}, or lower parallel.tensor "
+                              f"/ parallel.pipeline)")
+        dp = world_size // (tp * pp)
+    else:
+        dp = parallel.data
+        if tp * pp * dp != world_size:
+            raise ConfigError("parallel.data", f"tensor*pipeline*data = {tp}*{pp}*{dp} = {tp * pp * dp} "
+                              f"but the world size is {world_size} (or set data: auto)")
+    if parallel.global_batch % (parallel.micro_batch * dp):
+        raise ConfigError("parallel.global_batch",
+                          f"global_batch={parallel.global_batch} is not divisible by micro_batch*data = "
+                          f"{parallel.micro_batch}*{dp} = {parallel.micro_batch * dp}")
+    return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp,
+                  micro_batch=parallel.micro_batch, global_batch=parallel.global_batch)
+
+
+def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int) -> bool:
+    """The same from the setting's value (the planner resolves it for every candidate tp)."""
+    if setting == "auto":
+        return tp > 1 and seq_len % tp == 0
+    return bool(setting) and tp > 1
