@@ -176,9 +176,9 @@ def main() -> None:
     import torch
 
     from launcher.config.load import load_config
+    from launcher.errors import ConfigError
     from launcher.planning.precision import detect_device_support, resolve_dtype
     from parallel.costs import flops_per_token
-    from parallel.errors import ConfigError
     from parallel.hardware import peak_tflops_of
 
     torch.set_num_threads(threads())

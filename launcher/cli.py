@@ -5,8 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.errors import CONFIG_ERROR_EXIT_CODE
-from parallel.errors import ConfigError
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 

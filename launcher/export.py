@@ -32,11 +32,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher.checkpoint.reader import resolve_checkpoint
-from launcher.errors import CONFIG_ERROR_EXIT_CODE
-from launcher.hf.export import DTYPES, export
+from launcher.checkpoint.reader import DTYPES, resolve_checkpoint
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from launcher.hf.export import export
 from launcher.training.launch_env import choose_deepspeed_accelerator
-from parallel.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # Command line

@@ -27,10 +27,9 @@ import sys
 from typing import Optional
 
 from launcher.config.load import load_config
-from launcher.errors import CONFIG_ERROR_EXIT_CODE
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from launcher.planning.cluster import gpu_preset
 from launcher.planning.report import _size_gib, format_presets, format_report, report
-from parallel.errors import ConfigError
 from parallel.hardware import PRESETS
 from parallel.planner import (
     Cluster,

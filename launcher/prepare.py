@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.data.prepare import prepare
-from launcher.errors import CONFIG_ERROR_EXIT_CODE
-from parallel.errors import ConfigError
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 # --------------------------------------------------------------------------------------
 # Command line

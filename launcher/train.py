@@ -25,10 +25,9 @@ import sys
 
 from launcher.cli import DEFAULT_CONFIG, ArgumentParser
 from launcher.config.load import dump_config, load_config
-from launcher.errors import CONFIG_ERROR_EXIT_CODE
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from launcher.planning.plan import describe
 from launcher.training.loop import train
-from parallel.errors import ConfigError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config.schema import ModelConfig
+from parallel.shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ItemCost:
     act_bytes: int  # activations kept for backward, one micro-batch, one tp rank
 
 
-def pipeline_items(model: ModelConfig) -> list[tuple[str, str]]:
+def pipeline_items(model: ModelShape) -> list[tuple[str, str]]:
     """(name, kind) of every pipeline item, in forward order."""
     items = [("embed", "embed")]
     for layer in range(model.layers):
@@ -54,7 +54,7 @@ def recompute_mode(value) -> str:
     return value
 
 
-def activation_bytes(model: ModelConfig, kind: str, tp: int, micro_batch: int, dtype_bytes: int,
+def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dtype_bytes: int,
                      recompute: str = "none", sequence_parallel: bool = False) -> int:
     """Bytes one pipeline item saves for its backward pass, for one micro-batch on one tp rank.
 
@@ -116,11 +116,11 @@ def activation_bytes(model: ModelConfig, kind: str, tp: int, micro_batch: int, d
     raise ValueError(kind)
 
 
-def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
+def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
                recompute="none", sequence_parallel: bool = False) -> list[ItemCost]:
     """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences.
     `recompute`: none | selective | full (or parallel.activation_checkpointing's bool);
-    `sequence_parallel`: as resolved for this tp (launcher.config.sequence_parallel_on)."""
+    `sequence_parallel`: as resolved for this tp (resolved by the caller for this tp)."""
     h, s = model.hidden, model.seq_len
     kv_dim = model.n_kv_heads * model.head_dim
     mode = recompute_mode(recompute)
@@ -142,6 +142,6 @@ def item_costs(model: ModelConfig, tp: int = 1, micro_batch: int = 1, dtype_byte
     return [ItemCost(name, kind, *table[kind], act_bytes=act[kind]) for name, kind in pipeline_items(model)]
 
 
-def flops_per_token(model: ModelConfig) -> int:
+def flops_per_token(model: ModelShape) -> int:
     """Training FLOPs per token (forward + backward), for throughput and MFU."""
     return sum(c.flops_per_token for c in item_costs(model))

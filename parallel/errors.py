@@ -1,17 +1,10 @@
-"""The run configuration: one YAML file -> typed, validated dataclasses.
+"""The one error type a user's input can raise, at the bottom of the house.
 
-Data path: `load_config(path, overrides)` reads the YAML, applies `section.key=value`
-overrides, type-checks every value against the dataclass annotations below and runs the
-checks that do not depend on the world size (`check_config`). World-size checks live in
-`parallel.topology.resolve_layout`, the rest of what a launch checks in `launcher.preflight`.
-Every mistake raises `ConfigError`, whose message is a single line naming the offending key;
-the entry point prints it and exits with code 2. Any input ends that way, never in a
-traceback or a hang (tests/test_config_fuzz.py): numbers are finite, integers fit 64 bits,
-sizes that planning iterates over have upper bounds (`LIMITS`), YAML that is not UTF-8, too
-deep or an alias graph ("billion laughs") is refused, and user text is escaped to one line.
-
-Why not pydantic: its errors are multi-line tables and it has no "did you mean"; the
-type-checking we need (scalars, literals, lists, nested dataclasses) is ~80 lines below.
+`ConfigError(key, message)` is a configuration or usage mistake, reported as one line
+`<key>: <message>`; every command prints it as `config error: ...` and exits 2
+(launcher/errors.py has the exit codes). It lives here, below `launcher/`, because the pure
+layout arithmetic in `parallel/` refuses bad degrees with it too, and `parallel/` imports
+nothing from `launcher/`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
-from launcher.config.schema import ParallelConfig
 from parallel.errors import ConfigError
+from parallel.shapes import ParallelDegrees
 
 
 class Coord(NamedTuple):
@@ -75,7 +75,7 @@ class Layout:
                 f"= global_batch {self.global_batch}")
 
 
-def resolve_layout(parallel: ParallelConfig, world_size: int) -> Layout:
+def resolve_layout(parallel: ParallelDegrees, world_size: int) -> Layout:
     """Check the parallel section against a world size; raise ConfigError naming the key."""
     if world_size < 1:
         raise ConfigError("--world-size", f"must be >= 1, got {world_size}")

@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
-from launcher.config.schema import ModelConfig
 from parallel.costs import LOSS_CHUNK_ELEMENTS, ItemCost
+from parallel.shapes import ModelShape
 
 GIB = 1024**3
 
@@ -141,7 +141,7 @@ def in_flight(stage: int, stages: int, grad_accum: int) -> int:
     return max(1, min(stages - stage, grad_accum))
 
 
-def rank_memory(model: ModelConfig, costs: Sequence[ItemCost], parts: Sequence[int], stage: int, *,
+def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[int], stage: int, *,
                 tp: int, dp: int, micro_batch: int, grad_accum: int, dtype: str, optimizer: str,
                 zero_stage: int, framework_bytes: float, offload: bool = False,
                 reduce_bucket: int = REDUCE_BUCKET_SIZE, margin: float = MARGIN,

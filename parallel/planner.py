@@ -47,7 +47,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from launcher.config.schema import ModelConfig
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
 from parallel.layout import resolve_sequence_parallel
@@ -60,6 +59,7 @@ from parallel.memory import (
     state_bytes,
 )
 from parallel.partition import MemoryModel, partition
+from parallel.shapes import ModelShape
 
 RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least recomputation first
 # Tensor-parallel collectives of the hidden states per item, (forward, backward), in
@@ -79,7 +79,7 @@ SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "norm":
 class Workload:
     """What the planner plans for: the model, the batch and the training setup."""
 
-    model: ModelConfig
+    model: ModelShape
     global_batch: int  # sequences per step
     dtype: str  # fp32 | bf16 | fp16
     optimizer: str = "adamw"
@@ -170,7 +170,7 @@ class Estimate:
                 "parts": list(self.parts), "stages": [r.as_dict() for r in self.stages]}
 
 
-def _costs(model: ModelConfig, tp: int, micro_batch: int, dtype: str, recompute: str,
+def _costs(model: ModelShape, tp: int, micro_batch: int, dtype: str, recompute: str,
            sequence_parallel: bool = False) -> tuple[ItemCost, ...]:
     return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel))
 
@@ -219,7 +219,7 @@ def gradient_wire_bytes(work: Workload, params: int, tp: int) -> float:
     return params * per
 
 
-def powersgd_ratio(model: ModelConfig, tp: int, rank: int) -> float:
+def powersgd_ratio(model: ModelShape, tp: int, rank: int) -> float:
     """Bytes PowerSGD sends (rank x (rows + columns) per matrix) over the dense gradient's,
     over one block's weight matrices on a tp rank (norm gains, a sliver, ignored)."""
     h, kv, f = model.hidden, model.n_kv_heads * model.head_dim, model.ffn

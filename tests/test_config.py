@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from launcher.config.load import load_config
+from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, resolve_auto
 from launcher.planning.cluster import assumed_cluster
 from launcher.planning.precision import ASSUMED_GPU
-from parallel.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -22,8 +22,8 @@ from launcher.data.sampling import (
     permutation_key,
 )
 from launcher.data.sources import EMBEDDED_CORPUS
+from launcher.errors import ConfigError
 from launcher.training.preflight import check_data
-from parallel.errors import ConfigError
 
 SEQ = 16
 

@@ -24,10 +24,10 @@ from launcher.checkpoint.reader import resolve_checkpoint
 from launcher.checkpoint.state import LauncherState
 from launcher.config.load import load_config
 from launcher.data.batches import training_batches
+from launcher.errors import ConfigError
 from launcher.formats.hf_config import hf_model_values
 from launcher.hf.weights import HFWeights, check_hf_weights, load_hf_weights
 from launcher.model.llama import LlamaModel, layer_specs
-from parallel.errors import ConfigError
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
 
 DEFAULT = REPO / "configs" / "default.yaml"

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from launcher.errors import ConfigError
 from launcher.training.launch_env import (
     device_index,
     discover,
@@ -13,7 +14,6 @@ from launcher.training.launch_env import (
     slurm_port,
     slurm_tasks_on_node,
 )
-from parallel.errors import ConfigError
 
 
 @pytest.mark.parametrize("nodelist,first", [

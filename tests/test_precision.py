@@ -14,12 +14,12 @@ from launch import REPO, base_env, python_cmd, read_metrics
 
 from launcher.cli import DEFAULT_CONFIG
 from launcher.config.load import load_config
+from launcher.errors import ConfigError
 from launcher.planning.precision import (
     DeviceSupport,
     detect_device_support,
     resolve_dtype,
 )
-from parallel.errors import ConfigError
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "schedule.warmup_steps=2"]
 H100 = DeviceSupport("cuda (H100)", is_gpu=True, bf16=True, fp16=True)

@@ -9,7 +9,7 @@ from distributed import run_distributed
 
 from launcher.config.schema import ParallelConfig
 from launcher.ds.pipeline import deepspeed_topology
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 from parallel.layout import Coord, Layout, resolve_layout
 from parallel.topology import ModelParallelUnit, build_process_groups
 

@@ -14,59 +14,7 @@ from launcher.checkpoint.state import (
     same_layout,
     set_rng_state,
 )
-
-# --------------------------------------------------------------------------------------
-# Load
-# --------------------------------------------------------------------------------------
-
-
-def deepspeed_state_classes() -> list:
-    """The DeepSpeed classes its own checkpoints pickle (loss scalers, the ZeRO stage enum,
-    the bf16 optimizer's fragment addresses): plain data holders, allowed by name so that
-    every file is read with `torch.load(weights_only=True)`, which runs no code from the
-    file. Found by loading checkpoints of every engine path (ZeRO 0-3, fp32/bf16/fp16,
-    pipeline) with weights_only=True; tests/test_checkpoint.py loads each path this way."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_weights_only(path, map_location=None):
-    """torch.load that cannot execute code from the file (DeepSpeed's engine loads with
-    weights_only=False)."""
-    with torch.serialization.safe_globals(deepspeed_state_classes()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-class _ClampedList(list):
-    """A list whose out-of-range integer indices give its last element (see `load`)."""
-
-    def __getitem__(self, index):
-        if isinstance(index, int) and index >= len(self):
-            index = len(self) - 1
-        return super().__getitem__(index)
-
-
-def _deepspeed_load(ds_engine, ckpt: Path, saved_dp: int, current_dp: int) -> None:
-    """DeepSpeed's own loader, for a checkpoint of this layout (the data degree may differ)."""
-    ds_engine.checkpoint_engine.load = load_weights_only
-    real_dp, real_reader = ds_engine.seq_dp_world_size, ds_engine._get_all_zero_checkpoints
-    if saved_dp != current_dp:
-        ds_engine.seq_dp_world_size = saved_dp
-        if current_dp > saved_dp:
-            # Growing dp: DeepSpeed also reads the shard list at index `new dp rank` (only for
-            # the global fields every shard holds alike) before merging the whole list.
-            ds_engine._get_all_zero_checkpoints = lambda *a: _ClampedList(real_reader(*a) or [])
-    try:
-        path, _ = ds_engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
-    finally:
-        ds_engine.seq_dp_world_size = real_dp
-        ds_engine._get_all_zero_checkpoints = real_reader
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+from launcher.ds.seams import deepspeed_load_checkpoint, load_weights_only
 
 
 def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: int, tp_rank: int,
@@ -88,7 +36,7 @@ def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: 
     it is shown the saved dp, which is exactly what its elastic path expects."""
     notes = []
     if deepspeed_loads(saved_layout, current_layout):
-        _deepspeed_load(ds_engine, ckpt, saved_layout["dp"], current_layout["dp"])
+        deepspeed_load_checkpoint(ds_engine, ckpt, saved_layout["dp"], current_layout["dp"])
     else:
         from launcher.checkpoint.reshard import load_resharded
 

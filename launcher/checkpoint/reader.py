@@ -7,14 +7,14 @@ from typing import Optional
 
 import torch
 
-from launcher.checkpoint.load import deepspeed_state_classes
 from launcher.checkpoint.state import LauncherState
 from launcher.checkpoint.store import MANIFEST, STATE, published
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
+from launcher.ds.seams import deepspeed_state_classes
+from launcher.errors import ConfigError
 from launcher.model import weights as hf_names
 from parallel.costs import pipeline_items
-from parallel.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -47,9 +47,14 @@ import torch
 
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
+from launcher.ds.seams import (
+    can_init_fragment_state,
+    has_fragment_mapping,
+    init_fragment_state,
+)
+from launcher.errors import ConfigError
 from launcher.model import weights as hf_names
 from parallel.costs import pipeline_items
-from parallel.errors import ConfigError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's; Lion has exp_avg only
 
@@ -284,7 +289,7 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_ra
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap a torch optimizer
     moments = saved.moments()
     stepped = saved.step is not None  # a checkpoint of the starting weights (step 0) has no optimizer state
-    if stepped and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+    if stepped and can_init_fragment_state(optimizer):
         # ZeRO 1/2 and the bf16 optimizer create the torch optimizer's state, and link each
         # parameter's fragment of it, at their first step; do both now so that the fragment
         # API below has a state to write into (zeros, overwritten at once).
@@ -293,7 +298,7 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_ra
                 if not base.state[flat]:
                     base.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
                                         **{k: torch.zeros_like(flat) for k in moments}}
-        optimizer._lazy_init_hp_params_optimizer_state()
+        init_fragment_state(optimizer)
     with torch.no_grad():
         for param in ds_engine.module.parameters():  # each once: a tied weight is one parameter
             dim = hf_names.tp_dim(param.logical_name)  # split over tp in the saved and in this layout
@@ -303,7 +308,7 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_ra
                                   f"for tp rank {tp_rank} of {tp_size}, the parameter is {tuple(param.shape)}")
             param.copy_(master.to(param.dtype))
             values = {k: saved.slice_for(param.logical_name, k, dim, tp_rank, tp_size) for k in moments}
-            if hasattr(param, "_hp_mapping"):  # DeepSpeed's ZeRO 1/2 or bf16 optimizer: its partition only
+            if has_fragment_mapping(param):  # DeepSpeed's ZeRO 1/2 or bf16 optimizer: its partition only
                 safe_set_full_fp32_param(param, master)
                 for key, value in values.items():
                     safe_set_full_optimizer_state(param, value, key)

@@ -27,7 +27,8 @@ from launcher.checkpoint.store import (
     step_of,
     tag_for,
 )
-from launcher.checkpoint.writer import Written, recording
+from launcher.checkpoint.writer import Written
+from launcher.ds.seams import recording
 from launcher.files import fsync_path, write_atomic
 
 # Test hook, "STEP:FILES": SIGKILL rank 0 in the save of step STEP once it has flushed and

@@ -67,7 +67,7 @@ def resume_layout(cfg) -> Optional[dict]:
 
 def check_resume_config(cfg, plan) -> None:
     """Before any process starts: refuse what a resume cannot do, as one-line ConfigErrors."""
-    from parallel.errors import ConfigError
+    from launcher.errors import ConfigError
 
     root = checkpoint_root(cfg)
     existing = published(root)

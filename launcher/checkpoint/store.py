@@ -170,7 +170,7 @@ def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: i
 def nothing_to_resume(cfg, root: Path, verified: Verified):
     """The one-line error when a resume was expected (checkpoints exist, or `required`, or a
     path) and no checkpoint verifies: never a silent start from step 0 over a run's history."""
-    from parallel.errors import ConfigError
+    from launcher.errors import ConfigError
 
     mode = cfg.checkpoint.resume
     if not verified.bad:

@@ -24,7 +24,6 @@ not recorded; `launcher.checkpoint.manifest_entries` checksums those from disk.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -115,37 +114,3 @@ class Written:
         with HashingFile(path) as f:
             f.write(data)
         self._record(path, f)
-
-
-class RecordingEngine:
-    """DeepSpeed's TorchCheckpointEngine with `save` through `Written`; everything else
-    (create, commit, makedirs, load, preserves_storage_sharing: its clone decisions) is
-    the wrapped engine's."""
-
-    def __init__(self, inner, written: Written):
-        self._inner = inner
-        self._written = written
-
-    def save(self, state_dict, path: str) -> None:
-        self._written.torch_save(state_dict, path, zipfile=self._inner.zipfile_serialization)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-@contextlib.contextmanager
-def recording(ds_engine, written: Written):
-    """For the length of the block, DeepSpeed's files go through `written`. Another engine
-    than DeepSpeed's default (a configured fast or decoupled writer) is left alone: its files
-    are then checksummed from disk when the save is finished."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    inner = ds_engine.checkpoint_engine
-    if type(inner) is not TorchCheckpointEngine:
-        yield
-        return
-    ds_engine.checkpoint_engine = RecordingEngine(inner, written)
-    try:
-        yield
-    finally:
-        ds_engine.checkpoint_engine = inner

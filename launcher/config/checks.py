@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from launcher.config.schema import Config, DataConfig
-from parallel.errors import ConfigError, show_value
+from launcher.errors import ConfigError, show_value
 
 # --------------------------------------------------------------------------------------
 # Checks that need no world size

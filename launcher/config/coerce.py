@@ -11,7 +11,7 @@ import typing
 from typing import Any, Literal, Union
 
 from launcher.config.schema import ModelConfig
-from parallel.errors import ConfigError, show_value
+from launcher.errors import ConfigError, show_value
 
 # --------------------------------------------------------------------------------------
 # Loading: YAML + overrides -> typed dataclasses

@@ -11,7 +11,7 @@ from launcher.config.checks import check_config
 from launcher.config.coerce import build_section, yaml_name
 from launcher.config.resolve import resolve_init_from, resolve_vocab
 from launcher.config.schema import Config
-from parallel.errors import ConfigError, show_value
+from launcher.errors import ConfigError, show_value
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

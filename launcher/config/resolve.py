@@ -7,7 +7,7 @@ from pathlib import Path
 from launcher.config.checks import check_positive
 from launcher.config.coerce import coerce_value
 from launcher.config.schema import Config, ModelConfig
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 # The model keys `auto` reads from model.init_from's config.json (launcher/hf_weights.py).
 AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "rope_scaling",

@@ -36,9 +36,9 @@ from launcher.data.shards import (
     token_dtype,
     write_manifest,
 )
+from launcher.errors import ConfigError
 from launcher.files import write_atomic
 from launcher.formats.tokenizer import BYTE, load_tokenizer
-from parallel.errors import ConfigError
 
 PLAN = "prepare-plan.json"
 BAD_LINES = "bad_lines.txt"

@@ -25,9 +25,9 @@ from launcher.data.shards import (
     shard_paths,
     token_dtype,
 )
+from launcher.errors import ConfigError
 from launcher.files import fsync_path, write_atomic
 from launcher.formats.tokenizer import load_tokenizer
-from parallel.errors import ConfigError
 
 SUFFIXES = {".jsonl": ("jsonl", False), ".txt": ("txt", False), ".jsonl.gz": ("jsonl", True), ".txt.gz": ("txt", True)}
 BATCH_DOCS = 1024  # documents per encode_batch call ...

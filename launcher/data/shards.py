@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher.errors import ConfigError
 from launcher.files import write_atomic
-from parallel.errors import ConfigError
 
 FORMAT = "llm-launcher-tokens/1"
 MANIFEST = "manifest.json"

@@ -48,7 +48,7 @@ import numpy as np
 
 from launcher.config.schema import DataConfig, DataSource
 from launcher.data.shards import Shard, is_prepared, open_shard, read_manifest
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 EMBEDDED = "embedded"
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "python_docs.jsonl.gz"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
+from launcher.errors import ConfigError
 from launcher.planning.plan import Plan
-from parallel.errors import ConfigError
 
 
 def deepspeed_config(cfg: Config, plan: Plan) -> dict:

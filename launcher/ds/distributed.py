@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from launcher.ds.seams import _deepspeed_groups_get_timeout
+from launcher.ds.seams import groups_carry_timeout
 from parallel.topology import group_timeout
 
 
@@ -38,4 +38,4 @@ def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
                                timeout=timeout)
-    _deepspeed_groups_get_timeout(timeout)
+    groups_carry_timeout(timeout)

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 BYTE = "byte"
 # End-of-text tokens of the common tokenizer families, in order of preference: GPT-2/NeoX,

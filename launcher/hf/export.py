@@ -13,15 +13,15 @@ from typing import Optional
 
 import torch
 
-from launcher.checkpoint.load import deepspeed_state_classes
 from launcher.checkpoint.reader import (
     CheckpointReader,
     run_tokenizer,
     trimmed_vocab,
 )
 from launcher.config.schema import ModelConfig
+from launcher.ds.seams import deepspeed_state_classes
+from launcher.errors import ConfigError
 from launcher.model import weights as hf_names
-from parallel.errors import ConfigError
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -10,9 +10,9 @@ from typing import Any, Optional
 import torch
 
 from launcher.config.schema import ModelConfig
+from launcher.errors import ConfigError
 from launcher.formats.hf_config import CONFIG, INDEX, read_hf_config
 from launcher.model import weights as hf_names
-from parallel.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # The weights

@@ -9,7 +9,7 @@ import torch
 
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from launcher.config.load import config_to_dict
 from launcher.config.schema import Config, WandbConfig
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 
 def check_wandb_login(wandb_cfg: WandbConfig) -> None:

@@ -7,10 +7,10 @@ from typing import Optional
 from launcher.config.checks import check_config
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
+from launcher.errors import ConfigError
 from launcher.planning.plan import Plan
 from launcher.planning.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import recompute_mode
-from parallel.errors import ConfigError
 from parallel.hardware import PRESETS, Hardware
 from parallel.planner import (
     RUNNABLE_RECOMPUTE,

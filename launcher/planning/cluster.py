@@ -6,8 +6,8 @@ import math
 import os
 from typing import Optional
 
+from launcher.errors import ConfigError
 from launcher.planning.auto import GIB
-from parallel.errors import ConfigError
 from parallel.hardware import CPU, PRESETS, Hardware, preset
 from parallel.planner import (
     Cluster,

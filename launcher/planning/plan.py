@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
+from launcher.errors import ConfigError
 from launcher.planning.precision import DeviceSupport, resolve_dtype
 from parallel.costs import ItemCost, item_costs, recompute_mode
-from parallel.errors import ConfigError
 from parallel.layout import Layout, resolve_layout
 from parallel.memory import dtype_bytes, state_bytes
 from parallel.partition import (

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.config.schema import Config
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import dataclasses
 
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
+from launcher.errors import ConfigError
 from launcher.planning.auto import (
     AUTO_KEYS,
     GIB,
@@ -19,7 +20,6 @@ from launcher.planning.cluster import nominal_gb
 from launcher.planning.plan import make_plan
 from launcher.planning.precision import ASSUMED_GPU
 from parallel.costs import RECOMPUTE_MODES, item_costs
-from parallel.errors import ConfigError
 from parallel.hardware import PRESETS
 from parallel.memory import dtype_bytes
 from parallel.planner import (

@@ -14,8 +14,11 @@ from launcher.config.schema import Config
 from launcher.ds.pipeline import deepspeed_topology
 from launcher.ds.seams import (
     StagedPipelineModule,
+    capture_timer_logs,
+    dp_gradients,
+    dp_parameters,
+    install_dp_reduction,
     keep_fp32_grad_norm,
-    route_dp_reduction,
 )
 from launcher.hf.weights import load_hf_weights
 from launcher.model.layers import BlockOptions
@@ -104,17 +107,8 @@ class TrainEngine:
         return {f"time_{name}_ms": value for name, value in captured.items()}
 
     def capture_timer_logs(self) -> None:
-        timers, real_log = self.ds.timers, self.ds.timers.log
         self._captured_ms = {}
-
-        def log(names, normalizer=1.0, reset=True, **kwargs):
-            for name in names:
-                if name in timers.get_timers():
-                    value = timers.get_timers()[name].elapsed(reset=False) / normalizer
-                    self._captured_ms[name] = self._captured_ms.get(name, 0.0) + value
-            return real_log(names, normalizer=normalizer, reset=reset, **kwargs)
-
-        timers.log = log
+        capture_timer_logs(self.ds, self._captured_ms)
 
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.groups.layout.dp > 1:
@@ -166,9 +160,23 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         keep_fp32_grad_norm(engine)
     compressor = None
     if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
-        compressor = route_dp_reduction(engine, cfg, groups.dp_group, pipeline)
+        compressor = build_compressor(engine, cfg, groups.dp_group, pipeline)
     train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
                                compressor=compressor)
     if cfg.logging.time_breakdown:
         train_engine.capture_timer_logs()
     return train_engine
+
+
+def build_compressor(engine, cfg: Config, dp_group, pipeline: bool) -> PowerSGDReducer:
+    """PowerSGD as the engine's data-parallel gradient reduction (compression.method=powersgd,
+    ZeRO 0/1); its state is what checkpoints save for compression."""
+    params = dp_parameters(engine)
+    # A weight tied across pipeline stages has a copy on each; both must get the same update.
+    tied = {id(p) for p in engine.module.tied_modules.parameters()} if pipeline else set()
+    c = cfg.compression
+    reducer = PowerSGDReducer([p.shape for p in params], [id(p) in tied for p in params], dp_group,
+                              rank=c.rank, warmup_steps=c.warmup_steps, error_feedback=c.error_feedback,
+                              min_compression_rate=c.min_compression_rate, seed=cfg.train.seed)
+    install_dp_reduction(engine, lambda: reducer.reduce_(dp_gradients(engine)))
+    return reducer

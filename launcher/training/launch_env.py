@@ -26,7 +26,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from parallel.errors import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

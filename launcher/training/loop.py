@@ -7,9 +7,8 @@ import time
 import warnings
 
 from launcher.config.schema import Config
-from launcher.errors import CONFIG_ERROR_EXIT_CODE, EXIT_REQUEUE
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, EXIT_REQUEUE, ConfigError
 from launcher.training.setup import Run, resume, set_up
-from parallel.errors import ConfigError
 
 
 class StopSignal:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from launcher.config.schema import Config
+from launcher.errors import ConfigError
 from launcher.planning.plan import Plan, make_plan
 from launcher.planning.precision import DeviceSupport
-from parallel.errors import ConfigError
 
 
 def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan, dict]:
