@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.checkpoint.reader import DTYPES, resolve_checkpoint
+from launcher.ds import choose_deepspeed_accelerator
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from launcher.hf.export import export
-from launcher.training.launch_env import choose_deepspeed_accelerator
 
 # --------------------------------------------------------------------------------------
 # Command line

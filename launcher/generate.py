@@ -28,10 +28,10 @@ from typing import Optional
 
 import torch
 
+from launcher.ds import choose_deepspeed_accelerator
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 from launcher.inference.loading import from_checkpoint, from_hf
 from launcher.inference.sampling import generate
-from launcher.training.launch_env import choose_deepspeed_accelerator
 
 # --------------------------------------------------------------------------------------
 # Command line

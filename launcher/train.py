@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from launcher.training.launch_env import choose_deepspeed_accelerator
+        from launcher.ds import choose_deepspeed_accelerator
 
         choose_deepspeed_accelerator()
         from launcher.checkpoint.state import resume_layout

@@ -43,10 +43,11 @@ def _resume_in_process(rank, world_size, jobs):
     from launcher.checkpoint.state import check_resume_config
     from launcher.cli import DEFAULT_CONFIG
     from launcher.config.load import load_config
+    from launcher.ds import choose_deepspeed_accelerator
     from launcher.ds.config import deepspeed_config
     from launcher.planning.plan import make_plan
     from launcher.planning.precision import detect_device_support
-    from launcher.training.launch_env import choose_deepspeed_accelerator, discover
+    from launcher.training.launch_env import discover
     from launcher.training.loop import StopSignal, train_loop
     from launcher.training.setup import resume, set_up
 

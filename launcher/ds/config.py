@@ -11,6 +11,11 @@ global gradient norm.
 
 from __future__ import annotations
 
+import logging
+
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.utils import logger
+
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
@@ -93,3 +98,37 @@ def merge_user_block(generated: dict, user: dict, prefix: str = "deepspeed") -> 
             raise ConfigError(path, f"{value!r} contradicts the value generated from the config "
                               f"({generated[key]!r}); set it through the launcher's own keys")
     return merged
+
+
+def check_deepspeed_config(ds_config: dict, user_block: dict, plan: Plan) -> None:
+    """Parse the generated config with DeepSpeed's own parser (what `deepspeed.initialize`
+    does first), so a bad `deepspeed:` pass-through key fails here, named, not at launch."""
+    if _deepspeed_config_problem(ds_config, plan) is None:
+        return
+    # The generated part is known good; find the first user key that breaks it, to name it.
+    generated = {k: v for k, v in ds_config.items() if k not in user_block}
+    for key in user_block:
+        problem = _deepspeed_config_problem({**generated, key: ds_config[key]}, plan)
+        if problem is not None:
+            raise ConfigError(f"deepspeed.{key}", f"DeepSpeed rejects it: {problem}")
+        generated[key] = ds_config[key]
+    raise ConfigError("deepspeed", f"DeepSpeed rejects the block: {_deepspeed_config_problem(ds_config, plan)}")
+
+
+def _deepspeed_config_problem(ds_config: dict, plan: Plan) -> str | None:
+
+    # Without a process group DeepSpeed's parser assumes one data-parallel rank; the batch
+    # arithmetic for our dp was checked by resolve_layout, so give it a one-rank batch.
+    probe = {**ds_config, "train_batch_size": plan.layout.micro_batch * plan.layout.grad_accum}
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its parser logs the world size it assumed
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as err:  # pydantic ValidationError, AssertionError, ValueError, TypeError, ...
+        if hasattr(err, "errors"):  # pydantic: a multi-line table; its first entry says enough
+            first = err.errors()[0]
+            return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        return " ".join(str(err).split()) or type(err).__name__
+    finally:
+        logger.setLevel(level)
+    return None

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import deepspeed
+import torch.distributed as dist
+
 from launcher.ds.seams import groups_carry_timeout
 from parallel.topology import group_timeout
 
@@ -19,8 +22,6 @@ def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
     (`TorchBackend.init_process_group`), it binds NCCL to cuda:$LOCAL_RANK, which is not this
     process's GPU under a per-task mask (srun --gpus-per-task=1: SLURM_LOCALID 3, one GPU,
     device 0); `pick_device` has already made the right one current."""
-    import deepspeed
-    import torch.distributed as dist
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = group_timeout(timeout_s)

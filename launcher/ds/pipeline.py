@@ -1,11 +1,12 @@
 
 from __future__ import annotations
 
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
 from parallel.layout import Layout
 
 
 def deepspeed_topology(layout: Layout):
     """DeepSpeed's own topology object for this layout (same rank map as `Layout.coord`)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)

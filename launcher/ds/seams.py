@@ -27,7 +27,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from deepspeed.comm import comm as ds_comm
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.utils import is_model_parallel_parameter
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from launcher.errors import ConfigError
 from parallel.comm_bytes import CollectiveBytes
@@ -137,7 +145,6 @@ def keep_fp32_grad_norm(engine) -> None:
     (`get_global_grad_norm()` stays None), and counts a pipeline-tied weight on both of its
     stages. This replacement counts each parameter once (`mark_grad_norm_owners` in launcher/training/engine.py, skipping
     DeepSpeed's `ds_pipe_replicated` copies), clips by the same rule and keeps the norm."""
-    from deepspeed.runtime.utils import is_model_parallel_parameter
 
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
@@ -157,7 +164,6 @@ def keep_fp32_grad_norm(engine) -> None:
 def dp_parameters(engine) -> list[torch.nn.Parameter]:
     """The parameters whose gradients DeepSpeed averages over data parallel, in a fixed
     order (the same on every data-parallel peer)."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     if isinstance(engine.optimizer, BF16_Optimizer):
         return [p for params in engine.optimizer.bf16_groups for p in params]
@@ -167,7 +173,6 @@ def dp_parameters(engine) -> list[torch.nn.Parameter]:
 def dp_gradients(engine) -> list[torch.Tensor]:
     """Where those gradients are at the accumulation boundary: `param.grad`, or with the bf16
     optimizer (bf16 with ZeRO 0/1) its fp32 accumulators, flat per param group."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     opt = engine.optimizer
     if isinstance(opt, BF16_Optimizer):
@@ -193,7 +198,6 @@ def install_dp_reduction(engine, reduce_now: Callable[[], None]) -> None:
     (`gradient_reduction_w_predivide`, an averaging all-reduce) replaced by the identity:
     the average of equal tensors is the tensor. The equivalence tests (PowerSGD's exact
     warm-up = `none`) guard them."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     zero_reduce = engine.allreduce_gradients if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
 
@@ -227,7 +231,6 @@ def capture_timer_logs(ds_engine, captured_ms: dict) -> None:
 
 def count_dp_bytes(groups: ProcessGroups) -> CollectiveBytes:
     """Start counting this rank's data-parallel collective bytes (logging.comm_bytes)."""
-    from deepspeed.comm import comm as ds_comm
 
     counter = CollectiveBytes(groups.dp_ranks).install()
     backend = ds_comm.cdb
@@ -252,8 +255,6 @@ def groups_carry_timeout(timeout: timedelta) -> None:
     So we replace that one method on DeepSpeed's backend object (`deepspeed.comm.comm.cdb`),
     leaving torch.distributed itself untouched; assigning it again on a second call replaces,
     never stacks. (DeepSpeed's `init_device_mesh` path is not covered; we do not use it.)"""
-    import deepspeed.comm.comm as ds_comm
-    import torch.distributed as dist
 
     def new_group(ranks, **kwargs):
         kwargs.setdefault("timeout", timeout)
@@ -295,9 +296,6 @@ def deepspeed_state_classes() -> list:
     every file is read with `torch.load(weights_only=True)`, which runs no code from the
     file. Found by loading checkpoints of every engine path (ZeRO 0-3, fp32/bf16/fp16,
     pipeline) with weights_only=True; tests/test_checkpoint.py loads each path this way."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
@@ -359,7 +357,6 @@ def recording(ds_engine, written):
     """For the length of the block, DeepSpeed's files go through `written`. Another engine
     than DeepSpeed's default (a configured fast or decoupled writer) is left alone: its files
     are then checksummed from disk when the save is finished."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     inner = ds_engine.checkpoint_engine
     if type(inner) is not TorchCheckpointEngine:

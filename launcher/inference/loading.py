@@ -7,9 +7,20 @@ from pathlib import Path
 
 import torch
 
+from launcher.checkpoint.reader import (
+    CheckpointReader,
+    resolve_checkpoint,
+    run_tokenizer,
+    trimmed_vocab,
+)
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
 from launcher.errors import ConfigError
+from launcher.formats.hf_config import hf_model_values, read_hf_config
+from launcher.formats.tokenizer import load_tokenizer
+from launcher.hf.weights import check_hf_weights, load_hf_weights
+from launcher.model.llama import LlamaModel, layer_specs
+from parallel.tensor_parallel import NO_TP
 
 
 @dataclass
@@ -24,20 +35,12 @@ class Loaded:
 
 
 def _build(config: ModelConfig):
-    from launcher.model.llama import LlamaModel, layer_specs
-    from parallel.tensor_parallel import NO_TP
 
     return LlamaModel(layer_specs(config, NO_TP, seed=None)).eval()  # every weight is loaded next
 
 
 def from_checkpoint(path: Path) -> Loaded:
     """A checkpoint of any layout: each full tensor gathered from its slices on disk."""
-    from launcher.checkpoint.reader import (
-        CheckpointReader,
-        resolve_checkpoint,
-        run_tokenizer,
-        trimmed_vocab,
-    )
 
     ckpt, run = resolve_checkpoint(path)
     reader = CheckpointReader(ckpt)
@@ -58,9 +61,6 @@ def from_checkpoint(path: Path) -> Loaded:
 
 def from_hf(directory: Path) -> Loaded:
     """A Hugging Face Llama directory (config.json, *.safetensors, tokenizer.json)."""
-    from launcher.formats.hf_config import hf_model_values, read_hf_config
-    from launcher.formats.tokenizer import load_tokenizer
-    from launcher.hf.weights import check_hf_weights, load_hf_weights
 
     config = model_config(hf_model_values(directory, key="--hf"), "--hf")
     check_hf_weights(config, directory, key="--hf")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from launcher.inference.loading import Loaded
+from launcher.model.attention import Attention, KVCache
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -24,7 +25,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 @torch.no_grad()
 def generate(loaded: Loaded, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
              seed: int, device: torch.device) -> list[int]:
-    from launcher.model.attention import Attention, KVCache
 
     model = loaded.model
     capacity = len(prompt_ids) + max_new_tokens

@@ -23,10 +23,9 @@ from launcher.model.layers import (
     _recomputed,
     apply_rope,
     rope_cos_sin,
+    sharded_linear,
 )
 from parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     TensorParallel,
     block_output,
     column_parallel,
@@ -78,11 +77,11 @@ class Attention(nn.Module):
         kv_dim = cfg.n_kv_heads * cfg.head_dim
         p = f"layers.{layer}.attention"
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight", tp)
-        self.wq = ColumnParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wq", std=cfg.init_std)
-        self.wk = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wk", std=cfg.init_std)
-        self.wv = ColumnParallelLinear(cfg.hidden, kv_dim, tp, seed=seed, name=f"{p}.wv", std=cfg.init_std)
-        self.wo = RowParallelLinear(cfg.hidden, cfg.hidden, tp, seed=seed, name=f"{p}.wo",
-                                    std=scaled_init_std(cfg.init_std, cfg.layers))
+        self.wq = sharded_linear(f"{p}.wq", cfg.hidden, cfg.hidden, tp, seed=seed, std=cfg.init_std)
+        self.wk = sharded_linear(f"{p}.wk", cfg.hidden, kv_dim, tp, seed=seed, std=cfg.init_std)
+        self.wv = sharded_linear(f"{p}.wv", cfg.hidden, kv_dim, tp, seed=seed, std=cfg.init_std)
+        self.wo = sharded_linear(f"{p}.wo", cfg.hidden, cfg.hidden, tp, seed=seed,
+                                 std=scaled_init_std(cfg.init_std, cfg.layers))
         # RoPE tables: a plain attribute, not a buffer, so engines that cast the module to
         # bf16 leave them in fp32; rebuilt when the length or device changes.
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None

@@ -36,6 +36,7 @@ from torch import nn
 
 from launcher.config.schema import ModelConfig, RopeScaling
 from launcher.model.documents import Segments, carry_segments
+from launcher.model.weights import tp_dim
 from parallel.tensor_parallel import (
     NO_TP,
     ColumnParallelLinear,
@@ -72,6 +73,15 @@ def _recomputed(fn: Callable, *args):
     if torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def sharded_linear(name: str, in_features: int, out_features: int, tp: TensorParallel, *, seed: int,
+                   std: float) -> nn.Module:
+    """The linear layer `name` as the weight table (launcher/model/weights.py) splits it over
+    tensor parallelism: its `tp_dim` 0 is column-parallel (output rows), 1 row-parallel
+    (input columns). The table is the one place a weight's split is declared."""
+    layer = {0: ColumnParallelLinear, 1: RowParallelLinear}[tp_dim(f"{name}.weight")]
+    return layer(in_features, out_features, tp, seed=seed, name=name, std=std)
 
 
 class RMSNorm(nn.Module):
@@ -148,10 +158,10 @@ class MLP(nn.Module):
         self.tp, self.options = tp, options
         p = f"layers.{layer}.mlp"
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, f"{p}.norm.weight", tp)
-        self.w_gate = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_gate", std=cfg.init_std)
-        self.w_up = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp, seed=seed, name=f"{p}.w_up", std=cfg.init_std)
-        self.w_down = RowParallelLinear(cfg.ffn, cfg.hidden, tp, seed=seed, name=f"{p}.w_down",
-                                        std=scaled_init_std(cfg.init_std, cfg.layers))
+        self.w_gate = sharded_linear(f"{p}.w_gate", cfg.hidden, cfg.ffn, tp, seed=seed, std=cfg.init_std)
+        self.w_up = sharded_linear(f"{p}.w_up", cfg.hidden, cfg.ffn, tp, seed=seed, std=cfg.init_std)
+        self.w_down = sharded_linear(f"{p}.w_down", cfg.ffn, cfg.hidden, tp, seed=seed,
+                                     std=scaled_init_std(cfg.init_std, cfg.layers))
         self._normed = _maybe_compile(self.norm.forward, options)  # a method: not registered as a submodule
         self._down = _maybe_compile(self._swiglu_down, options)
 
@@ -181,7 +191,7 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
-        self.proj = ColumnParallelLinear(cfg.hidden, cfg.vocab, tp, seed=seed, name="head.weight", std=cfg.init_std)
+        self.proj = sharded_linear("head", cfg.hidden, cfg.vocab, tp, seed=seed, std=cfg.init_std)
 
     def forward(self, x):
         return carry_segments(lambda h, _: self.proj(h), x, last=True)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.utils.checkpoint
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from launcher.config.schema import ModelConfig
@@ -26,11 +25,17 @@ from parallel.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
+if TYPE_CHECKING:  # annotations only
+    from deepspeed.pipe import LayerSpec
+
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
                 options: BlockOptions = BlockOptions()) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order).
     `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard)."""
+    # lazy: DeepSpeed is imported after launcher/ds has chosen its accelerator
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
     specs = []
     for name, kind in pipeline_items(cfg):
         if kind == "embed":
@@ -55,6 +60,9 @@ class LlamaModel(nn.Module):
     Tied specs are built once and reused, as PipelineModule does within a stage."""
 
     def __init__(self, specs: list[LayerSpec], checkpoint_fn=None):
+        # lazy: DeepSpeed is imported after launcher/ds has chosen its accelerator
+        from deepspeed.pipe import TiedLayerSpec
+
         super().__init__()
         self.checkpoint_fn = checkpoint_fn  # recompute each item in backward when set
         self.items = nn.ModuleList()

@@ -1,11 +1,15 @@
-"""The one map between our parameter names and Hugging Face's Llama (export, import, generate).
+"""The table of the model's weights: our name, Hugging Face's Llama name, the tensor-parallel split.
+
+The one map between our parameter names and Hugging Face's (export, import, generate).
 
 Our names are the logical (full, unsharded) tensors of launcher.model, whatever the layout;
 `{i}` is the layer index. RoPE already uses Hugging Face's `rotate_half` layout, so q and k
 need no permutation: every tensor maps as is (the vocabulary may be trimmed, see export).
 
-`tp_dim` is the dimension split over tensor parallelism (None: replicated), as the layers of
-parallel.tensor_parallel set `tp_shard_dim` (tests/test_export.py checks the two agree).
+`tp_dim` is the dimension split over tensor parallelism (None: replicated). It is declared
+here only: the model's layers are built from it (launcher/model/layers.py `sharded_linear`),
+the Hugging Face import/export and the checkpoint reshard read it (tests/test_export.py
+checks that every built parameter's `tp_shard_dim` agrees).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def _lookup(name: str, patterns) -> tuple[Weight, Optional[str]]:
         match = pattern.match(name)
         if match:
             return weight, (match.group(1) if match.groups() else None)
-    raise KeyError(f"{name}: not a Llama weight name (launcher/hf_names.py TABLE)")
+    raise KeyError(f"{name}: not a Llama weight name (launcher/model/weights.py TABLE)")
 
 
 def to_hf(ours: str) -> str:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
+from launcher.ds.engine import initialize
 from launcher.ds.pipeline import deepspeed_topology
 from launcher.ds.seams import (
     StagedPipelineModule,
@@ -121,7 +122,6 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
                  ds_config: dict, init_from: Optional[str] = None) -> TrainEngine:
     """`init_from`: a Hugging Face directory whose weights replace the random init, each rank
     reading its own slices, before DeepSpeed copies them into its (fp32 master) buffers."""
-    import deepspeed
 
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
                         sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
@@ -154,8 +154,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         group.setdefault("step", 0)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
     # DeepSpeed picks its device from $LOCAL_RANK, which export_env set to our device index.
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mpu)
+    engine = initialize(model, optimizer, scheduler, ds_config, mpu=mpu)
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)
     compressor = None

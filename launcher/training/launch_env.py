@@ -188,14 +188,6 @@ def export_env(penv: ProcessEnv, device_index: Optional[int] = None) -> None:
         os.environ["LOCAL_WORLD_SIZE"] = str(penv.local_world_size)
 
 
-def choose_deepspeed_accelerator() -> None:
-    """Tell DeepSpeed its accelerator before it is imported: no probing, and none of its
-    "unable to detect" warnings on a CPU machine (they go to stdout, into --json output)."""
-    import torch
-
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --------------------------------------------------------------------------------------
 # Devices and process groups (the only part that touches torch.distributed)
 # --------------------------------------------------------------------------------------
@@ -204,14 +196,12 @@ def choose_deepspeed_accelerator() -> None:
 def pick_device(local_rank: int = 0, local_world_size: Optional[int] = None) -> tuple[Any, str]:
     """(device, backend): cuda + nccl when a GPU is visible, cpu + gloo otherwise.
 
-    The CUDA index is `launcher.launch_env.device_index` of the local rank, the ranks on this
+    The CUDA index is `device_index` of the local rank, the ranks on this
     node (`local_world_size`, else $LOCAL_WORLD_SIZE as torchrun and `export_env` set it) and
     torch's device count: 0 under a per-task GPU mask (srun --gpus-per-task=1), else the local
     rank; fewer GPUs than local ranks raises ConfigError. Give DeepSpeed the same index
     (`device.index`). Sets torch's current CUDA device."""
-    import torch
-
-    from launcher.training.launch_env import device_index
+    import torch  # lazy: discover() and device_index() serve the light launch path without torch
 
     if torch.cuda.is_available():
         if local_world_size is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():

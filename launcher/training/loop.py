@@ -6,8 +6,17 @@ import sys
 import time
 import warnings
 
+import torch
+import torch.distributed as dist
+
+from launcher.checkpoint.save import PendingSave, save
+from launcher.checkpoint.state import LauncherState, fingerprint, layout_record
+from launcher.checkpoint.store import tag_for
 from launcher.config.schema import Config
+from launcher.data.batches import realised_shares
+from launcher.ds.distributed import init_distributed
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, EXIT_REQUEUE, ConfigError
+from launcher.training.launch_env import export_env
 from launcher.training.setup import Run, resume, set_up
 
 
@@ -24,8 +33,6 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def agreed(self, device) -> bool:
-        import torch
-        import torch.distributed as dist
 
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -34,15 +41,12 @@ class StopSignal:
 
 def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int:
     """Start the process group, set up, resume, run the loop. Returns the exit code."""
-    from launcher.ds.distributed import init_distributed
-    from launcher.training.launch_env import export_env
 
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would drown the log.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     stop = StopSignal()
     export_env(penv, device.index)  # on a GPU, LOCAL_RANK becomes the device index DeepSpeed reads
     init_distributed(backend, cfg.parallel.collective_timeout_s)
-    import torch.distributed as dist
 
     run = None
     try:
@@ -61,9 +65,7 @@ def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int
 
 def train_loop(run: Run, stop: StopSignal) -> int:
     """The step loop: batches -> engine.train_step -> record -> checkpoint. Exit code."""
-    import torch.distributed as dist
 
-    from launcher.checkpoint.save import PendingSave
 
     cfg, lay, engine = run.cfg, run.plan.layout, run.engine
     pending, last = PendingSave(lambda: None, background=False), {}
@@ -122,8 +124,6 @@ def validation_loss(run: Run) -> float:
 
 def step_bytes(run: Run) -> dict:
     """Bytes this step handed to data-parallel collectives, mean over ranks."""
-    import torch
-    import torch.distributed as dist
 
     counts = run.dp_bytes.take()
     total = torch.tensor([counts["reduce"], counts["gather"]], dtype=torch.float64, device=run.device)
@@ -134,9 +134,7 @@ def step_bytes(run: Run) -> dict:
 
 def step_record(run: Run, loss: float, lr: float, grad_norm, step_time: float, extra: dict) -> dict:
     """One metrics.jsonl record: what a single process on the whole global batch would report."""
-    import torch
 
-    from launcher.data.batches import realised_shares
 
     cfg, lay = run.cfg, run.plan.layout
     tokens_per_s = lay.global_batch * cfg.model.seq_len / step_time
@@ -160,9 +158,6 @@ def step_record(run: Run, loss: float, lr: float, grad_norm, step_time: float, e
 
 def save_checkpoint(run: Run, background: bool):
     """Write this step's checkpoint (finished in the background with checkpoint.async)."""
-    from launcher.checkpoint.save import save
-    from launcher.checkpoint.state import LauncherState, fingerprint, layout_record
-    from launcher.checkpoint.store import tag_for
 
     cfg, lay = run.cfg, run.plan.layout
     state = LauncherState(step=run.step, tokens_seen=run.tokens_seen,

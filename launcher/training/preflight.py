@@ -8,22 +8,40 @@ GPU cluster the config is meant for.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
 
+from launcher.checkpoint.state import check_resume_config
+from launcher.checkpoint.store import (
+    MANIFEST,
+    STATE,
+    checkpoint_root,
+    explicit_resume,
+    published,
+)
+from launcher.config.derived import run_dir
 from launcher.config.schema import Config
+from launcher.data.shards import read_manifest
+from launcher.data.sources import (
+    EMBEDDED,
+    check_split_size,
+    data_sources,
+    embedded_byte_streams,
+    open_dataset,
+    source_key,
+)
+from launcher.ds.config import check_deepspeed_config, deepspeed_config
 from launcher.errors import ConfigError
+from launcher.formats.tokenizer import load_tokenizer
+from launcher.hf.weights import check_hf_weights
+from launcher.metrics.tracking import check_wandb_login
 from launcher.planning.plan import Plan, make_plan
 from launcher.planning.precision import DeviceSupport
 
 
 def preflight(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Plan, dict]:
     """(plan, DeepSpeed config) for this world size, or a ConfigError naming the key."""
-    from launcher.checkpoint.state import check_resume_config
-    from launcher.ds.config import deepspeed_config
-    from launcher.metrics.tracking import check_wandb_login
 
     plan = make_plan(cfg, world_size, device)
     check_compile(cfg, device)
@@ -59,8 +77,6 @@ def check_compile(cfg: Config, device: DeviceSupport) -> None:
 def check_init_from(cfg: Config) -> None:
     """model.init_from holds every tensor the config needs, with its shape (the files'
     headers only), unless the run resumes a checkpoint, whose weights it loads instead."""
-    from launcher.checkpoint.store import checkpoint_root, explicit_resume, published
-    from launcher.hf.weights import check_hf_weights
 
     if not cfg.model.init_from:
         return
@@ -73,8 +89,6 @@ def check_output_dirs(cfg: Config) -> None:
     """The run directory and the checkpoint directory can be created: no NUL in the path, no
     file where a directory must be (writability is the launch's business: a dry run may
     check a cluster's paths on a laptop)."""
-    from launcher.checkpoint.store import checkpoint_root
-    from launcher.config.derived import run_dir
 
     run_key = "run.dir" if cfg.run.dir else "run.name"
     for key, path in ((run_key, run_dir(cfg)), ("checkpoint.dir" if cfg.checkpoint.dir else run_key,
@@ -94,7 +108,6 @@ def check_output_dirs(cfg: Config) -> None:
 def check_explicit_resume(cfg: Config) -> None:
     """`checkpoint.resume: <path>` names a checkpoint (a step-NNNNNNNN directory), not any
     directory: else the launch would stop with 'no checkpoint verifies'."""
-    from launcher.checkpoint.store import MANIFEST, STATE, explicit_resume
 
     path = explicit_resume(cfg)
     if path is None:
@@ -110,15 +123,6 @@ def check_data(cfg: Config) -> None:
     training and held-out parts each hold at least one sequence (seq_len + 1 tokens). Reads
     manifests and boundary indexes only. The embedded corpus is prepared at launch, into the
     run directory, and checked there."""
-    from launcher.data.shards import read_manifest
-    from launcher.data.sources import (
-        EMBEDDED,
-        data_sources,
-        embedded_byte_streams,
-        open_dataset,
-        source_key,
-    )
-    from launcher.formats.tokenizer import load_tokenizer
 
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer)
@@ -143,45 +147,8 @@ def check_data(cfg: Config) -> None:
 
 
 def _check_splits(cfg: Config, key: str, path: str, train, val) -> None:
-    from launcher.data.sources import check_split_size
 
     check_split_size(train, cfg.model.seq_len, key, path if key == "data.val_path" else f"the training part of {path}")
     if val is not None:
         check_split_size(val, cfg.model.seq_len, "data.val_fraction",
                          f"the held-out part of {path} ({cfg.data.val_fraction:g} of its tokens)")
-
-
-def check_deepspeed_config(ds_config: dict, user_block: dict, plan: Plan) -> None:
-    """Parse the generated config with DeepSpeed's own parser (what `deepspeed.initialize`
-    does first), so a bad `deepspeed:` pass-through key fails here, named, not at launch."""
-    if _deepspeed_config_problem(ds_config, plan) is None:
-        return
-    # The generated part is known good; find the first user key that breaks it, to name it.
-    generated = {k: v for k, v in ds_config.items() if k not in user_block}
-    for key in user_block:
-        problem = _deepspeed_config_problem({**generated, key: ds_config[key]}, plan)
-        if problem is not None:
-            raise ConfigError(f"deepspeed.{key}", f"DeepSpeed rejects it: {problem}")
-        generated[key] = ds_config[key]
-    raise ConfigError("deepspeed", f"DeepSpeed rejects the block: {_deepspeed_config_problem(ds_config, plan)}")
-
-
-def _deepspeed_config_problem(ds_config: dict, plan: Plan) -> str | None:
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.utils import logger
-
-    # Without a process group DeepSpeed's parser assumes one data-parallel rank; the batch
-    # arithmetic for our dp was checked by resolve_layout, so give it a one-rank batch.
-    probe = {**ds_config, "train_batch_size": plan.layout.micro_batch * plan.layout.grad_accum}
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # its parser logs the world size it assumed
-    try:
-        DeepSpeedConfig(probe)
-    except Exception as err:  # pydantic ValidationError, AssertionError, ValueError, TypeError, ...
-        if hasattr(err, "errors"):  # pydantic: a multi-line table; its first entry says enough
-            first = err.errors()[0]
-            return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
-        return " ".join(str(err).split()) or type(err).__name__
-    finally:
-        logger.setLevel(level)
-    return None

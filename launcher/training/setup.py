@@ -1,3 +1,9 @@
+"""Setting up a run: everything the step loop touches, built once.
+
+`set_up` builds the process groups, picks the checkpoint to resume from, opens the run
+directory and its log, builds the engine (launcher/training/engine.py) and opens the data;
+`resume` then loads the chosen checkpoint. launcher/training/loop.py runs the steps.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,37 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+
+from launcher.checkpoint.load import load
+from launcher.checkpoint.state import LauncherState, deepspeed_loads, layout_record
+from launcher.checkpoint.store import (
+    Verified,
+    checkpoint_root,
+    choose_resume,
+    explicit_resume,
+    nothing_to_resume,
+)
+from launcher.config.derived import run_dir
 from launcher.config.schema import Config
-from launcher.planning.plan import describe
+from launcher.data.batches import GlobalBatches, RunData, describe_data, open_run_data
+from launcher.data.sources import prepare_embedded
+from launcher.ds.seams import count_dp_bytes
+from launcher.hf.weights import weights_source
+from launcher.metrics.runlog import RunLog
+from launcher.metrics.tracking import Tracker
+from launcher.planning.plan import Plan, describe
+from launcher.training.engine import TrainEngine, build_engine
+from launcher.training.launch_env import ProcessEnv
+from parallel.comm_bytes import CollectiveBytes
+from parallel.costs import flops_per_token
+from parallel.hardware import peak_tflops_of
+from parallel.topology import ProcessGroups, build_process_groups
 
 
 @dataclass
@@ -19,79 +52,34 @@ class Run:
     """Everything the step loop touches, built once by `set_up`."""
 
     cfg: Config
-    plan: Any  # launcher.plan.Plan
-    penv: Any  # launcher.launch_env.ProcessEnv
-    device: Any  # torch.device
-    groups: Any  # parallel.topology.ProcessGroups
-    engine: Any  # launcher.engine.TrainEngine
-    log: Any  # launcher.metrics.RunLog
-    train_batches: Any  # launcher.data.GlobalBatches
-    val_batches: Any
-    data: Any  # launcher.data.RunData: the datasets and both batch streams
+    plan: Plan
+    penv: ProcessEnv
+    device: torch.device
+    groups: ProcessGroups
+    engine: TrainEngine
+    log: RunLog
+    train_batches: GlobalBatches
+    val_batches: GlobalBatches
+    data: RunData  # the datasets and both batch streams
     ckpt_root: Path
-    verified: Any  # launcher.checkpoint.Verified
+    verified: Verified
     resume_from: Optional[Path]
-    resume_state: Any  # launcher.checkpoint.LauncherState of resume_from, else None
+    resume_state: Optional[LauncherState]  # the state saved with resume_from
     weights_from: Optional[dict] = None  # where the initial weights came from (model.init_from)
-    dp_bytes: Any = None  # parallel.comm_bytes.CollectiveBytes with logging.comm_bytes
+    dp_bytes: Optional[CollectiveBytes] = None  # with logging.comm_bytes
     peak_tflops: Optional[float] = None
     flops_per_token: float = 0.0
     step: int = 0
     tokens_seen: int = 0
 
 
-def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
+def set_up(cfg: Config, plan: Plan, ds_config: dict, penv: ProcessEnv, device: torch.device) -> Run:
     """Process groups, the checkpoint to resume from, the run directory, the engine, data."""
-    import numpy as np
-    import psutil
-    import torch
-    import torch.distributed as dist
-
-    from launcher.checkpoint.state import LauncherState
-    from launcher.checkpoint.store import (
-        Verified,
-        checkpoint_root,
-        choose_resume,
-        explicit_resume,
-        nothing_to_resume,
-    )
-    from launcher.config.derived import run_dir
-    from launcher.data.batches import describe_data, open_run_data
-    from launcher.data.sources import prepare_embedded
-    from launcher.ds.seams import count_dp_bytes
-    from launcher.metrics.runlog import RunLog
-    from launcher.metrics.tracking import Tracker
-    from launcher.training.engine import build_engine
-    from parallel.costs import flops_per_token
-    from parallel.hardware import peak_tflops_of
-    from parallel.topology import build_process_groups
-
     group_ready = time.time()  # the world group is up (init_distributed): a restart's timeline, with `started`
     groups = build_process_groups(plan.layout, penv.rank, cfg.parallel.collective_timeout_s)
-    is_writer, root, verified = penv.rank == 0, checkpoint_root(cfg), Verified()
-    resume_from = None
-    if cfg.checkpoint.resume != "none":
-        resume_from = choose_resume(root, explicit_resume(cfg), penv.rank, penv.world_size,
-                                         warn=lambda text: is_writer and print(f"warning: {text}", flush=True),
-                                         verified=verified)
-        if resume_from is None and (cfg.checkpoint.resume != "auto" or verified.bad):
-            raise nothing_to_resume(cfg, root, verified)
-    elif cfg.checkpoint.overwrite and is_writer and root.exists():
-        shutil.rmtree(root)
+    root, verified, resume_from = checkpoint_to_resume(cfg, penv)
     saved = LauncherState.read(resume_from) if resume_from else None
-    log = RunLog(run_dir(cfg), is_writer=is_writer)
-    log.tracker = Tracker(cfg, log.path, is_writer)
-    nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
-    dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
-    per_node = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
-    log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
-             f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
-    # `step` is where this attempt starts: it supersedes earlier records of later steps.
-    log.event({"event": "launch", "step": saved.step if saved else 0, "world_size": penv.world_size, "nodes": nodes,
-               "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))),
-               "started": psutil.Process().create_time(), "group_ready": group_ready})
-    log.info(describe(cfg, plan, device=f"{device.type} + {'nccl' if device.type == 'cuda' else 'gloo'}"))
-    log.write_config(cfg)
+    log = open_log(cfg, plan, penv, device, started_at=saved.step if saved else 0, group_ready=group_ready)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
@@ -112,17 +100,50 @@ def set_up(cfg: Config, plan, ds_config: dict, penv, device) -> Run:
     peak = cfg.logging.peak_tflops or (
         peak_tflops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     return Run(cfg=cfg, plan=plan, penv=penv, device=device, groups=groups, engine=engine, log=log,
-               train_batches=data.train, val_batches=data.val, data=data,
-               ckpt_root=root, verified=verified, resume_from=resume_from, resume_state=saved, dp_bytes=dp_bytes, peak_tflops=peak,
+               train_batches=data.train, val_batches=data.val, data=data, ckpt_root=root, verified=verified,
+               resume_from=resume_from, resume_state=saved, dp_bytes=dp_bytes, peak_tflops=peak,
                flops_per_token=flops_per_token(cfg.model), weights_from=weights_from)
+
+
+def checkpoint_to_resume(cfg: Config, penv: ProcessEnv) -> tuple[Path, Verified, Optional[Path]]:
+    """(checkpoint root, what was verified, the checkpoint to resume from or None), agreed by
+    all ranks; `resume: none` with `overwrite` clears the root first."""
+    is_writer, root, verified = penv.rank == 0, checkpoint_root(cfg), Verified()
+    resume_from = None
+    if cfg.checkpoint.resume != "none":
+        resume_from = choose_resume(root, explicit_resume(cfg), penv.rank, penv.world_size,
+                                    warn=lambda text: is_writer and print(f"warning: {text}", flush=True),
+                                    verified=verified)
+        if resume_from is None and (cfg.checkpoint.resume != "auto" or verified.bad):
+            raise nothing_to_resume(cfg, root, verified)
+    elif cfg.checkpoint.overwrite and is_writer and root.exists():
+        shutil.rmtree(root)
+    return root, verified, resume_from
+
+
+def open_log(cfg: Config, plan: Plan, penv: ProcessEnv, device: torch.device, *, started_at: int,
+             group_ready: float) -> RunLog:
+    """The run's log (rank 0 writes): where every rank runs, the launch event, the layout."""
+    log = RunLog(run_dir(cfg), is_writer=penv.rank == 0)
+    log.tracker = Tracker(cfg, log.path, penv.rank == 0)
+    nodes = [None] * penv.world_size  # where every rank runs (Slurm's node name, else the host)
+    dist.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+    per_node = {n: nodes.count(n) for n in dict.fromkeys(nodes)}
+    log.info(f"launch     {penv.launcher}: rank {penv.rank} of {penv.world_size}, master {penv.master_addr}:"
+             f"{penv.master_port}, nodes {', '.join(f'{n} x{c}' for n, c in per_node.items())}")
+    # `step` is where this attempt starts: it supersedes earlier records of later steps.
+    log.event({"event": "launch", "step": started_at, "world_size": penv.world_size, "nodes": nodes,
+               "attempt": int(os.environ.get("SLURM_RESTART_COUNT", os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))),
+               "started": psutil.Process().create_time(), "group_ready": group_ready})
+    log.info(describe(cfg, plan, device=f"{device.type} + {'nccl' if device.type == 'cuda' else 'gloo'}"))
+    log.write_config(cfg)
+    return log
 
 
 def initial_weights(cfg: Config, saved, log) -> tuple[Optional[str], Optional[dict]]:
     """(directory to load the initial weights from, or None, and where the run's weights
     came from, for its checkpoints): model.init_from when starting, the checkpoint's record
     when resuming (a resume loads the checkpoint's weights, whatever init_from says now)."""
-    from launcher.hf.weights import weights_source
-
     if saved is not None:
         weights_from = saved.fingerprint.get("weights_from")
         if cfg.model.init_from and (weights_from or {}).get("init_from") != str(Path(cfg.model.init_from).resolve()):
@@ -136,9 +157,6 @@ def initial_weights(cfg: Config, saved, log) -> tuple[Optional[str], Optional[di
 
 def resume(run: Run) -> None:
     """Load the chosen checkpoint (model, optimizer, scheduler, RNG, sampler position)."""
-    from launcher.checkpoint.load import load
-    from launcher.checkpoint.state import deepspeed_loads, layout_record
-
     if run.resume_from is None:
         return
     saved = run.resume_state
