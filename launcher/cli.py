@@ -1,3 +1,6 @@
+"""What every command's command line shares: the argument parser whose usage mistakes are one
+`config error:` line and exit 2, and the default config file.
+"""
 
 from __future__ import annotations
 

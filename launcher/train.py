@@ -12,9 +12,11 @@ by `mpirun -np N python -m launcher.train`, or as a single process.
 Every configuration mistake is one line on stderr naming the key, and exit code 2, before
 any process group or tensor exists.
 
-Data path: YAML -> Config (launcher/config.py) -> Plan: layout + stage boundaries
-(launcher/plan.py) -> DeepSpeed config + engine (launcher/engine.py) -> the loop below:
-batches (launcher/data.py) -> engine.train_step -> metrics (launcher/metrics.py).
+Data path: YAML -> Config (launcher/config/load.py) -> `auto` resolved and checked for the
+world and device (launcher/training/launch.py) -> Plan: layout + stage boundaries
+(launcher/planning/plan.py) -> DeepSpeed config (launcher/ds/config.py) and engine
+(launcher/training/engine.py) -> the step loop (launcher/training/loop.py): batches
+(launcher/data/batches.py) -> engine.train_step -> metrics (launcher/metrics/runlog.py).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import sys
 from launcher.cli import DEFAULT_CONFIG, ArgumentParser
 from launcher.config.load import dump_config, load_config
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-from launcher.planning.plan import describe
-from launcher.training.loop import train
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,53 +56,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from launcher.ds import choose_deepspeed_accelerator
-
-        choose_deepspeed_accelerator()
-        from launcher.checkpoint.state import resume_layout
-        from launcher.planning.auto import fit_line, resolve_auto
-        from launcher.planning.cluster import (
-            assumed_cluster,
-            detect_cluster,
-            gpu_preset,
-        )
-        from launcher.planning.precision import ASSUMED_GPU, detect_device_support
-        from launcher.training.preflight import preflight
+        # lazy: torch, DeepSpeed and the planner are not needed for --help or --print-config
+        from launcher.training.launch import dry_run, dry_run_world_size, prepare_launch
+        from launcher.training.loop import train
 
         if args.dry_run:
-            from launcher.planning.auto import default_world_size
-
-            world_size = args.world_size  # 0 or less is refused by the layout check, not taken for "unset"
-            if world_size is None and os.environ.get("WORLD_SIZE", "").strip():
-                try:
-                    world_size = int(os.environ["WORLD_SIZE"])
-                except ValueError:
-                    raise ConfigError("WORLD_SIZE", f"expected a number of ranks, got {os.environ['WORLD_SIZE']!r}"
-                                      ) from None
-            if world_size is None:
-                world_size = default_world_size(cfg, gpu_preset(args.gpu))
-            cluster = assumed_cluster(world_size, gpu_preset(args.gpu))
-            cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
-            plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
-            fit = fit_line(cfg, plan, cluster, args.force)
+            world_size = dry_run_world_size(cfg, args.world_size, args.gpu)
+            summary = dry_run(cfg, world_size, args.gpu, args.force)
             print(f"config     {args.config} (dry run for {world_size} ranks: nothing started)")
-            print("\n".join(line for line in (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit) if line))
+            print(summary)
             return 0
-        from launcher.training.launch_env import discover, pick_device
-
-        penv = discover()
-        device, backend = pick_device(penv.local_rank, penv.local_world_size)  # the GPU this rank drives
-        cluster = detect_cluster(penv.world_size, penv.local_world_size, device)
-        support = detect_device_support()
-        cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support, resume_layout(cfg))
-        plan, ds_config = preflight(cfg, penv.world_size, support)
-        fit = fit_line(cfg, plan, cluster, args.force)  # before anything is allocated
-        if penv.rank == 0:
-            print("\n".join(line for line in (auto_note, fit) if line), flush=True)
+        launch = prepare_launch(cfg, args.force)
+        if launch.penv.rank == 0 and launch.note:
+            print(launch.note, flush=True)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    return train(cfg, plan, ds_config, penv, device, backend)
+    return train(launch.cfg, launch.plan, launch.ds_config, launch.penv, launch.device, launch.backend)
 
 
 if __name__ == "__main__":

@@ -404,15 +404,16 @@ def launch_stub(workdir):
     """The real launch path of main up to `train()`: the launcher environment says how many
     ranks there are, the device (and its memory, for the planner's fit check) is the GPU a
     dry run assumes, and `train` is not called."""
-    from launcher import launch_env, plan, precision
-    from launcher import train as entry
+    from launcher.planning.cluster import assumed_cluster
+    from launcher.planning.precision import ASSUMED_GPU
+    from launcher.training import launch, loop
 
     ranks = {"world_size": 1, "rank": 0, "local_rank": 0, "local_world_size": 1}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(launch_env, "discover", lambda *args, **kwargs: types.SimpleNamespace(**ranks))
-        patch.setattr(precision, "detect_device_support", lambda: precision.ASSUMED_GPU)
-        patch.setattr(plan, "detect_cluster", lambda world_size, local_world_size, device: plan.assumed_cluster(world_size))
-        patch.setattr(entry, "train", lambda *args, **kwargs: 0)
+        patch.setattr(launch, "discover", lambda *args, **kwargs: types.SimpleNamespace(**ranks))
+        patch.setattr(launch, "detect_device_support", lambda: ASSUMED_GPU)
+        patch.setattr(launch, "detect_cluster", lambda world_size, local_world_size, device: assumed_cluster(world_size))
+        patch.setattr(loop, "train", lambda *args, **kwargs: 0)
         yield ranks
 
 

@@ -1,12 +1,10 @@
-"""The DeepSpeed engine: its config generated from ours, the model, optimizer and schedule.
+"""DeepSpeed's JSON config, generated from ours (`deepspeed_config`), and its check by
+DeepSpeed's own parser before launch (`check_deepspeed_config`). The engine is built in
+launcher/training/engine.py:
 
 pipeline > 1: DeepSpeed's PipelineModule (cut at our boundaries) + PipelineEngine (1F1B),
               ZeRO 0/1.
 pipeline = 1: the plain DeepSpeedEngine with our mpu (tp and dp groups), ZeRO 0-3.
-
-`TrainEngine.train_step` runs one optimizer step over this rank's micro-batches and returns
-the loss averaged over the whole global batch (what a single process would report) and the
-global gradient norm.
 """
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+"""Starting torch.distributed and DeepSpeed's comm layer for every launcher (torchrun, srun,
+mpirun), with one timeout on every group.
+"""
 
 from __future__ import annotations
 

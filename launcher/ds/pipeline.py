@@ -1,3 +1,6 @@
+"""Our layout as DeepSpeed's pipeline topology (axes pipe, data, model: the same rank order
+as parallel/layout.py).
+"""
 
 from __future__ import annotations
 

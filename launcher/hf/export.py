@@ -1,3 +1,8 @@
+"""Writing a checkpoint of any layout as a Hugging Face `LlamaForCausalLM` directory
+(config.json, safetensors shards with an index, the tokenizer): `export`. The checkpoint is
+read one tensor at a time by launcher/checkpoint/reader.py; `python -m launcher.export` is
+the command.
+"""
 
 from __future__ import annotations
 

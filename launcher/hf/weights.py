@@ -1,3 +1,16 @@
+"""Reading a Hugging Face Llama directory's weights: `model.init_from`, and `generate --hf`.
+
+    *.safetensors    -> `check_hf_weights`: every tensor there and of the shape the config
+                        needs, from the files' headers alone (before any process starts);
+                        `load_hf_weights`: each rank copies in only its own slices, read
+                        through safetensors' memory-mapped slices, so no rank ever holds a
+                        full tensor it does not own, let alone the model
+
+The names come from launcher/model/weights.py (every parameter carries its `logical_name`). A
+vocabulary padded beyond the directory's (model.vocab above config.json's vocab_size, e.g.
+for tensor parallelism) gets zero rows there: those ids are never inputs nor targets, and
+`python -m launcher.export` trims them off again.
+"""
 
 from __future__ import annotations
 

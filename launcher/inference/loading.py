@@ -1,3 +1,7 @@
+"""A model for generation, unsharded on one device: from a checkpoint of any tensor, pipeline
+and ZeRO layout (gathered by launcher/checkpoint/reader.py), or from a Hugging Face
+directory; with the tokenizer the weights were trained with.
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,6 @@
+"""Decoding: greedy (temperature 0: the tokens `transformers`' generate(do_sample=False)
+gives on the same weights) or sampling from softmax(logits / T) within top-p, with a KV cache.
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,6 @@
+"""Grouped-query attention with RoPE, tensor-parallel over heads, with an optional KV cache
+for generation (launcher/inference). Packed documents: launcher/model/documents.py.
+"""
 
 from __future__ import annotations
 

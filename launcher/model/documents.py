@@ -1,3 +1,7 @@
+"""Packed documents: a sample's tokens may come from several documents. `segments` (B, T)
+gives each position's document; attention stays inside it (flex attention where it
+compiles, else a masked SDPA) and RoPE positions restart at each document's start.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tensor-parallel Llama as a flat list of pipeline items.
+"""The layers of the tensor-parallel Llama, as pipeline items (attention: attention.py).
 
     ids (B, T) -> Embedding -> [Attention, MLP] x layers -> FinalNorm -> Head -> logits shard (B, T, V/tp)
 
@@ -14,13 +14,10 @@ which returns the logits only. DeepSpeed's pipeline engine sends such tuples bet
 and sends no gradient for the integer segments. Attention stays inside each document and
 RoPE positions restart at 0 at each document start.
 
-Tensor-parallel plan (column = output dim split, row = input dim split):
-    attention.wq, wk, wv   column   (heads and kv heads split over tp)
-    attention.wo           row      (all-reduce of the output)
-    mlp.w_gate, w_up       column
-    mlp.w_down             row
-    embed.weight           vocab rows split; tied head reuses it
-    head.weight            column over the vocabulary (logits stay sharded)
+The tensor-parallel plan is the weight table's `tp_dim` column (launcher/model/weights.py):
+`sharded_linear` builds each linear layer as the table splits it (0: column-parallel, the
+output dim split; 1: row-parallel, the input dim split, its output all-reduced); the
+embedding's vocabulary rows are split, and a tied head reuses them.
 """
 
 from __future__ import annotations

@@ -1,3 +1,7 @@
+"""The model as DeepSpeed layer specs, one per pipeline item (`layer_specs`), the same specs
+built into a plain sequential module when there is no pipeline (`LlamaModel`), and the loss
+(`LossFn`: vocabulary-parallel cross-entropy, optional end-of-document masking).
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,13 @@
+"""The training engine: our model, optimizer and schedule under DeepSpeed.
+
+pipeline > 1: DeepSpeed's PipelineModule (cut at our boundaries) + PipelineEngine (1F1B),
+              ZeRO 0/1.
+pipeline = 1: the plain DeepSpeedEngine with our mpu (tp and dp groups), ZeRO 0-3.
+
+`TrainEngine.train_step` runs one optimizer step over this rank's micro-batches and returns
+the loss averaged over the whole global batch (what a single process would report) and the
+global gradient norm.
+"""
 
 from __future__ import annotations
 

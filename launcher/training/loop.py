@@ -1,3 +1,7 @@
+"""The step loop: batches -> engine.train_step -> metrics record -> checkpoint, until
+train.steps or a stop signal (SIGTERM / SIGUSR1: checkpoint, then exit 75 to be requeued).
+`train` starts the process group, sets the run up, resumes and runs the loop.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,74 @@
+"""From a loaded config to what a launch (or a dry run) starts: `auto` resolved for the world
+and device, the checks that need them (launcher/training/preflight.py), the fit estimate.
+
+Nothing here starts a process group: a mistake is a ConfigError before any tensor exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from launcher.checkpoint.state import resume_layout
+from launcher.config.schema import Config
+from launcher.ds.seams import check_deepspeed_version
+from launcher.errors import ConfigError
+from launcher.planning.auto import default_world_size, fit_line, resolve_auto
+from launcher.planning.cluster import assumed_cluster, detect_cluster, gpu_preset
+from launcher.planning.plan import Plan, describe
+from launcher.planning.precision import ASSUMED_GPU, detect_device_support
+from launcher.training.launch_env import ProcessEnv, discover, pick_device
+from launcher.training.preflight import preflight
+
+
+@dataclass
+class Launch:
+    """What this rank starts: the resolved config and plan, DeepSpeed's config, where it runs."""
+
+    cfg: Config
+    plan: Plan
+    ds_config: dict
+    penv: ProcessEnv
+    device: torch.device
+    backend: str
+    note: str  # what `auto` chose and the fit estimate, for rank 0 to print
+
+
+def prepare_launch(cfg: Config, force: bool) -> Launch:
+    """This process's launch: the environment torchrun, srun or mpirun gave it, its device,
+    `auto` resolved for them, every check passed."""
+    check_deepspeed_version()
+    penv = discover()
+    device, backend = pick_device(penv.local_rank, penv.local_world_size)  # the GPU this rank drives
+    cluster = detect_cluster(penv.world_size, penv.local_world_size, device)
+    support = detect_device_support()
+    cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support, resume_layout(cfg))
+    plan, ds_config = preflight(cfg, penv.world_size, support)
+    fit = fit_line(cfg, plan, cluster, force)  # before anything is allocated
+    note = "\n".join(line for line in (auto_note, fit) if line)
+    return Launch(cfg=cfg, plan=plan, ds_config=ds_config, penv=penv, device=device, backend=backend, note=note)
+
+
+def dry_run_world_size(cfg: Config, given: Optional[int], gpu: str) -> int:
+    """--world-size, else $WORLD_SIZE, else the smallest world the model fits on that GPU."""
+    if given is not None:  # 0 or less is refused by the layout check, not taken for "unset"
+        return given
+    if os.environ.get("WORLD_SIZE", "").strip():
+        try:
+            return int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            raise ConfigError("WORLD_SIZE", f"expected a number of ranks, got {os.environ['WORLD_SIZE']!r}") from None
+    return default_world_size(cfg, gpu_preset(gpu))
+
+
+def dry_run(cfg: Config, world_size: int, gpu: str, force: bool) -> str:
+    """The same checks as a launch of `world_size` ranks of that GPU, and what it would run."""
+    check_deepspeed_version()
+    cluster = assumed_cluster(world_size, gpu_preset(gpu))
+    cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
+    plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
+    fit = fit_line(cfg, plan, cluster, force)
+    return "\n".join(line for line in (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit) if line)
