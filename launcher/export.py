@@ -32,10 +32,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher.checkpoint.reader import DTYPES, resolve_checkpoint
-from launcher.ds import choose_deepspeed_accelerator
+from launcher.cli import ArgumentParser
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-from launcher.hf.export import export
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # launcher/checkpoint/reader.py DTYPES (tests/test_export.py: the same)
 
 # --------------------------------------------------------------------------------------
 # Command line
@@ -43,13 +43,11 @@ from launcher.hf.export import export
 
 
 def parse_args(argv: list[str]):
-    from launcher.cli import ArgumentParser
-
     parser = ArgumentParser(prog="python -m launcher.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a "
                         "checkpoint directory (.../checkpoints/step-NNNNNNNN)")
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="dtype of the exported weights (default: the checkpoint's)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="largest safetensors file in GB (default 5); above it the model is sharded")
@@ -58,7 +56,10 @@ def parse_args(argv: list[str]):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    choose_deepspeed_accelerator()
+    # lazy: torch and DeepSpeed (checkpoint reading) are not needed for --help
+    from launcher.checkpoint.reader import DTYPES, resolve_checkpoint
+    from launcher.hf.export import export
+
     try:
         if args.max_shard_gb <= 0:
             raise ConfigError("--max-shard-gb", f"must be > 0, got {args.max_shard_gb}")

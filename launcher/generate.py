@@ -5,8 +5,8 @@
                                 [--json] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
 A sanity check, not a server: one sequence, the model unsharded on one device (a checkpoint
-of any tensor, pipeline and ZeRO layout is gathered by launcher.export's reader), decoding
-with a KV cache (launcher.model: LlamaModel.decode). `--temperature 0` (the default) is
+of any tensor, pipeline and ZeRO layout is gathered by launcher/checkpoint/reader.py), decoding
+with a KV cache (launcher/model/llama.py: LlamaModel.decode). `--temperature 0` (the default) is
 greedy decoding, which gives the tokens `transformers`' `generate(do_sample=False)` gives on
 the same weights; above 0 it samples from softmax(logits / T), restricted to the smallest set
 of tokens whose probability reaches --top-p, with a generator seeded by --seed. Generation
@@ -21,17 +21,14 @@ object, {"prompt_ids": [...], "generated_ids": [...], "text": "<the generated te
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from launcher.ds import choose_deepspeed_accelerator
+from launcher.cli import ArgumentParser
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-from launcher.inference.loading import from_checkpoint, from_hf
-from launcher.inference.sampling import generate
 
 # --------------------------------------------------------------------------------------
 # Command line
@@ -39,8 +36,6 @@ from launcher.inference.sampling import generate
 
 
 def parse_args(argv: list[str]):
-    from launcher.cli import ArgumentParser
-
     parser = ArgumentParser(prog="python -m launcher.generate", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
@@ -56,24 +51,27 @@ def parse_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def check_args(args) -> None:
-    import math
-
+def check_args(args, cuda_available: bool) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError("--temperature", f"must be >= 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
         raise ConfigError("--top-p", f"must be in (0, 1], got {args.top_p}")
-    if args.device not in (None, "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+    if args.device not in (None, "cpu", "cuda") or (args.device == "cuda" and not cuda_available):
         raise ConfigError("--device", f"{args.device!r}: expected cpu, or cuda on a machine with a GPU")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    choose_deepspeed_accelerator()
+    # lazy: torch, DeepSpeed (checkpoint reading) and the model are not needed for --help
+    import torch
+
+    from launcher.inference.loading import from_checkpoint, from_hf
+    from launcher.inference.sampling import generate
+
     try:
-        check_args(args)
+        check_args(args, torch.cuda.is_available())
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         start = time.perf_counter()
         loaded = from_checkpoint(Path(args.checkpoint)) if args.checkpoint else from_hf(Path(args.hf))

@@ -7,7 +7,7 @@ engine flatten and partition plain `torch.Tensor` parameters and do not accept D
 DeepSpeed's own AutoTP targets inference and a global mpu. These ~150 lines are the standard
 pattern, with explicit groups (no module-level state).
 
-Every parameter carries `logical_name` (its full tensor's name, launcher/hf_names.py, for
+Every parameter carries `logical_name` (its full tensor's name, launcher/model/weights.py, for
 loading and exporting weights in any layout); every sharded one `tp_shard_dim` (the
 dimension split over tp) and
 `tensor_model_parallel = True` (what DeepSpeed's grad-norm checks look for to avoid counting
@@ -363,7 +363,7 @@ def gather_shards(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor
 
 
 def weight_name(name: str) -> str:
-    """The logical name of a layer's weight (launcher/hf_names.py) from the name its init is
+    """The logical name of a layer's weight (launcher/model/weights.py) from the name its init is
     seeded with: 'layers.0.attention.wq' -> 'layers.0.attention.wq.weight'. The linears' seed
     names predate the logical names; they are kept so every run's initial weights stay the same."""
     return name if name.endswith(".weight") else f"{name}.weight"

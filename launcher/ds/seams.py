@@ -276,7 +276,7 @@ class StagedPipelineModule(PipelineModule):
         if any(b <= a for a, b in zip(parts, parts[1:])):
             raise ValueError(f"boundaries {list(parts)} leave a stage empty")
         self._explicit_parts = [int(p) for p in parts]
-        # (DeepSpeed's constructor ends with `self.to(cuda:$LOCAL_RANK)`: launcher.launch_env.
+        # (DeepSpeed's constructor ends with `self.to(cuda:$LOCAL_RANK)`: launcher/training/launch_env.py
         # export_env makes LOCAL_RANK the device index we picked.)
         super().__init__(layers, partition_method="explicit", **kwargs)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 from launcher.checkpoint.reader import (
     CheckpointReader,
@@ -102,7 +103,6 @@ def _peak_rss() -> int:
 
 def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype] = None,
            max_shard_bytes: int = 5_000_000_000) -> Summary:
-    from safetensors.torch import save_file
 
     deepspeed_state_classes()  # imports done before measuring what reading and writing cost
     start, rss_before = time.perf_counter(), _peak_rss()

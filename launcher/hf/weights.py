@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
 
 from launcher.config.schema import ModelConfig
 from launcher.errors import ConfigError
@@ -61,8 +62,6 @@ class HFWeights:
                 self.shapes[tensor] = tuple(handle.get_slice(tensor).get_shape())
 
     def _open(self, name: str):
-        from safetensors import safe_open
-
         if name not in self._files:
             path = self.directory / name
             try:
@@ -120,7 +119,7 @@ def weights_source(directory: str) -> dict:
     """Where a run's initial weights came from, for its checkpoints' fingerprint: the
     directory, a digest of config.json and the safetensors headers (names, shapes, dtypes,
     offsets: cheap at every save, unlike hashing every byte of a 100 GB model), its
-    vocab_size (what launcher.export trims a padded vocabulary back to) and
+    vocab_size (what `python -m launcher.export` trims a padded vocabulary back to) and
     max_position_embeddings (what export writes back, whatever model.seq_len trained)."""
     digest = hashlib.sha256()
     root = Path(directory)

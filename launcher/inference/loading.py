@@ -29,7 +29,7 @@ from parallel.tensor_parallel import NO_TP
 
 @dataclass
 class Loaded:
-    model: "torch.nn.Module"  # launcher.model.LlamaModel, tp 1
+    model: "torch.nn.Module"  # launcher/model/llama.py LlamaModel, tp 1
     config: ModelConfig
     vocab: int  # the rows that mean something (a padded vocabulary's extra rows are never sampled)
     encode: "callable"  # str -> list[int]

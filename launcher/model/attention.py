@@ -38,7 +38,7 @@ from parallel.tensor_parallel import (
 
 @dataclass
 class KVCache:
-    """One attention layer's keys and values for incremental decoding (launcher.generate):
+    """One attention layer's keys and values for incremental decoding (launcher/inference/sampling.py):
     preallocated (B, kv_heads, capacity, head_dim), the first `length` positions filled."""
 
     k: torch.Tensor

@@ -2,7 +2,7 @@
 
 The one map between our parameter names and Hugging Face's (export, import, generate).
 
-Our names are the logical (full, unsharded) tensors of launcher.model, whatever the layout;
+Our names are the logical (full, unsharded) tensors of launcher/model/, whatever the layout;
 `{i}` is the layer index. RoPE already uses Hugging Face's `rotate_half` layout, so q and k
 need no permutation: every tensor maps as is (the vocabulary may be trimmed, see export).
 

@@ -2,7 +2,7 @@
 
 `--dry-run` and the real launch call the same `preflight`, so a dry run that passes never
 ends in a configuration error at launch. The one difference is the device: the launch asks
-the machine it runs on (`launcher.precision.detect_device_support`), a dry run assumes the
+the machine it runs on (`launcher/planning/precision.py: detect_device_support`), a dry run assumes the
 GPU cluster the config is meant for.
 """
 
