@@ -1,15 +1,23 @@
+"""The checks of a typed config that need no world size: each value in range, and the
+values of a config consistent with each other.
+
+`check_config` runs them section by section, in a fixed order: the first failing check is
+the error reported, as one `ConfigError` line naming the key (the entry point prints it and
+exits with code 2). Checks that need the world size live in parallel/layout.py
+(`resolve_layout`); the rest of what a launch checks (data directories, output directories,
+the device) in launcher/training/preflight.py. Any input ends in a config that passes or in
+one such line, never a traceback or a hang (tests/test_config_fuzz.py): the sizes that
+planning iterates over have upper bounds (`LIMITS`), so a typo cannot run the stage
+partitioner for hours.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from launcher.config.schema import Config, DataConfig
+from launcher.config.schema import Config, DataConfig, ModelConfig
 from launcher.errors import ConfigError, show_value
-
-# --------------------------------------------------------------------------------------
-# Checks that need no world size
-# --------------------------------------------------------------------------------------
 
 
 def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -38,6 +46,34 @@ MAX_FP16_SCALE_POWER = 64  # the loss scale starts at 2**this: DeepSpeed's defau
 # longer than that), at most ~115 days (a wait that long is a hang, not a timeout; inf and
 # far larger values overflow Python's timedelta, or int64 nanoseconds in C++).
 TIMEOUT_RANGE_S = (1.0, 1e7)
+# launcher/data/sampling.py's Blend schedule needs BLEND_BLOCK / sources >= sources (its
+# quotas stay >= 0).
+MAX_DATA_SOURCES = 256
+
+
+def check_config(cfg: Config) -> None:
+    """Every check that needs no world size, in this order (the first failure is reported)."""
+    _check_sizes(cfg)
+    _check_model(cfg.model)
+    _check_parallel(cfg)
+    _check_precision_zero(cfg)
+    _check_optimizer(cfg)
+    _check_train(cfg)
+    _check_checkpoint(cfg)
+    _check_data(cfg.data)
+    _check_logging_run(cfg)
+    check_vocab_covers_tokenizer(cfg)
+
+
+def _check_sizes(cfg: Config) -> None:
+    """The model's sizes positive (before anything divides by them), then every size in
+    `LIMITS`, the model's and the parallel section's, at most its bound."""
+    for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
+        check_positive(f"model.{name}", getattr(cfg.model, name))
+    for key in LIMITS:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) != "auto":
+            _at_most(key, getattr(getattr(cfg, section), name))
 
 
 def _at_most(key: str, value: int) -> None:
@@ -47,14 +83,7 @@ def _at_most(key: str, value: int) -> None:
                           "a typo?")
 
 
-def check_config(cfg: Config) -> None:
-    m, p = cfg.model, cfg.parallel
-    for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
-        check_positive(f"model.{name}", getattr(m, name))
-    for key in LIMITS:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) != "auto":
-            _at_most(key, getattr(getattr(cfg, section), name))
+def _check_model(m: ModelConfig) -> None:
     if m.rope_theta <= 1:
         raise ConfigError("model.rope_theta", f"must be > 1 (RoPE's frequencies are theta**(-i/d); Llama uses "
                           f"10000 or 500000), got {m.rope_theta}")
@@ -76,6 +105,10 @@ def check_config(cfg: Config) -> None:
     if m.heads % m.n_kv_heads:
         raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={show_value(m.n_kv_heads)}")
 
+
+def _check_parallel(cfg: Config) -> None:
+    """The degrees that are not `auto`, and what they must divide in the model."""
+    m, p = cfg.model, cfg.parallel
     for name in ("tensor", "pipeline", "micro_batch", "global_batch", "data"):
         if getattr(p, name) != "auto":
             check_positive(f"parallel.{name}", getattr(p, name))
@@ -107,6 +140,11 @@ def check_config(cfg: Config) -> None:
                           f"{p.collective_timeout_s:g}")
     if p.stage_memory_gb is not None:
         check_positive("parallel.stage_memory_gb", p.stage_memory_gb)
+
+
+def _check_precision_zero(cfg: Config) -> None:
+    """ZeRO with the pipeline, the fp16 loss scale, gradient compression, optimizer offload."""
+    p = cfg.parallel
     if p.pipeline != "auto" and p.pipeline > 1 and cfg.zero.stage > 1:
         raise ConfigError("zero.stage", f"ZeRO stage {cfg.zero.stage} cannot be used with parallel.pipeline="
                           f"{p.pipeline}: DeepSpeed's pipeline engine supports ZeRO 0 or 1")
@@ -114,7 +152,6 @@ def check_config(cfg: Config) -> None:
     if not 0 <= power <= MAX_FP16_SCALE_POWER:
         raise ConfigError("precision.fp16_initial_scale_power", f"expected 0 to {MAX_FP16_SCALE_POWER} (the loss "
                           f"scale starts at 2**power; DeepSpeed's default is 16), got {show_value(power)}")
-
     check_compression(cfg)
     if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
         raise ConfigError("zero.offload_optimizer", "needs zero.stage 1, 2 or 3 (DeepSpeed offloads ZeRO's "
@@ -122,81 +159,6 @@ def check_config(cfg: Config) -> None:
     if cfg.zero.offload_optimizer and cfg.compression.method == "powersgd":
         raise ConfigError("zero.offload_optimizer", "cannot be combined with compression.method=powersgd (its "
                           "reduction writes into ZeRO's device-side gradient buffers)")
-
-    o = cfg.optimizer
-    check_positive("optimizer.lr", o.lr)
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError("optimizer.betas", f"expected two numbers in [0, 1), got {show_value(o.betas)}")
-    check_positive("optimizer.eps", o.eps)
-    check_positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
-    check_positive("optimizer.grad_clip", o.grad_clip, allow_zero=True)
-    check_positive("schedule.min_lr", cfg.schedule.min_lr, allow_zero=True)
-    if cfg.schedule.min_lr > o.lr:
-        raise ConfigError("schedule.min_lr", f"min_lr={cfg.schedule.min_lr} is above optimizer.lr={o.lr}")
-
-    t = cfg.train
-    check_positive("train.steps", t.steps, allow_zero=True)
-    check_positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
-    if cfg.schedule.warmup_steps > t.steps > 0:
-        # The learning rate would never reach optimizer.lr and the cosine decay never start.
-        raise ConfigError("schedule.warmup_steps", f"warmup_steps={show_value(cfg.schedule.warmup_steps)} is longer "
-                          f"than the run (train.steps={show_value(t.steps)}): lower it (0 = no warm-up) or train longer")
-    # log_every, eval_every and checkpoint.every may exceed the run: the last step is always
-    # logged, evaluated (eval_every > 0) and checkpointed.
-    check_positive("train.log_every", t.log_every)
-    check_positive("train.eval_every", t.eval_every, allow_zero=True)
-    check_positive("train.eval_batches", t.eval_batches)
-    if not 0 <= t.seed < SEED_RANGE:
-        raise ConfigError("train.seed", f"expected 0 <= seed < 2**32 (numpy's seed range), got {show_value(t.seed)}")
-    check_positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
-    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "required", "none") and (not resume.strip() or not Path(resume).is_dir()):
-        raise ConfigError("checkpoint.resume", f"expected auto, required, none or a checkpoint directory; "
-                          f"not found: {resume}")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {cfg.data.val_fraction}")
-    check_data_sources(cfg.data)
-    if cfg.logging.peak_tflops is not None:
-        check_positive("logging.peak_tflops", cfg.logging.peak_tflops)
-    if not cfg.run.name.strip():
-        raise ConfigError("run.name", "must not be empty (the run directory is runs/<name>)")
-    check_vocab_covers_tokenizer(cfg)
-
-
-# launcher.data.Blend's schedule needs BLEND_BLOCK / sources >= sources (its quotas stay >= 0).
-MAX_DATA_SOURCES = 256
-
-
-def check_data_sources(data: DataConfig) -> None:
-    """The shape of `data.path` / `data.sources` (what the directories hold is checked at
-    launch: launcher.preflight.check_data)."""
-    for key, value in (("data.path", data.path), ("data.val_path", data.val_path)):
-        if value is not None and not value.strip():
-            raise ConfigError(key, "must not be empty (null = the default)")
-    if not data.sources:
-        return
-    if data.path is not None:
-        raise ConfigError("data.path", "set either data.path (one dataset) or data.sources (a blend), not both")
-    if len(data.sources) > MAX_DATA_SOURCES:
-        raise ConfigError("data.sources", f"{len(data.sources)} sources; at most {MAX_DATA_SOURCES} are supported")
-    seen = set()
-    for i, source in enumerate(data.sources):
-        if not source.path.strip():
-            raise ConfigError(f"data.sources[{i}].path", "must name a prepared directory")
-        if source.path in seen:
-            raise ConfigError(f"data.sources[{i}].path", f"{show_value(source.path)} is listed twice; give it one weight")
-        seen.add(source.path)
-        check_positive(f"data.sources[{i}].weight", source.weight)
-
-
-def check_vocab_covers_tokenizer(cfg: Config) -> None:
-    from launcher.formats.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.vocab < tokenizer.vocab_size:
-        raise ConfigError("model.vocab", f"{cfg.model.vocab} does not cover the {tokenizer.vocab_size:,} tokens of "
-                          f"data.tokenizer={show_value(cfg.data.tokenizer)}: raise it, or set model.vocab: auto")
 
 
 def check_compression(cfg: Config) -> None:
@@ -216,3 +178,90 @@ def check_compression(cfg: Config) -> None:
         raise ConfigError("compression.method", "powersgd cannot be used with precision.dtype=fp16: the gradients "
                           "carry the dynamic loss scale and overflow on skipped steps, which error feedback would "
                           "keep adding back; use bf16 or fp32")
+
+
+def _check_optimizer(cfg: Config) -> None:
+    """The optimizer section and the schedule's floor (schedule.warmup_steps: _check_train)."""
+    o = cfg.optimizer
+    check_positive("optimizer.lr", o.lr)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optimizer.betas", f"expected two numbers in [0, 1), got {show_value(o.betas)}")
+    check_positive("optimizer.eps", o.eps)
+    check_positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    check_positive("optimizer.grad_clip", o.grad_clip, allow_zero=True)
+    check_positive("schedule.min_lr", cfg.schedule.min_lr, allow_zero=True)
+    if cfg.schedule.min_lr > o.lr:
+        raise ConfigError("schedule.min_lr", f"min_lr={cfg.schedule.min_lr} is above optimizer.lr={o.lr}")
+
+
+def _check_train(cfg: Config) -> None:
+    """The train section, and the warm-up that must fit in the run."""
+    t = cfg.train
+    check_positive("train.steps", t.steps, allow_zero=True)
+    check_positive("schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
+    if cfg.schedule.warmup_steps > t.steps > 0:
+        # The learning rate would never reach optimizer.lr and the cosine decay never start.
+        raise ConfigError("schedule.warmup_steps", f"warmup_steps={show_value(cfg.schedule.warmup_steps)} is longer "
+                          f"than the run (train.steps={show_value(t.steps)}): lower it (0 = no warm-up) or train longer")
+    # log_every, eval_every and checkpoint.every may exceed the run: the last step is always
+    # logged, evaluated (eval_every > 0) and checkpointed.
+    check_positive("train.log_every", t.log_every)
+    check_positive("train.eval_every", t.eval_every, allow_zero=True)
+    check_positive("train.eval_batches", t.eval_batches)
+    if not 0 <= t.seed < SEED_RANGE:
+        raise ConfigError("train.seed", f"expected 0 <= seed < 2**32 (numpy's seed range), got {show_value(t.seed)}")
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    check_positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "required", "none") and (not resume.strip() or not Path(resume).is_dir()):
+        raise ConfigError("checkpoint.resume", f"expected auto, required, none or a checkpoint directory; "
+                          f"not found: {resume}")
+
+
+def _check_data(data: DataConfig) -> None:
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"expected a number in (0, 1), got {data.val_fraction}")
+    check_data_sources(data)
+
+
+def check_data_sources(data: DataConfig) -> None:
+    """The shape of `data.path` / `data.sources` (what the directories hold is checked at
+    launch: launcher/training/preflight.py, check_data)."""
+    for key, value in (("data.path", data.path), ("data.val_path", data.val_path)):
+        if value is not None and not value.strip():
+            raise ConfigError(key, "must not be empty (null = the default)")
+    if not data.sources:
+        return
+    if data.path is not None:
+        raise ConfigError("data.path", "set either data.path (one dataset) or data.sources (a blend), not both")
+    if len(data.sources) > MAX_DATA_SOURCES:
+        raise ConfigError("data.sources", f"{len(data.sources)} sources; at most {MAX_DATA_SOURCES} are supported")
+    seen = set()
+    for i, source in enumerate(data.sources):
+        if not source.path.strip():
+            raise ConfigError(f"data.sources[{i}].path", "must name a prepared directory")
+        if source.path in seen:
+            raise ConfigError(f"data.sources[{i}].path", f"{show_value(source.path)} is listed twice; give it one weight")
+        seen.add(source.path)
+        check_positive(f"data.sources[{i}].weight", source.weight)
+
+
+def _check_logging_run(cfg: Config) -> None:
+    if cfg.logging.peak_tflops is not None:
+        check_positive("logging.peak_tflops", cfg.logging.peak_tflops)
+    if not cfg.run.name.strip():
+        raise ConfigError("run.name", "must not be empty (the run directory is runs/<name>)")
+
+
+def check_vocab_covers_tokenizer(cfg: Config) -> None:
+    """model.vocab against data.tokenizer (read from disk: last, after every cheap check)."""
+    # lazy: the tokenizer module pulls in numpy, which `plan --help` does not need
+    from launcher.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab < tokenizer.vocab_size:
+        raise ConfigError("model.vocab", f"{cfg.model.vocab} does not cover the {tokenizer.vocab_size:,} tokens of "
+                          f"data.tokenizer={show_value(cfg.data.tokenizer)}: raise it, or set model.vocab: auto")

@@ -1,4 +1,4 @@
-
+"""Values computed from a validated config, so the config itself stores only what the user wrote."""
 
 from __future__ import annotations
 

@@ -1,3 +1,12 @@
+"""Reading a config: the YAML file, `section.key=value` overrides, then the steps after.
+
+`load_config(path, overrides)` is what callers use: `read_yaml` -> `apply_overrides` ->
+`config_from_dict` (coerce, resolve `auto`, `check_config`). A file that is not a config is
+refused in one line: missing, over 1 MiB, not UTF-8, invalid or too deeply nested YAML, not
+a mapping. An override's value is parsed as YAML (a string when it is not YAML) and judged
+by the type check like a value in the file. `dump_config` writes a config back as YAML
+(what `--print-config` and the run directory show), with the YAML spelling of keys.
+"""
 
 from __future__ import annotations
 

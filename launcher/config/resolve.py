@@ -1,3 +1,11 @@
+"""Resolving `auto` after parsing, the step of config loading that reads files from disk.
+
+`model.init_from` fills the model keys that are `auto` or left out from a Hugging Face
+directory's config.json (launcher/formats/hf_config.py) and, when data.tokenizer is left
+out, points it at the directory's tokenizer.json; `model.vocab: auto` becomes the
+tokenizer's size padded for tensor parallelism (launcher/formats/tokenizer.py). The parallel
+degrees' `auto` is not resolved here: the planner picks them at launch, for the world size.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,9 @@ from launcher.config.checks import check_positive
 from launcher.config.coerce import coerce_value
 from launcher.config.schema import Config, ModelConfig
 from launcher.errors import ConfigError
+from launcher.formats.hf_config import hf_model_values
 
-# The model keys `auto` reads from model.init_from's config.json (launcher/hf_weights.py).
+# The model keys `auto` reads from model.init_from's config.json (launcher/formats/hf_config.py).
 AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq_len", "rope_theta", "rope_scaling",
                    "norm_eps", "tie_embeddings")
 
@@ -25,8 +34,6 @@ def resolve_init_from(cfg: Config, raw: dict) -> None:
                 raise ConfigError(f"model.{name}", "auto reads a Hugging Face config.json: set model.init_from "
                                   "to the model directory, or give a value")
         return
-    from launcher.formats.hf_config import hf_model_values
-
     if not m.init_from.strip():
         raise ConfigError("model.init_from", "empty: give a Hugging Face model directory, or null")
     values = hf_model_values(Path(m.init_from))
@@ -46,6 +53,7 @@ def resolve_vocab(cfg: Config) -> None:
     """`model.vocab: auto` -> the tokenizer's size padded for tensor parallelism."""
     if cfg.model.vocab != "auto":
         return
+    # lazy: the tokenizer module pulls in numpy, which `plan --help` does not need
     from launcher.formats.tokenizer import load_tokenizer, padded_vocab
 
     tp = 1 if cfg.parallel.tensor == "auto" else cfg.parallel.tensor  # auto picks a tp dividing the vocabulary

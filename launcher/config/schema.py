@@ -1,13 +1,15 @@
+"""The run configuration's declarations: one dataclass per YAML section, nothing else.
+
+Each field is documented where it is declared (type and default are in the annotation);
+derived numbers (data degree, gradient accumulation) are not stored here
+(launcher/config/derived.py, parallel/layout.py). Parsing is launcher/config/coerce.py and
+load.py, `auto` resolution resolve.py, the checks checks.py.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
-
-# --------------------------------------------------------------------------------------
-# Sections. Each field is documented where it is declared (type and default are in the
-# annotation); derived numbers (data degree, gradient accumulation) are not stored here.
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -141,7 +143,7 @@ class ScheduleConfig:
 class PrecisionConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute dtype: `auto` = bf16 on a GPU that has it (with ZeRO >= 1 or a pipeline, where
-    its gradients accumulate in fp32; else fp32), fp32 on CPU (launcher/precision.py)."""
+    its gradients accumulate in fp32; else fp32), fp32 on CPU (launcher/planning/precision.py)."""
     fp16_initial_scale_power: int = 16
     """fp16 only: the dynamic loss scale starts at 2**this (0 to 64)."""
 

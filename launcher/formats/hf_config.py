@@ -1,18 +1,13 @@
-"""Reading a Hugging Face Llama directory: `model.init_from`, and `launcher.generate --hf`.
+"""A Hugging Face Llama directory's config.json -> our model keys (`hf_model_values`), for
+`model.init_from`'s `auto` keys and `launcher.generate --hf`.
 
-    config.json      -> our model keys (`hf_model_values`), for the keys left `auto`; an
-                        architecture we do not build (biases, RoPE scaling other than Llama
-                        3.1's, another head_dim) is refused in one line
-    *.safetensors    -> `check_hf_weights`: every tensor there and of the shape the config
-                        needs, from the files' headers alone (before any process starts);
-                        `load_hf_weights`: each rank copies in only its own slices, read
-                        through safetensors' memory-mapped slices, so no rank ever holds a
-                        full tensor it does not own, let alone the model
-
-The names come from launcher/hf_names.py (every parameter carries its `logical_name`). A
-vocabulary padded beyond the directory's (model.vocab above config.json's vocab_size, e.g.
-for tensor parallelism) gets zero rows there: those ids are never inputs nor targets, and
-`launcher.export` trims them off again.
+An architecture launcher.model does not compute (another model_type or activation, biases,
+RoPE scaling other than Llama 3.1's, another head_dim) is refused in one line naming the
+file and field. The safetensors weights beside it are read by launcher/hf/weights.py, which
+shares `CONFIG`, `INDEX` and `read_hf_config` from here. A vocabulary padded beyond the
+directory's (model.vocab above config.json's vocab_size, for tensor parallelism:
+launcher/config/resolve.py) gets zero rows on import; those ids are never inputs nor
+targets, and `launcher.export` trims them off again.
 """
 
 from __future__ import annotations

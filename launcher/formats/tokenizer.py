@@ -93,6 +93,7 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None, key: str = "data.
         return ByteTokenizer()
     file = tokenizer_file(spec, key)
     try:
+        # lazy: only a tokenizer.json needs the library, not `byte`
         from tokenizers import Tokenizer as HFCore
     except ImportError:  # pragma: no cover - a dependency of this package
         raise ConfigError(key, "the `tokenizers` package is not installed (pip install tokenizers)") from None
