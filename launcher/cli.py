@@ -18,9 +18,19 @@ class ArgumentParser(argparse.ArgumentParser):
     (argparse's own error() prints its usage block first)."""
 
     def error(self, message: str):
-        if message.startswith("unrecognized arguments: "):
-            key, what = message.split(": ", 1)[1].split()[0], f"unknown option ({self.prog} --help)"
-        else:  # "argument --world-size: invalid int value: 'four'"
-            key, _, what = message.removeprefix("argument ").partition(": ")
-        print(f"config error: {ConfigError(key, what or message)}", file=sys.stderr)
+        key, what = _key_and_problem(message, self.prog)
+        print(f"config error: {ConfigError(key, what)}", file=sys.stderr)
         self.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def _key_and_problem(message: str, prog: str) -> tuple[str, str]:
+    """argparse's message as (the option it is about, what is wrong), said once."""
+    if message.startswith("unrecognized arguments: "):
+        return message.split(": ", 1)[1].split()[0], f"unknown option ({prog} --help)"
+    if message.startswith("the following arguments are required: "):
+        return message.split(": ", 1)[1], f"required ({prog} --help)"
+    if message.startswith("one of the arguments ") and message.endswith(" is required"):
+        options = message.removeprefix("one of the arguments ").removesuffix(" is required").split()
+        return " or ".join(options), f"give one of them ({prog} --help)"
+    key, _, what = message.removeprefix("argument ").partition(": ")  # "argument --world-size: invalid int value: 'four'"
+    return (key, what) if what else ("arguments", message)

@@ -38,3 +38,28 @@ def test_export_offers_the_dtypes_the_reader_writes():
     from launcher.export import DTYPE_CHOICES
 
     assert DTYPE_CHOICES == tuple(sorted(DTYPES))
+
+
+@pytest.mark.parametrize("verb, argv, line", [
+    ("generate", ["--prompt", "hi"], "config error: --checkpoint or --hf: give one of them"),
+    ("generate", ["--hf", "x"], "config error: --prompt: required"),
+    ("train", ["--world-size", "four"], "config error: --world-size: invalid int value: 'four'"),
+])
+def test_a_usage_mistake_is_said_once_in_one_line(capsys, verb, argv, line):
+    code = importlib.import_module(f"launcher.{verb}").main(argv) if verb == "train" else None
+    if verb != "train":
+        with pytest.raises(SystemExit) as exited:
+            importlib.import_module(f"launcher.{verb}").main(argv)
+        code = exited.value.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(line)
+    assert err.count(line.split(": ", 2)[-1]) == 1  # not repeated
+
+
+def test_overrides_and_options_mix_in_any_order(capsys):
+    from launcher.train import main
+
+    argv = ["parallel.tensor=1", "--dry-run", "parallel.pipeline=1", "--world-size", "1"]
+    assert main(argv) == 0
+    assert "world 1 = tp 1 x pp 1 x dp 1" in capsys.readouterr().out
