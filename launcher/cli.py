@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from launcher.config.load import SHIPPED_CONFIGS
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "default.yaml"
 
 
 class ArgumentParser(argparse.ArgumentParser):

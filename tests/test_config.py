@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+
 from launcher.config.load import load_config
 from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, resolve_auto
@@ -162,3 +163,36 @@ def test_int_accepted_for_float_but_not_bool_for_int():
         load_config(REPO / "configs/default.yaml", ["optimizer.lr=fast"])
     with pytest.raises(ConfigError, match="model.layers: expected an integer or one of .auto., got True"):
         load_config(REPO / "configs/default.yaml", ["model.layers=true"])
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  layers: 2\n  hidden: 64\n  layers: 3\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == (f"--config: {path}: key 'layers' is written twice in one section (lines 2 and 4): "
+                                  "keep one")
+    path.write_text("base: &base {layers: 2}\n")  # a merge key overridden on purpose is not a duplicate
+    assert read_yaml_for_test(path) == {"base": {"layers": 2}}
+    path.write_text("model: &m\n  layers: 2\nother:\n  <<: *m\n  layers: 3\n")
+    assert read_yaml_for_test(path)["other"] == {"layers": 3}
+
+
+def read_yaml_for_test(path):
+    from launcher.config.load import read_yaml
+
+    return read_yaml(path)
+
+
+def test_config_names_a_shipped_config_from_any_directory(tmp_path, monkeypatch):
+    from launcher.config.load import config_path, shipped_config_names
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("llama_7b") == REPO / "configs" / "llama_7b.yaml"
+    assert load_config("llama_7b").model.layers == 32
+    with pytest.raises(ConfigError, match=r"^--config: file not found: llama_9b \(or the name of a shipped config: "
+                                          r"default, .*llama_7b\)$"):
+        config_path("llama_9b")
+    with pytest.raises(ConfigError, match=r"is a directory, not a YAML file"):
+        config_path(REPO / "configs")
+    assert "default" in shipped_config_names()

@@ -58,10 +58,52 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a larger file is the wrong file (a checkpoint, a corpus)
 
 
+# The configs shipped with the launcher (configs/*.yaml beside the package): `--config NAME`
+# finds them from any directory.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(given: str | Path) -> Path:
+    """The YAML file `--config` names: a path, or the name of a shipped config (`llama_7b`)."""
+    path = Path(given)
+    names = ", ".join(shipped_config_names())
+    if path.is_dir():
+        raise ConfigError("--config", f"{path} is a directory, not a YAML file (shipped configs: {names})")
+    if path.exists():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name}.yaml"
+    if path.name == str(given) and path.suffix not in (".yaml", ".yml") and shipped.is_file():
+        return shipped
+    raise ConfigError("--config", f"file not found: {path} (or the name of a shipped config: {names})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with a key written twice in one mapping refused (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise ConfigError("--config", f"{self.name}: key {show_value(key)} is written twice in one section "
+                                  f"(lines {seen} and {line}): keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"file not found: {path}")
+    path = config_path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError("--config", f"{path}: {path.stat().st_size:,} bytes is not a config file "
@@ -75,7 +117,12 @@ def read_yaml(path: str | Path) -> dict:
         line = data[:err.start].count(b"\n") + 1
         raise ConfigError("--config", f"{path}: not UTF-8 text (byte {err.start}, line {line})") from None
     try:
-        raw = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
