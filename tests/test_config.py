@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 from launcher.config.load import load_config
 from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, resolve_auto
