@@ -22,9 +22,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     part, even when several ranks race to write the same path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    os.fchmod(fd, shared_file_mode())  # mkstemp makes 0600; the published file follows the umask
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def shared_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0644 under umask 022),
+    so a team can read each other's checkpoints as they read any other tool's output."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: set it back at once
+    return 0o666 & ~umask

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -27,6 +28,7 @@ from launcher.checkpoint.reader import (
 from launcher.config.schema import ModelConfig
 from launcher.ds.seams import deepspeed_state_classes
 from launcher.errors import ConfigError
+from launcher.files import shared_file_mode
 from launcher.model import weights as hf_names
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -129,6 +131,7 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
             weight_map[hf] = name
             total += tensors[hf].numel()
         save_file(tensors, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, shared_file_mode())  # safetensors creates 0600; follow the umask as other files do
         del tensors
     reader.close()
     nbytes = total * itemsize
