@@ -140,7 +140,7 @@ def time_to_first_step(docs: list[str], work: Path, factor: int, repeats: int) -
 
     from launcher.config.load import config_from_dict
     from launcher.data.batches import open_run_data
-    from launcher.data.prepare import prepare
+    from launcher.data.prepare import PrepareOptions, prepare
 
     sizes = {}
     for name, copies in (("small", 1), (f"{factor}x", factor)):
@@ -150,7 +150,7 @@ def time_to_first_step(docs: list[str], work: Path, factor: int, repeats: int) -
                 f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         out = work / f"first-step-{name}"
         # 1 MB tasks: the larger dataset has ~100x the shards too (the start is O(shards))
-        manifest = prepare([str(src)], "byte", out, workers=os.cpu_count(), progress=False, chunk_mb=1)
+        manifest = prepare([str(src)], "byte", out, PrepareOptions(workers=os.cpu_count(), progress=False, chunk_mb=1))
         src.unlink()
         sizes[name] = (out, manifest["tokens"], len(manifest["shards"]))
     print(f"\ntime to the first training step (byte tokens; {factor}x the documents):")
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
 
-    from launcher.data.prepare import prepare
+    from launcher.data.prepare import PrepareOptions, prepare
     from launcher.formats.tokenizer import load_tokenizer
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -221,7 +221,8 @@ def main() -> None:
         for workers in sorted({1, many}):
             out = work / f"out-{workers}"
             start = time.perf_counter()
-            manifest = prepare([str(data)], spec, out, workers=workers, progress=False, chunk_mb=chunk_mb)
+            manifest = prepare([str(data)], spec, out,
+                               PrepareOptions(workers=workers, progress=False, chunk_mb=chunk_mb))
             seconds = time.perf_counter() - start
             assert manifest["tokens"] == tokens + manifest["documents"]  # the same tokens, and an EOD each
             rate = tokens / seconds

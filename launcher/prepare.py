@@ -7,7 +7,7 @@ Inputs are paths or globs (each expanded and sorted, in the order given, duplica
     .jsonl, .jsonl.gz   one document per line: the string at --text-field; blank lines skipped
     .txt, .txt.gz       the WHOLE file is one document (for many documents, write jsonl)
 
-Output: the layout of launcher/shards.py (shards/NNNNNN.bin/.idx/.json, tokenizer.json,
+Output: the layout of launcher/data/shards.py (shards/NNNNNN.bin/.idx/.json, tokenizer.json,
 manifest.json written last), and beside it DIR/prepare-plan.json (what the directory is
 being prepared from: inputs and sizes, tokenizer, text field, chunk size; written first, a
 re-run with other inputs is refused), shards/NNNNNN.bad (a shard's bad lines, written
@@ -42,7 +42,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
-from launcher.data.prepare import prepare
+from launcher.cli import ArgumentParser
+from launcher.data.prepare import PrepareOptions, prepare
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 # --------------------------------------------------------------------------------------
@@ -51,8 +52,6 @@ from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from launcher.cli import ArgumentParser
-
     parser = ArgumentParser(prog="python -m launcher.prepare", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
@@ -70,10 +69,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return int(done.code or 0)
     try:
-        if unknown:  # ArgumentParser's own hint names launcher.train
+        if unknown:
             raise ConfigError(unknown[0], "unknown option (python -m launcher.prepare --help)")
-        prepare(args.input, args.tokenizer, Path(args.out), text_field=args.text_field, workers=args.workers,
-                max_bad=args.max_bad, eod_token=args.eod_token, chunk_mb=args.chunk_mb)
+        options = PrepareOptions(text_field=args.text_field, workers=args.workers, max_bad=args.max_bad,
+                                 eod_token=args.eod_token, chunk_mb=args.chunk_mb)
+        prepare(args.input, args.tokenizer, Path(args.out), options)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from launcher.config.load import config_from_dict
 from launcher.config.schema import DataConfig, DataSource
 from launcher.data.batches import open_run_data, training_batches
-from launcher.data.prepare import prepare
+from launcher.data.prepare import PrepareOptions, prepare
 from launcher.data.sampling import (
     BLEND_BLOCK,
     Blend,
@@ -47,7 +47,7 @@ def datasets(tmp_path_factory):
     for name, n, seed in (("a", 300, 1), ("b", 120, 2)):
         src = write_jsonl(root / f"{name}.jsonl", docs(n, seed, name.upper()))
         out[name] = root / name
-        prepare([str(src)], "byte", out[name], workers=1, progress=False)
+        prepare([str(src)], "byte", out[name], PrepareOptions(workers=1, progress=False))
     return out
 
 
@@ -199,7 +199,7 @@ def test_document_segments_and_loss_mask_come_from_the_index(tmp_path):
     """A document that contains the end-of-document byte itself is still one document: the
     boundaries come from the prepared index, never from scanning for the token."""
     src = write_jsonl(tmp_path / "d.jsonl", ["abc", "de\0fgh", "ijklmnopqrstuvwxyz0123456789"])
-    prepare([str(src)], "byte", tmp_path / "p", workers=1, progress=False)
+    prepare([str(src)], "byte", tmp_path / "p", PrepareOptions(workers=1, progress=False))
     data = DataConfig(path=str(tmp_path / "p"), val_path=str(tmp_path / "p"), document_attention=True,
                       eod_mask_loss=True)
     run = run_data(data, tmp_path, seq=12, micro_batch=1, global_batch=1)

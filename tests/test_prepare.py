@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from launch import REPO, base_env
 
-from launcher.data.prepare import BAD_LINES, PLAN, prepare
+from launcher.data.prepare import BAD_LINES, PLAN, PrepareOptions, prepare
 from launcher.data.shards import FORMAT, read_manifest, shard_paths
 from launcher.formats.tokenizer import load_tokenizer
 from launcher.prepare import main
@@ -71,7 +71,7 @@ def run_cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
 
 def test_shards_hold_the_tokenizers_tokens_and_an_eod_after_each_document(corpus, tmp_path):
     out = tmp_path / "out"
-    manifest = prepare(corpus.inputs, corpus.tokenizer, out, workers=1, chunk_mb=0.002, progress=False)
+    manifest = prepare(corpus.inputs, corpus.tokenizer, out, PrepareOptions(workers=1, chunk_mb=0.002, progress=False))
     tok = load_tokenizer(corpus.tokenizer)
     expected = [np.append(ids, tok.eod_id) for ids in tok.encode_batch(corpus.docs)]
 
@@ -101,22 +101,22 @@ def test_shards_hold_the_tokenizers_tokens_and_an_eod_after_each_document(corpus
 
 def test_any_worker_count_writes_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
-    a = prepare(corpus.inputs, corpus.tokenizer, one, workers=1, chunk_mb=0.003, progress=False)
-    b = prepare(corpus.inputs, corpus.tokenizer, two, workers=2, chunk_mb=0.003, progress=True)
+    a = prepare(corpus.inputs, corpus.tokenizer, one, PrepareOptions(workers=1, chunk_mb=0.003, progress=False))
+    b = prepare(corpus.inputs, corpus.tokenizer, two, PrepareOptions(workers=2, chunk_mb=0.003, progress=True))
     assert a == b and len(a["shards"]) > 3
     assert shard_bytes(one) == shard_bytes(two)
     assert "2 workers" in capsys.readouterr().out
 
     mtimes = {p: p.stat().st_mtime_ns for p in two.rglob("*")}
-    assert prepare(corpus.inputs, corpus.tokenizer, two, workers=2, chunk_mb=0.003) == b
+    assert prepare(corpus.inputs, corpus.tokenizer, two, PrepareOptions(workers=2, chunk_mb=0.003)) == b
     assert "already prepared" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in two.rglob("*")} == mtimes
 
 
 def test_an_interrupted_run_continues_to_the_same_bytes(corpus, tmp_path):
     clean, broken = tmp_path / "clean", tmp_path / "broken"
-    prepare(corpus.inputs, corpus.tokenizer, clean, workers=1, chunk_mb=0.002, progress=False)
-    prepare(corpus.inputs, corpus.tokenizer, broken, workers=1, chunk_mb=0.002, progress=False)
+    prepare(corpus.inputs, corpus.tokenizer, clean, PrepareOptions(workers=1, chunk_mb=0.002, progress=False))
+    prepare(corpus.inputs, corpus.tokenizer, broken, PrepareOptions(workers=1, chunk_mb=0.002, progress=False))
     # What a kill leaves: no manifest, shards without records, a dead process's temporary files.
     (broken / "manifest.json").unlink()
     for name in ("000001", "000003"):
@@ -125,7 +125,7 @@ def test_an_interrupted_run_continues_to_the_same_bytes(corpus, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = broken / "shards" / f"000004.bin.tmp.{os.uname().nodename}.{int(dead.stdout)}.abc"
     stale.write_bytes(b"half")
-    prepare(corpus.inputs, corpus.tokenizer, broken, workers=2, chunk_mb=0.002, progress=False)
+    prepare(corpus.inputs, corpus.tokenizer, broken, PrepareOptions(workers=2, chunk_mb=0.002, progress=False))
     assert not stale.exists()
     assert shard_bytes(broken) == shard_bytes(clean)
     assert (broken / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
@@ -149,7 +149,7 @@ def test_a_killed_run_continues_to_the_same_bytes(corpus, tmp_path):
     result = run_cli(*args, "--out", str(killed))
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stdout and "(0 already done)" not in result.stdout
-    prepare([str(big)], corpus.tokenizer, clean, workers=1, chunk_mb=0.05, progress=False)
+    prepare([str(big)], corpus.tokenizer, clean, PrepareOptions(workers=1, chunk_mb=0.05, progress=False))
     assert shard_bytes(killed) == shard_bytes(clean)
 
 
@@ -163,7 +163,8 @@ def test_concurrent_preparers_of_one_directory_agree(corpus, tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-    prepare(corpus.inputs, corpus.tokenizer, tmp_path / "alone", workers=1, chunk_mb=0.002, progress=False)
+    prepare(corpus.inputs, corpus.tokenizer, tmp_path / "alone",
+            PrepareOptions(workers=1, chunk_mb=0.002, progress=False))
     assert shard_bytes(out) == shard_bytes(tmp_path / "alone")
 
 
@@ -271,7 +272,7 @@ def test_usage_mistakes_are_one_line(corpus, tmp_path, args, expected):
 
 def test_an_output_of_other_inputs_is_refused(corpus, tmp_path):
     out = tmp_path / "out"
-    prepare(corpus.inputs[:1], corpus.tokenizer, out, workers=1, chunk_mb=0.002, progress=False)
+    prepare(corpus.inputs[:1], corpus.tokenizer, out, PrepareOptions(workers=1, chunk_mb=0.002, progress=False))
     code, _, err = call_main("--input", *corpus.inputs, "--tokenizer", corpus.tokenizer, "--out", str(out))
     assert code == 2 and "holds a dataset prepared from other inputs or with another tokenizer" in one_error_line(err)
     (out / "manifest.json").unlink()  # unfinished: the plan decides

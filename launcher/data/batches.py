@@ -1,3 +1,20 @@
+"""What a run's data is (`RunData`: the train and validation batch streams over its
+datasets) and the global batches each data-parallel rank takes from them.
+
+Batches. Global step k consumes samples [k * global_batch, (k + 1) * global_batch).
+Micro-batch m of data-parallel rank r takes the micro_batch samples starting at offset
+(m * dp + r) * micro_batch. The samples of a step are the same for every dp and micro-batch
+split, so layouts can be compared and a job may resume on another dp.
+
+Documents. With `data.document_attention`, inputs are (ids, segments): the document index
+of each position inside its window, from the prepared boundaries (never by looking for the
+end token); with `data.eod_mask_loss`, targets are (targets, loss_mask), 0 where the input
+is a document's last token. launcher/model/documents.py turns segments into positions and
+masks.
+
+Who reads. Every tp rank of a group builds the same batch (same arithmetic, no broadcast
+needed); in a pipeline only the first stage (inputs) and the last stage (targets) use it.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +40,7 @@ from launcher.data.sources import (
 
 def to_batch(tokens: np.ndarray, starts: np.ndarray, document_attention: bool, eod_mask_loss: bool):
     """Model inputs and targets from (k, T + 1) rows: ids or (ids, segments), and targets
-    or (targets, loss_mask) (see launcher/model.py)."""
+    or (targets, loss_mask) (see launcher/model/documents.py)."""
     rows = torch.from_numpy(tokens)
     inputs, targets = rows[:, :-1], rows[:, 1:]
     if document_attention:

@@ -1,3 +1,8 @@
+"""Tokenizing inputs into a prepared dataset (`prepare`): check the options, claim the
+output directory with its plan, skip the shards already finished, run the rest, gather the
+bad lines and write the manifest last. The format: launcher/data/shards.py; the inputs, the
+work split and resuming as a user sees them: the `prepare` verb (launcher/prepare.py).
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,29 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from launcher.data.prepare_tasks import (
+from launcher.data.prepare_inputs import (
     MB,
     SHOW_BAD,
-    Job,
     Source,
     Task,
-    TaskResult,
-    commit_file,
     cut_tasks,
     expand_inputs,
-    run_tasks,
-    temporary_file,
 )
+from launcher.data.prepare_tasks import Job, TaskResult, run_tasks
 from launcher.data.shards import (
     FORMAT,
     MANIFEST,
     SHARDS,
     TOKENIZER_COPY,
+    commit_file,
     shard_paths,
+    temporary_file,
     token_dtype,
     write_manifest,
 )
@@ -125,39 +129,43 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def prepare(inputs: list[str], tokenizer: str, out: Path, *, text_field: str = "text", workers: Optional[int] = None,
-            max_bad: int = 0, eod_token: Optional[str] = None, chunk_mb: float = 256, progress: bool = True) -> dict:
-    """Tokenize `inputs` into `out` (see the module docstring) and return the manifest.
-    `workers` None: one per CPU this process may use. `progress` False: print nothing but
-    bad lines. Any mistake in the inputs or options is a one-line ConfigError."""
+@dataclass(frozen=True)
+class PrepareOptions:
+    """The `prepare` verb's options besides inputs, tokenizer and output (its --help)."""
+
+    text_field: str = "text"
+    workers: Optional[int] = None  # None: one per CPU this process may use
+    max_bad: int = 0
+    eod_token: Optional[str] = None
+    chunk_mb: float = 256
+    progress: bool = True  # False: print nothing but bad lines
+
+
+def prepare(inputs: list[str], tokenizer: str, out: Path, options: PrepareOptions = PrepareOptions()) -> dict:
+    """Tokenize `inputs` into `out` (the format: launcher/data/shards.py) and return the
+    manifest. Any mistake in the inputs or options is a one-line ConfigError."""
     out = Path(out)
-    workers = _check_options(inputs, text_field, workers, max_bad, chunk_mb, out)
-    tok = load_tokenizer(tokenizer, eod_token, key="--tokenizer")
+    workers = _check_options(inputs, options, out)
+    tok = load_tokenizer(tokenizer, options.eod_token, key="--tokenizer")
     sources = expand_inputs(inputs)
     dtype = token_dtype(tok.vocab_size)
-    identity = dataset_identity(sources, tok, dtype, text_field)
+    identity = dataset_identity(sources, tok, dtype, options.text_field)
     manifest = _read_json(out / MANIFEST)
     if manifest is not None:
-        if not same_data(manifest, identity):
-            raise ConfigError("--out", f"{out} holds a dataset prepared from other inputs or with another tokenizer; "
-                              f"use a new --out (or delete {out})")
-        if progress:
-            print(f"{out}: already prepared ({plural(manifest['documents'], 'document')}, "
-                  f"{plural(manifest['tokens'], 'token')}); nothing to do")
-        return manifest
-    chunk_bytes = max(1, int(chunk_mb * MB))
-    claim_output(out, {"format": FORMAT, "sources": identity["sources"], "text_field": text_field,
+        return _already_prepared(out, manifest, identity, options.progress)
+    chunk_bytes = max(1, int(options.chunk_mb * MB))
+    claim_output(out, {"format": FORMAT, "sources": identity["sources"], "text_field": options.text_field,
                        "tokenizer": {"sha256": tok.sha256, "eod_id": int(tok.eod_id)}, "chunk_bytes": chunk_bytes})
     (out / SHARDS).mkdir(exist_ok=True)
     remove_stale_temporaries(out / SHARDS)
 
-    tally = _Tally(progress)
-    job = Job(out, sources, tok, dtype, text_field, max_bad, report=tally.report, stopped=lambda: False)
+    tally = _Tally(options.progress)
+    job = Job(out, sources, tok, dtype, options.text_field, options.max_bad, report=tally.report, stopped=lambda: False)
     tasks = cut_tasks(sources, chunk_bytes)
     records = {t.name: r for t in tasks if (r := finished(job, t)) is not None}
     todo = [t for t in tasks if t.name not in records]
     workers = min(workers, len(todo)) or 1
-    if progress:
+    if options.progress:
         print(f"prepare: {plural(len(sources), 'input file')}, {sum(s.bytes for s in sources) / MB:,.1f} MB -> "
               f"{plural(len(tasks), 'shard')} ({len(tasks) - len(todo)} already done), {plural(workers, 'worker')}, "
               f"tokenizer {tok.name} (vocabulary {tok.vocab_size:,}, {dtype.name})")
@@ -169,25 +177,42 @@ def prepare(inputs: list[str], tokenizer: str, out: Path, *, text_field: str = "
             records[result.task.name] = result.record
         else:
             failures[result.task.name] = result
-        return result.record is not None and sum(int(r["bad_lines"]) for r in records.values()) <= max_bad
+        return result.record is not None and sum(int(r["bad_lines"]) for r in records.values()) <= options.max_bad
 
     tally.start(sum(t.end - t.start for t in tasks), sum(t.end - t.start for t in todo))
     try:
-        run_tasks(job, todo, workers, tokenizer, eod_token, on_result)
+        run_tasks(job, todo, workers, tokenizer, options.eod_token, on_result)
     finally:
         tally.close()
-    n_bad = _check_bad_lines(out, tasks, records, failures, max_bad)
-    if tok.name != BYTE:
-        write_atomic(out / TOKENIZER_COPY, Path(tok.file).read_bytes())
-    shards = [records[t.name] for t in tasks]
-    manifest = {"format": FORMAT, "tokenizer": identity["tokenizer"], "dtype": dtype.name,
-                "tokens": sum(int(r["tokens"]) for r in shards), "documents": sum(int(r["documents"]) for r in shards),
-                "bad_lines": n_bad, "text_field": text_field, "sources": identity["sources"], "shards": shards}
-    write_manifest(out, manifest)  # last: the directory is a dataset
-    if progress:
+    n_bad = _check_bad_lines(out, tasks, records, failures, options.max_bad)
+    manifest = _write_dataset(out, tok, identity, [records[t.name] for t in tasks], n_bad)
+    if options.progress:
         done = [records[t.name] for t in todo]
         tally.summary(manifest, sum(t.end - t.start for t in todo), sum(int(r["tokens"]) for r in done),
                       len(tasks) - len(todo), out)
+    return manifest
+
+
+def _already_prepared(out: Path, manifest: dict, identity: dict, progress: bool) -> dict:
+    """The manifest of a dataset already in `out`, if it is this one (else a ConfigError)."""
+    if not same_data(manifest, identity):
+        raise ConfigError("--out", f"{out} holds a dataset prepared from other inputs or with another tokenizer; "
+                          f"use a new --out (or delete {out})")
+    if progress:
+        print(f"{out}: already prepared ({plural(manifest['documents'], 'document')}, "
+              f"{plural(manifest['tokens'], 'token')}); nothing to do")
+    return manifest
+
+
+def _write_dataset(out: Path, tok, identity: dict, shards: list[dict], n_bad: int) -> dict:
+    """The tokenizer's copy, then the manifest (last: the directory is a dataset)."""
+    if tok.name != BYTE:
+        write_atomic(out / TOKENIZER_COPY, Path(tok.file).read_bytes())
+    manifest = {"format": FORMAT, "tokenizer": identity["tokenizer"], "dtype": identity["dtype"],
+                "tokens": sum(int(r["tokens"]) for r in shards), "documents": sum(int(r["documents"]) for r in shards),
+                "bad_lines": n_bad, "text_field": identity["text_field"], "sources": identity["sources"],
+                "shards": shards}
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -217,7 +242,9 @@ def plural(count: int, thing: str) -> str:
     return f"{count:,} {thing}{'s' * (count != 1)}"
 
 
-def _check_options(inputs, text_field, workers, max_bad, chunk_mb, out: Path) -> int:
+def _check_options(inputs: list[str], options: PrepareOptions, out: Path) -> int:
+    """The worker count (the CPUs this process may use when not given); ConfigError for a bad option."""
+    text_field, workers, max_bad, chunk_mb = options.text_field, options.workers, options.max_bad, options.chunk_mb
     if not inputs:
         raise ConfigError("--input", "give at least one file or glob")
     if not text_field:
@@ -277,6 +304,7 @@ class _Tally:
     def start(self, total: int, todo: int) -> None:
         self.t0 = time.perf_counter()
         if self.show and todo and sys.stderr.isatty():
+            # lazy: tqdm takes ~50 ms to import, and only a terminal shows a bar
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=total - todo, unit="B", unit_scale=True, unit_divisor=1024,

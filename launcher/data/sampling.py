@@ -1,3 +1,17 @@
+"""The shuffled, blended sample order: which tokens global sample g is.
+
+Samples. A split's documents, laid end to end with the end-of-document token between them
+(prepare appended it), are cut into windows of seq_len + 1 tokens (inputs and targets
+shifted by one) starting every seq_len tokens. Window order is a seeded pseudo-random
+permutation per epoch (`feistel_permutation`): sample j of a dataset is window
+perm_e(j mod N) of epoch e = j // N, computed per sample with nothing of size N built.
+
+Blending. With several `data.sources`, global sample g comes from source s at that source's
+own position j_s (`Blend`). The schedule is fixed per block of BLEND_BLOCK samples: each
+source's share of the block from its weight, the order inside the block shuffled. So the
+stream depends only on (data, weights, seq_len, seed), never on the layout, and a position
+is `consumed_samples` plus where each source stood when the weights last changed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The on-disk format of a prepared dataset: what `launcher.prepare` writes and training reads.
+"""The on-disk format of a prepared dataset: what `python -m launcher.prepare`
+(launcher/data/prepare.py) writes and training reads (launcher/data/sources.py).
 
     DIR/manifest.json        written last, atomically: DIR is a complete dataset iff it exists
     DIR/tokenizer.json       a copy of the Hugging Face tokenizer (absent for `byte`)
@@ -9,7 +10,9 @@
                              shard is finished iff its record exists and matches its task
     DIR/shards/NNNNNN.bad    the shard's bad lines (file:line: reason), before its record
     DIR/bad_lines.txt        all of them, in input order
-    DIR/prepare-plan.json    what DIR is being prepared from (written first; launcher.prepare)
+    DIR/prepare-plan.json    what DIR is being prepared from (written first; launcher/data/prepare.py)
+    DIR/[shards/]NAME.tmp.HOST.PID.*  being written by process PID on HOST, renamed to NAME
+                             when complete (`temporary_file`, `commit_file`)
 
 Every document in a shard ends with the tokenizer's end-of-document token, so the shards laid
 end to end are the documents packed back to back with that token between them. Offsets and
@@ -29,7 +32,11 @@ overflow) behind a binary header, and its builder funnels all tokens through one
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +59,27 @@ def shard_paths(root: Path, name: str) -> tuple[Path, Path, Path]:
     """(tokens .bin, index .idx, record .json) of shard `name`."""
     base = Path(root) / SHARDS / name
     return base.with_suffix(".bin"), base.with_suffix(".idx"), base.with_suffix(".json")
+
+
+def temporary_file(path: Path):
+    """A private temporary file beside `path`; its name says which host and process own it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.")
+    os.close(fd)
+    return open(tmp, "wb")  # committed or discarded by the caller
+
+
+def commit_file(f, path: Path) -> None:
+    """Make the temporary file `f` durable and rename it to `path` (atomic)."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(f.name, path)
+
+
+def discard_file(f) -> None:
+    f.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f.name)
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

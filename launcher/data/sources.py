@@ -1,39 +1,15 @@
-"""Data path: prepared token shards (memory-mapped) -> packed windows -> blended, shuffled
-global batches, resumable from a position.
+"""The datasets a run trains on: `data.sources` (or `data.path`) opened as prepared
+directories and split into train and validation token streams; `embedded`, the shipped
+corpus, prepared into the run's cache on first use.
 
 Datasets. Training reads directories written by `python -m launcher.prepare`
-(launcher/shards.py): token shards and document boundaries, memory-mapped, never read or
-hashed up front. `data.path: embedded` prepares the shipped corpus into the run's `data/`
-cache on first use. Opening a dataset costs O(shards), whatever its size.
+(the format: launcher/data/shards.py): token shards and document boundaries, memory-mapped,
+never read or hashed up front. `data.path: embedded` prepares the shipped corpus into the
+run's `data/` cache on first use. Opening a dataset costs O(shards), whatever its size.
 
 Splits. Each shard's last whole documents are held out for validation, `data.val_fraction`
 of its tokens, the rounding carried from shard to shard so that the whole dataset holds out
 that share even when shards have one document each (or all of `data.val_path` validates).
-
-Samples. A split's documents, laid end to end with the end-of-document token between them
-(prepare appended it), are cut into windows of seq_len + 1 tokens (inputs and targets
-shifted by one) starting every seq_len tokens. Window order is a seeded pseudo-random
-permutation per epoch (`feistel_permutation`): sample j of a dataset is window
-perm_e(j mod N) of epoch e = j // N, computed per sample with nothing of size N built.
-
-Blending. With several `data.sources`, global sample g comes from source s at that source's
-own position j_s (`Blend`). The schedule is fixed per block of BLEND_BLOCK samples: each
-source's share of the block from its weight, the order inside the block shuffled. So the
-stream depends only on (data, weights, seq_len, seed), never on the layout, and a position
-is `consumed_samples` plus where each source stood when the weights last changed.
-
-Batches. Global step k consumes samples [k * global_batch, (k + 1) * global_batch).
-Micro-batch m of data-parallel rank r takes the micro_batch samples starting at offset
-(m * dp + r) * micro_batch. The samples of a step are the same for every dp and micro-batch
-split, so layouts can be compared and a job may resume on another dp.
-
-Documents. With `data.document_attention`, inputs are (ids, segments): the document index
-of each position inside its window, from the prepared boundaries (never by looking for the
-end token); with `data.eod_mask_loss`, targets are (targets, loss_mask), 0 where the input
-is a document's last token. launcher/model.py turns segments into positions and masks.
-
-Who reads. Every tp rank of a group builds the same batch (same arithmetic, no broadcast
-needed); in a pipeline only the first stage (inputs) and the last stage (targets) use it.
 """
 
 from __future__ import annotations
@@ -47,8 +23,10 @@ from typing import Optional
 import numpy as np
 
 from launcher.config.schema import DataConfig, DataSource
+from launcher.data.prepare import PrepareOptions, prepare
 from launcher.data.shards import Shard, is_prepared, open_shard, read_manifest
 from launcher.errors import ConfigError
+from launcher.formats.tokenizer import load_tokenizer
 
 EMBEDDED = "embedded"
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "python_docs.jsonl.gz"
@@ -69,12 +47,9 @@ def dataset_dir(path: str, tokenizer: str, cache_dir: Path) -> Path:
     atomically)."""
     if path != EMBEDDED:
         return Path(path)
-    from launcher.data.prepare import prepare
-    from launcher.formats.tokenizer import load_tokenizer
-
     out = Path(cache_dir) / f"embedded-{load_tokenizer(tokenizer).sha256[:16]}"
     if not is_prepared(out):
-        prepare([str(EMBEDDED_CORPUS)], tokenizer, out, workers=1, progress=False)
+        prepare([str(EMBEDDED_CORPUS)], tokenizer, out, PrepareOptions(workers=1, progress=False))
     return out
 
 

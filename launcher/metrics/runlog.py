@@ -51,7 +51,7 @@ class RunLog:
         self.path = path
         self.is_writer = is_writer
         self.started = time.time()
-        self.tracker = None  # launcher.tracking.Tracker, set by the caller
+        self.tracker = None  # a Tracker (launcher/metrics/tracking.py), set by the caller
         self._first_logged: Optional[tuple[int, float]] = None  # (step, time) for the ETA
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ class Tracker:
         wandb_cfg = cfg.logging.wandb
         if not is_writer or wandb_cfg.mode == "disabled":
             return
-        import wandb
+        import wandb  # lazy: a heavy import, and `disabled` (the default) must not need it
 
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)

@@ -114,7 +114,9 @@ class TrainEngine:
         (forward, backward, allreduce, optimizer step; send/recv with pipelines); empty
         unless logging.time_breakdown. DeepSpeed prints and resets its timers itself at each
         step, so the values are caught as it logs them (see `capture_timer_logs`)."""
-        captured, self._captured_ms = getattr(self, "_captured_ms", {}), {}
+        sink = getattr(self, "_captured_ms", {})  # filled by the seam as DeepSpeed logs its timers
+        captured = dict(sink)
+        sink.clear()  # in place: the seam holds this very dict
         return {f"time_{name}_ms": value for name, value in captured.items()}
 
     def capture_timer_logs(self) -> None:
