@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.errors import ConfigError
-from launcher.files import write_atomic
+from launcher.files import shared_file_mode, write_atomic
 
 FORMAT = "llm-launcher-tokens/1"
 MANIFEST = "manifest.json"
@@ -64,6 +64,7 @@ def shard_paths(root: Path, name: str) -> tuple[Path, Path, Path]:
 def temporary_file(path: Path):
     """A private temporary file beside `path`; its name says which host and process own it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.")
+    os.fchmod(fd, shared_file_mode())  # mkstemp makes 0600; the committed file follows the umask
     os.close(fd)
     return open(tmp, "wb")  # committed or discarded by the caller
 
