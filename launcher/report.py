@@ -12,65 +12,34 @@ import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from launcher.metrics.runlog import read_step_records  # noqa: E402
-
-PANELS = [  # (file, y label, [(metric key, line label suffix)])
-    ("loss.png", "loss", [("loss", "train"), ("val_loss", "val")]),
-    ("lr.png", "learning rate", [("lr", "")]),
-    ("throughput.png", "tokens/s", [("tokens_per_s", "")]),
-    ("mfu.png", "MFU", [("mfu", "")]),
-]
-
-
-def load_run(run_dir: Path) -> tuple[list[dict], list[int]]:
-    """(step records sorted by step, steps the run resumed from)."""
-    records, starts = read_step_records(run_dir / "metrics.jsonl")
-    return records, [step for step in starts if step > 0]  # an attempt from a checkpoint
-
-
-def build_figures(run_dirs: list[Path]) -> dict[str, plt.Figure]:
-    runs = {d: load_run(d) for d in run_dirs}
-    figures = {}
-    for filename, ylabel, series in PANELS:
-        if not any(key in r for records, _ in runs.values() for r in records for key, _ in series):
-            continue  # e.g. no MFU on CPU runs
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for run_dir, (records, resumes) in runs.items():
-            name = run_dir.name if len(runs) > 1 else ""
-            for key, suffix in series:
-                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-                if points:
-                    label = " ".join(x for x in (name, suffix) if x) or key
-                    ax.plot(*zip(*points), marker="." if key == "val_loss" else None, label=label)
-            for i, step in enumerate(resumes):
-                ax.axvline(step, color="grey", linestyle="--", linewidth=1,
-                           label=f"resume{' ' + name if name else ''}" if i == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        figures[filename] = fig
-    return figures
+from launcher.cli import ArgumentParser
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser = ArgumentParser(prog="python -m launcher.report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory (holding metrics.jsonl)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="more run directories to overlay")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_:  # --help (0), or a usage error, already printed as one line (2)
+        return exit_.code
+    # lazy: matplotlib takes a second to import, not needed for --help or a usage error
+    from launcher.metrics.plots import build_figures, load_run, plt
+
     run_dirs = [args.run_dir, *args.compare]
-    missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
-    if missing:
-        print(f"error: no metrics.jsonl in {missing[0]}", file=sys.stderr)
-        return 2
+    try:
+        for run_dir in run_dirs:
+            if not (run_dir / "metrics.jsonl").is_file():
+                raise ConfigError("run_dir", f"no metrics.jsonl in {run_dir}")
+            if not load_run(run_dir)[0]:
+                raise ConfigError("run_dir", f"{run_dir / 'metrics.jsonl'} holds no step record yet (the run logs "
+                                  "one every train.log_every steps)")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
     out = args.out or (args.run_dir / ("report-compare" if args.compare else "report"))
     out.mkdir(parents=True, exist_ok=True)
     for filename, fig in build_figures(run_dirs).items():

@@ -56,7 +56,7 @@ def test_report_plots_loss_lr_throughput_and_marks_resumes(tmp_path):
     train(python_cmd(), run, *SINGLE, "train.steps=9", "train.eval_every=3", "checkpoint.every=3")  # resumes at 6
     train(python_cmd(), other, *SINGLE, "train.steps=9", "train.eval_every=3", "optimizer.lr=1e-3")
 
-    from launcher.report import build_figures
+    from launcher.metrics.plots import build_figures
 
     figures = build_figures([run])
     assert set(figures) == {"loss.png", "lr.png", "throughput.png"}  # no MFU on CPU without a peak

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from launcher.__main__ import VERBS
 
-HEAVY = ("torch", "deepspeed", "transformers")
+HEAVY = ("torch", "deepspeed", "transformers", "matplotlib")
 
 
 def test_python_m_launcher_lists_every_verb():
@@ -23,7 +23,7 @@ def test_python_m_launcher_lists_every_verb():
         assert callable(importlib.import_module(f"launcher.{verb}").main)
 
 
-@pytest.mark.parametrize("verb", ["train", "plan", "prepare", "export", "generate"])
+@pytest.mark.parametrize("verb", ["train", "plan", "prepare", "export", "generate", "report"])
 def test_help_imports_no_heavy_library(verb):
     code = (f"import sys\nfrom launcher.{verb} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
@@ -63,3 +63,17 @@ def test_overrides_and_options_mix_in_any_order(capsys):
     argv = ["parallel.tensor=1", "--dry-run", "parallel.pipeline=1", "--world-size", "1"]
     assert main(argv) == 0
     assert "world 1 = tp 1 x pp 1 x dp 1" in capsys.readouterr().out
+
+
+def test_report_without_a_step_to_plot_is_one_line_exit_2(tmp_path, capsys):
+    from launcher.report import main
+
+    assert main([]) == 2
+    assert capsys.readouterr().err == "config error: run_dir: required (python -m launcher.report --help)\n"
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"config error: run_dir: no metrics.jsonl in {tmp_path}\n"
+    (tmp_path / "metrics.jsonl").write_text('{"event": "launch", "step": 0}\n')  # started, nothing logged yet
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no step record yet" in err
+    assert not (tmp_path / "report").exists()
