@@ -43,8 +43,8 @@ def main() -> int:
             if best is None:
                 print(f"| {name} | {gpus} | - | - | - | - | - | - | - | does not fit | - | - |")
                 continue
-            c = best.candidate
-            print(f"| {name} | {gpus} | {c.tp} | {c.pp} | {c.dp} | {c.micro_batch} | {c.zero} | {c.recompute} | "
+            c, lay = best.candidate, best.candidate.layout
+            print(f"| {name} | {gpus} | {lay.tp} | {lay.pp} | {lay.dp} | {lay.micro_batch} | {c.zero} | {c.recompute} | "
                   f"{'yes' if c.sequence_parallel else 'no'} | "
                   f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")
     return 0

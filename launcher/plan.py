@@ -11,12 +11,8 @@ it fits; the usual rule of thumb beside it; and the layouts that fit, fastest fi
 the reason the first wins. No GPU needed. The same estimate resolves `auto` in the parallel
 section at launch, and refuses a layout that cannot fit before anything is allocated
 (`python -m launcher.train --force` tries anyway). The model: parallel/memory.py (bytes),
-parallel/planner.py (time), parallel/hardware.py (GPU figures), docs/SCALING.md.
-
-Also what a config means for a world size (`make_plan`, `describe`): the layout, the stage
-split and its table, pure arithmetic on the config (no torch, no process group), so
-`--dry-run` checks a 512-GPU config on a laptop, and the training entry point prints the
-very same lines.
+parallel/planner.py (time), parallel/hardware.py (GPU figures), docs/SCALING.md; the
+report itself: launcher/planning/report.py.
 """
 
 from __future__ import annotations
@@ -26,19 +22,16 @@ import json
 import sys
 from typing import Optional
 
+from launcher.cli import DEFAULT_CONFIG, ArgumentParser
 from launcher.config.load import load_config
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-from launcher.planning.cluster import gpu_preset
-from launcher.planning.report import _size_gib, format_presets, format_report, report
+from launcher.planning.cluster import gpu_preset, size_gib
+from launcher.planning.report import format_presets, format_report, report
 from parallel.hardware import PRESETS
-from parallel.planner import (
-    Cluster,
-)
+from parallel.planner import Cluster
 
 
 def parse_args(argv: list[str]):
-    from launcher.cli import DEFAULT_CONFIG, ArgumentParser
-
     parser = ArgumentParser(prog="python -m launcher.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -59,7 +52,7 @@ def parse_args(argv: list[str]):
 def cluster_from_args(args) -> Cluster:
     hardware = gpu_preset(args.gpu)
     if args.gpu_memory is not None:
-        hardware = hardware.with_memory(_size_gib(args.gpu_memory))
+        hardware = hardware.with_memory(size_gib(args.gpu_memory))
     changes = {}
     for field_name, arg in (("intra_node_gbps", args.intra_node_gbps), ("inter_node_gbps", args.inter_node_gbps),
                             ("pcie_gbps", args.pcie_gbps), ("efficiency", args.efficiency)):

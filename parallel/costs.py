@@ -82,7 +82,7 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
                                  (ebsV/tp), the lse (fp32), int64 targets and a bool mask
       embedding                  int64 ids (with tp: the shard's local ids and a bool mask)
 
-    `selective` (launcher.model BlockOptions) recomputes each block's norm and attention
+    `selective` (launcher/model/layers.py BlockOptions) recomputes each block's norm and attention
     core: a norm keeps only its input and output (2ebrh instead of (4 + 2e)brh + 4br), the
     attention core its inputs, which are the fused q|k|v buffer (as large as q, k, v after
     RoPE), and its output: only the lse is dropped. With a fused SDPA kernel the attention

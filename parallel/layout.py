@@ -1,4 +1,5 @@
-"""The 3D layout: world size -> (pp, dp, tp) degrees, rank <-> coordinates, process groups.
+"""The 3D layout as one value: world size -> (pp, dp, tp) degrees and batch arithmetic,
+rank <-> coordinates, and the ranks of every group.
 
 Axis order, outermost to innermost: pipeline, data, tensor. This is DeepSpeed's
 `PipeModelDataParallelTopology` order (axes pipe, data, model), so our rank map and
@@ -10,8 +11,10 @@ Tensor parallelism is innermost, so the ranks of one tp group are consecutive an
 one node (with tp <= GPUs per node); pipeline neighbours are the farthest apart, which suits
 them: they exchange one activation per micro-batch.
 
-Everything except `build_process_groups` is pure integer arithmetic, testable without any
-process group (and used by `--dry-run` on a laptop).
+After `auto` is resolved the degrees travel as a `Layout` (the engine, the planner's
+candidates, the stage table). It is pure integer arithmetic, testable without any process
+group (and used by `--dry-run` on a laptop); parallel/topology.py builds the process groups
+from it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Coord(NamedTuple):
 
 @dataclass(frozen=True)
 class Layout:
-    """Resolved parallel degrees and batch arithmetic for one world size."""
+    """Resolved parallel degrees and batch arithmetic for one world size; consistent by
+    construction (tp x pp x dp = world_size, micro_batch x dp divides global_batch)."""
 
     world_size: int
     tp: int
@@ -39,6 +43,16 @@ class Layout:
     dp: int
     micro_batch: int
     global_batch: int
+
+    def __post_init__(self) -> None:
+        # resolve_layout reports a user's mistake naming the key; this catches a caller's
+        if min(self.tp, self.pp, self.dp, self.micro_batch, self.global_batch) < 1:
+            raise ValueError(f"every degree and batch size must be >= 1: {self}")
+        if self.tp * self.pp * self.dp != self.world_size:
+            raise ValueError(f"tp {self.tp} x pp {self.pp} x dp {self.dp} != world size {self.world_size}")
+        if self.global_batch % (self.micro_batch * self.dp):
+            raise ValueError(f"global_batch {self.global_batch} is not divisible by micro_batch x dp = "
+                             f"{self.micro_batch} x {self.dp}")
 
     @property
     def grad_accum(self) -> int:

@@ -1,6 +1,6 @@
 """Memory of one rank: model states, activations, temporary buffers, fixed overhead.
 
-Model states follow what DeepSpeed allocates as the launcher configures it (launcher/engine.py),
+Model states follow what DeepSpeed allocates as the launcher configures it (launcher/ds/config.py),
 read from its code and checked against tensor storage measured in CPU runs (tests/test_plan.py):
 
     dtype, ZeRO          optimizer wrapper         weights   gradients (peak)         optimizer
@@ -31,9 +31,8 @@ from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 from parallel.costs import LOSS_CHUNK_ELEMENTS, ItemCost
+from parallel.layout import Layout
 from parallel.shapes import ModelShape
-
-GIB = 1024**3
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py), used unless the config's
 # `deepspeed.zero_optimization` sets them.
@@ -141,24 +140,44 @@ def in_flight(stage: int, stages: int, grad_accum: int) -> int:
     return max(1, min(stages - stage, grad_accum))
 
 
-def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[int], stage: int, *,
-                tp: int, dp: int, micro_batch: int, grad_accum: int, dtype: str, optimizer: str,
-                zero_stage: int, framework_bytes: float, offload: bool = False,
-                reduce_bucket: int = REDUCE_BUCKET_SIZE, margin: float = MARGIN,
-                touched_only: bool = False) -> RankMemory:
+@dataclass(frozen=True)
+class StateSettings:
+    """How the model states are held: what `state_bytes` and the reduction bucket depend on
+    besides the data-parallel degree (which the Layout carries)."""
+
+    dtype: str  # fp32 | bf16 | fp16
+    optimizer: str  # adamw | lion
+    zero_stage: int
+    offload: bool = False  # the optimizer in host memory (zero.offload_optimizer)
+    reduce_bucket: int = REDUCE_BUCKET_SIZE  # elements (deepspeed.zero_optimization.reduce_bucket_size)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """What a rank holds beyond the model's own memory."""
+
+    framework_bytes: float  # CUDA context, library workspaces (Hardware.framework_gb)
+    margin: float = MARGIN  # fraction added on top of everything else
+    touched_only: bool = False  # host memory: a bucket costs only the part gradients are written to
+
+
+def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[int], stage: int,
+                layout: Layout, states: StateSettings, overhead: Overhead) -> RankMemory:
     """Peak memory of one rank of pipeline stage `stage` (items costs[parts[stage]:parts[stage+1]]).
 
     The peak is taken as model states + activations in flight + the larger of the loss's
     working copies (mid-step) and the reduction bucket (end of step) + ZeRO 3's gathered
-    layers + the fixed overhead, plus `margin` of all that. `touched_only`: host memory,
-    where a bucket costs only the part gradients are written to (the CPU test bed)."""
+    layers + the fixed overhead, plus `overhead.margin` of all that. From `layout`: tp, dp,
+    the micro-batch and grad_accum; the stages are those of `parts`."""
+    tp, dp, micro_batch = layout.tp, layout.dp, layout.micro_batch
+    dtype, zero_stage, reduce_bucket = states.dtype, states.zero_stage, states.reduce_bucket
     stages = len(parts) - 1
     items = costs[parts[stage]:parts[stage + 1]]
     params = sum(c.params_per_rank for c in items)
-    per_param = state_bytes(dtype, optimizer, zero_stage, dp, offload=offload)
+    per_param = state_bytes(dtype, states.optimizer, zero_stage, dp, offload=states.offload)
     e = dtype_bytes(dtype)
     bsh = micro_batch * model.seq_len * model.hidden
-    flight = in_flight(stage, stages, grad_accum)
+    flight = in_flight(stage, stages, layout.grad_accum)
     per_micro = sum(c.act_bytes for c in items)
     # DeepSpeed's pipeline engine holds each in-flight micro-batch's stage output until its
     # backward (and, in 16-bit, the received input, which the first norm copies to fp32).
@@ -170,7 +189,7 @@ def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[in
     # backward keeps (activations), the logits' gradient and two fp32 chunks at a time
     shard = micro_batch * model.seq_len * model.vocab / tp
     logits = e * shard + 2 * 4 * min(shard, LOSS_CHUNK_ELEMENTS) if last else 0.0
-    bucket = reduction_bucket(params, dtype, zero_stage, dp, min(reduce_bucket, params) if touched_only else reduce_bucket)
+    bucket = reduction_bucket(params, dtype, zero_stage, dp, min(reduce_bucket, params) if overhead.touched_only else reduce_bucket)
     gathered = 0.0
     if zero_stage == 3:
         largest = max((c.params_per_rank for c in items), default=0)
@@ -178,5 +197,5 @@ def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[in
     raw = RankMemory(stage=stage, params=params, weights=params * per_param.weights,
                      grads=params * per_param.grads, optimizer=params * per_param.optimizer,
                      activations=(per_micro + buffers) * flight, act_per_micro_batch=per_micro, in_flight=flight,
-                     logits=logits, bucket=bucket, gathered=gathered, framework=framework_bytes, margin=0.0)
-    return RankMemory(**{**{f.name: getattr(raw, f.name) for f in fields(raw)}, "margin": margin * raw.total})
+                     logits=logits, bucket=bucket, gathered=gathered, framework=overhead.framework_bytes, margin=0.0)
+    return RankMemory(**{**{f.name: getattr(raw, f.name) for f in fields(raw)}, "margin": overhead.margin * raw.total})

@@ -25,7 +25,7 @@ from parallel.memory import in_flight
 
 GB = 1024**3
 
-# Class names of the model's pipeline items (launcher.model), matched by `type:<regex>`
+# Class names of the model's pipeline items (launcher/model/), matched by `type:<regex>`
 # exactly as DeepSpeed's PipelineModule matches LayerSpec type names.
 ITEM_CLASS_NAMES = {"embed": "Embedding", "attn": "Attention", "mlp": "MLP", "norm": "FinalNorm", "head": "Head"}
 
@@ -190,6 +190,7 @@ def balanced(costs: Sequence[ItemCost], stages: int, memory: Optional[MemoryMode
 def deepspeed_method(method: str, costs: Sequence[ItemCost], stages: int) -> list[int]:
     """DeepSpeed's `uniform`, `parameters` or `type:<regex>` split of the items, computed by
     DeepSpeed's own functions exactly as `PipelineModule._partition_layers` does."""
+    # lazy: DeepSpeed pulls in torch, which `balanced` (the default) and `plan` never need
     from deepspeed.runtime import utils as ds_utils
 
     if method == "uniform":
@@ -221,6 +222,7 @@ def whole_block_split(method: str, costs: Sequence[ItemCost], stages: int) -> li
     """DeepSpeed's `uniform`/`parameters` over whole transformer blocks (the layer list of
     GPT-NeoX and Megatron-DeepSpeed: embed, block x L, norm, head), mapped back onto our
     half-block item indices. Used to compare against `balanced`."""
+    # lazy: DeepSpeed pulls in torch, which `balanced` (the default) and `plan` never need
     from deepspeed.runtime import utils as ds_utils
 
     # whole-block layer k -> the half-block item index where it starts

@@ -1,11 +1,11 @@
 """Which layouts fit, and how fast each would run: the planner behind `python -m launcher.plan`
 and `auto` in the parallel section.
 
-A candidate is (tp, pp, dp, micro-batch, ZeRO stage, recomputation, optimizer offload). Its
-memory is `parallel.memory.rank_memory` for every pipeline stage; its step time comes from
-the cost model below. Every term is a formula on published hardware figures
-(`parallel.hardware`), not a measurement, and each is printed so a user can see which one
-decides.
+A candidate is a Layout (tp, pp, dp, micro-batch) plus the ZeRO stage, recomputation and
+optimizer offload. Its memory is `parallel.memory.rank_memory` for every pipeline stage;
+its step time comes from the cost model below. Every term is a formula on published
+hardware figures (`parallel.hardware`), not a measurement, and each is printed so a user
+can see which one decides.
 
 Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp:
 
@@ -45,14 +45,16 @@ MFU = model FLOPs per token (6 x parameters + attention, no recomputation) x tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
 from parallel.hardware import GB, GIB, Hardware
-from parallel.layout import resolve_sequence_parallel
+from parallel.layout import Layout, resolve_sequence_parallel
 from parallel.memory import (
     REDUCE_BUCKET_SIZE,
+    Overhead,
     RankMemory,
+    StateSettings,
     dtype_bytes,
     host_state_bytes,
     rank_memory,
@@ -108,19 +110,37 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Candidate:
-    tp: int
-    pp: int
-    dp: int
-    micro_batch: int
+    """One way to run the workload: the degrees (a Layout) and what is not a degree."""
+
+    layout: Layout
     zero: int
     recompute: str  # none | selective | full
     offload: bool = False
     sequence_parallel: bool = False  # resolved for this tp (Workload.sequence_parallel_at)
 
     def describe(self) -> str:
-        return (f"tp {self.tp} x pp {self.pp} x dp {self.dp}, micro_batch {self.micro_batch}, ZeRO {self.zero}, "
+        lay = self.layout
+        return (f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, micro_batch {lay.micro_batch}, ZeRO {self.zero}, "
                 f"recompute {self.recompute}" + (", sequence parallel" if self.sequence_parallel else "")
                 + (", optimizer offload" if self.offload else ""))
+
+    def state_settings(self, work: Workload) -> StateSettings:
+        """How this candidate holds the workload's model states (parallel.memory)."""
+        return StateSettings(dtype=work.dtype, optimizer=work.optimizer, zero_stage=self.zero,
+                             offload=self.offload, reduce_bucket=work.reduce_bucket)
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The axes `candidates` keeps fixed (a config's non-auto values); None: every value."""
+
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    micro_batch: Optional[int] = None
+    recompute: Optional[str] = None
+    zero: Optional[int] = None
+    offload: tuple[bool, ...] = (False,)  # the offload settings tried
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16)  # tried when micro_batch is None
 
 
 @dataclass(frozen=True)
@@ -158,8 +178,8 @@ class Estimate:
         return self.peak.total <= self.capacity
 
     def as_dict(self) -> dict:
-        c = self.candidate
-        return {"tp": c.tp, "pp": c.pp, "dp": c.dp, "micro_batch": c.micro_batch, "zero": c.zero,
+        c, lay = self.candidate, self.candidate.layout
+        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch, "zero": c.zero,
                 "recompute": c.recompute, "sequence_parallel": c.sequence_parallel, "offload": c.offload,
                 "fits": self.fits,
                 "peak_gib": self.peak.total / GIB, "capacity_gib": self.capacity / GIB,
@@ -175,29 +195,27 @@ def _costs(model: ModelShape, tp: int, micro_batch: int, dtype: str, recompute: 
     return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel))
 
 
-def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate, grad_accum: int) -> list[int]:
-    memory = MemoryModel(stages=c.pp, grad_accum=grad_accum,
-                         bytes_per_param=state_bytes(work.dtype, work.optimizer, c.zero, c.dp, offload=c.offload).total)
-    return partition(work.partition, costs, c.pp, memory)
+def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate) -> list[int]:
+    lay = c.layout
+    memory = MemoryModel(stages=lay.pp, grad_accum=lay.grad_accum,
+                         bytes_per_param=state_bytes(work.dtype, work.optimizer, c.zero, lay.dp, offload=c.offload).total)
+    return partition(work.partition, costs, lay.pp, memory)
 
 
 def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[list[int]] = None,
              costs: Optional[tuple[ItemCost, ...]] = None) -> Estimate:
-    model, hw = work.model, cluster.hardware
-    grad_accum = work.global_batch // (c.micro_batch * c.dp)
+    model, hw, lay = work.model, cluster.hardware, c.layout
     if costs is None:
-        costs = _costs(model, c.tp, c.micro_batch, work.dtype, c.recompute, c.sequence_parallel)
+        costs = _costs(model, lay.tp, lay.micro_batch, work.dtype, c.recompute, c.sequence_parallel)
     if parts is None:
-        parts = stage_parts(work, costs, c, grad_accum)
-    memory = tuple(rank_memory(model, costs, parts, s, tp=c.tp, dp=c.dp, micro_batch=c.micro_batch,
-                               grad_accum=grad_accum, dtype=work.dtype, optimizer=work.optimizer,
-                               zero_stage=c.zero, framework_bytes=hw.framework_gb * GB, offload=c.offload,
-                               reduce_bucket=work.reduce_bucket, touched_only=hw.touched_only)
-                   for s in range(c.pp))
-    step = step_time(work, cluster, c, costs, parts, grad_accum)
+        parts = stage_parts(work, costs, c)
+    states = c.state_settings(work)
+    overhead = Overhead(framework_bytes=hw.framework_gb * GB, touched_only=hw.touched_only)
+    memory = tuple(rank_memory(model, costs, parts, s, lay, states, overhead) for s in range(lay.pp))
+    step = step_time(work, cluster, c, costs, parts)
     tokens = work.global_batch * model.seq_len / step.total
     mfu = flops_per_token(model) * tokens / (cluster.world * hw.peak_tflops * 1e12)
-    host = max(r.params for r in memory) * host_state_bytes(work.optimizer, c.dp) if c.offload else 0.0
+    host = max(r.params for r in memory) * host_state_bytes(work.optimizer, lay.dp) if c.offload else 0.0
     return Estimate(candidate=c, parts=tuple(parts), stages=memory, step=step, tokens_per_s=tokens, mfu=mfu,
                     capacity=hw.memory_gib * GIB, host_bytes=host)
 
@@ -229,15 +247,15 @@ def powersgd_ratio(model: ModelShape, tp: int, rank: int) -> float:
     return min(1.0, low / dense)
 
 
-def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts, grad_accum: int) -> StepTime:
-    model, hw = work.model, cluster.hardware
+def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> StepTime:
+    model, hw, lay = work.model, cluster.hardware, c.layout
     e = dtype_bytes(work.dtype)
-    tokens_mb = c.micro_batch * model.seq_len
+    tokens_mb = lay.micro_batch * model.seq_len
     flops_rate = hw.peak_tflops * 1e12 * cluster.efficiency
     nvlink = hw.intra_node_gbps
-    tp_bw = nvlink if c.tp <= cluster.gpus_per_node else hw.inter_node_gbps
-    pp_bw = nvlink if c.tp * c.dp * c.pp <= cluster.gpus_per_node else hw.inter_node_gbps
-    dp_bw = nvlink if c.tp * c.dp <= cluster.gpus_per_node else hw.inter_node_gbps
+    tp_bw = nvlink if lay.tp <= cluster.gpus_per_node else hw.inter_node_gbps
+    pp_bw = nvlink if lay.tp * lay.dp * lay.pp <= cluster.gpus_per_node else hw.inter_node_gbps
+    dp_bw = nvlink if lay.tp * lay.dp <= cluster.gpus_per_node else hw.inter_node_gbps
     act = tokens_mb * model.hidden * e
     collectives = SP_ALLREDUCES if c.sequence_parallel else TP_ALLREDUCES
 
@@ -253,47 +271,41 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts, grad
                 flops += 4 * model.seq_len * model.hidden
             fwd, bwd = collectives[it.kind]
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
-        compute = flops * tokens_mb / (c.tp * flops_rate)
-        return compute, _ring(c.tp, act, tp_bw) * reduces
+        compute = flops * tokens_mb / (lay.tp * flops_rate)
+        return compute, _ring(lay.tp, act, tp_bw) * reduces
 
-    per_stage = [stage_costs(s) for s in range(c.pp)]
+    per_stage = [stage_costs(s) for s in range(lay.pp)]
     compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])
-    pp_mb = 2 * act / (c.tp if c.sequence_parallel else 1) / (pp_bw * GB) if c.pp > 1 else 0.0
-    slots = grad_accum + c.pp - 1
-    bubble = (c.pp - 1) / slots
+    pp_mb = 2 * act / (lay.tp if c.sequence_parallel else 1) / (pp_bw * GB) if lay.pp > 1 else 0.0
+    slots = lay.grad_accum + lay.pp - 1
+    bubble = (lay.pp - 1) / slots
 
-    params = max(sum(it.params_per_rank for it in costs[parts[s]:parts[s + 1]]) for s in range(c.pp))
-    grads = gradient_wire_bytes(work, params, c.tp)
+    params = max(sum(it.params_per_rank for it in costs[parts[s]:parts[s + 1]]) for s in range(lay.pp))
+    grads = gradient_wire_bytes(work, params, lay.tp)
     if c.zero == 0:
-        dp = _ring(c.dp, grads, dp_bw)
+        dp = _ring(lay.dp, grads, dp_bw)
     else:
-        dp = _ring(c.dp, grads, dp_bw, all_reduce=False) + _ring(c.dp, params * e, dp_bw, all_reduce=False)
+        dp = _ring(lay.dp, grads, dp_bw, all_reduce=False) + _ring(lay.dp, params * e, dp_bw, all_reduce=False)
         if c.zero == 3:
-            dp += (3 if c.recompute == "full" else 2) * _ring(c.dp, params * e, dp_bw, all_reduce=False)
-    states = state_bytes(work.dtype, work.optimizer, c.zero, c.dp, offload=c.offload)
+            dp += (3 if c.recompute == "full" else 2) * _ring(lay.dp, params * e, dp_bw, all_reduce=False)
+    states = state_bytes(work.dtype, work.optimizer, c.zero, lay.dp, offload=c.offload)
     optimizer = 2 * params * states.total / (hw.hbm_gbps * GB)
     offload = 0.0
     if c.offload:
-        shard = params / c.dp
+        shard = params / lay.dp
         offload = shard * (4 + e) / (hw.pcie_gbps * GB) + 32 * shard * cluster.gpus_per_node / (hw.host_gbps * GB)
     return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
                     optimizer=optimizer, offload=offload, bubble=bubble)
 
 
 def _powers_of_two(limit: int) -> list[int]:
-    out, v = [], 1
-    while v <= limit:
-        out.append(v)
-        v *= 2
-    return out
+    return [1 << i for i in range(limit.bit_length())]  # 1, 2, 4, ... <= limit
 
 
-def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp: Optional[int] = None,
-               micro_batch: Optional[int] = None, recompute: Optional[str] = None, zero: Optional[int] = None,
-               offload: Iterable[bool] = (False,), micro_batches: Iterable[int] = (1, 2, 4, 8, 16)
-               ) -> list[Candidate]:
-    """Every layout the launcher can run on this cluster; a given value pins that axis."""
+def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> list[Candidate]:
+    """Every layout the launcher can run on this cluster; a value in `pinned` fixes that axis."""
     m, world = work.model, cluster.world
+    tp, pp, micro_batch, zero = pinned.tp, pinned.pp, pinned.micro_batch, pinned.zero
     tps = [tp] if tp is not None else [t for t in _powers_of_two(cluster.gpus_per_node)
                                        if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t)]
     out = []
@@ -307,7 +319,7 @@ def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp
             dp = world // (t * p)
             if work.global_batch % dp:
                 continue
-            mbs = [micro_batch] if micro_batch is not None else list(micro_batches)
+            mbs = [micro_batch] if micro_batch is not None else list(pinned.micro_batches)
             for b in mbs:
                 if work.global_batch % (b * dp):
                     continue
@@ -316,14 +328,16 @@ def candidates(work: Workload, cluster: Cluster, *, tp: Optional[int] = None, pp
                     if p > 1 and z > 1:
                         continue  # DeepSpeed's pipeline engine runs ZeRO 0 or 1
                     if work.dtype == "bf16" and p == 1 and z == 0:
-                        continue  # refused by launcher.engine (bf16 gradient accumulation)
+                        continue  # refused by launcher/ds/config.py (bf16 gradient accumulation)
                     if work.compression == "powersgd" and z > 1:
                         continue
-                    for r in ([recompute] if recompute is not None else RUNNABLE_RECOMPUTE):
-                        for off in offload:
+                    for r in ([pinned.recompute] if pinned.recompute is not None else RUNNABLE_RECOMPUTE):
+                        for off in pinned.offload:
                             if off and (z == 0 or work.compression == "powersgd"):
-                                continue  # refused by launcher.config
-                            out.append(Candidate(t, p, dp, b, z, r, off, work.sequence_parallel_at(t)))
+                                continue  # refused by launcher/config/checks.py
+                            layout = Layout(world_size=world, tp=t, pp=p, dp=dp, micro_batch=b,
+                                            global_batch=work.global_batch)
+                            out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t)))
     return out
 
 
@@ -340,17 +354,17 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
     parts_cache: dict = {}
     costs_cache: dict = {}
     for c in pool:
-        key = (c.pp, c.tp, c.micro_batch, c.recompute, c.sequence_parallel)
-        grad_accum = work.global_batch // (c.micro_batch * c.dp)
+        lay = c.layout
+        key = (lay.pp, lay.tp, lay.micro_batch, c.recompute, c.sequence_parallel)
         if key[1:] not in costs_cache:
-            costs_cache[key[1:]] = _costs(work.model, c.tp, c.micro_batch, work.dtype, c.recompute,
+            costs_cache[key[1:]] = _costs(work.model, lay.tp, lay.micro_batch, work.dtype, c.recompute,
                                           c.sequence_parallel)
         costs = costs_cache[key[1:]]
         if work.partition == "balanced":  # FLOPs min-max: the same split for any tp, batch or ZeRO
-            key = (c.pp,)
+            key = (lay.pp,)
         if key not in parts_cache:
             try:
-                parts_cache[key] = stage_parts(work, costs, c, grad_accum)
+                parts_cache[key] = stage_parts(work, costs, c)
             except ValueError:
                 parts_cache[key] = None
         if parts_cache[key] is None:

@@ -1,9 +1,18 @@
+"""The process groups of a layout: every rank's tp, dp and pp groups, built collectively
+from a `parallel.layout.Layout` (whose docstring has the rank order), and the `mpu`
+interface through which DeepSpeed's engine finds the tensor and data groups.
+
+The only part of `parallel/` that needs torch.distributed; the rank arithmetic it uses is
+pure and lives in parallel/layout.py.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
+
+import torch.distributed as dist
 
 from parallel.layout import Coord, Layout
 
@@ -42,8 +51,6 @@ def build_process_groups(layout: Layout, rank: int, timeout_s: Optional[float] =
     Each group gets `timeout_s` (parallel.collective_timeout_s, as the world group): without
     `timeout=` torch gives a subgroup its backend's default (30 min gloo, 10 min NCCL), not
     the world's."""
-    import torch.distributed as dist
-
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks, process group has {dist.get_world_size()}")
     timeout = group_timeout(timeout_s)

@@ -221,7 +221,7 @@ def _measure_states(rank, world_size, runs):
     from launcher.planning.plan import make_plan
     from launcher.planning.precision import detect_device_support
     from launcher.training.engine import build_engine
-    from parallel.memory import rank_memory
+    from parallel.memory import Overhead, StateSettings, rank_memory
     from parallel.topology import build_process_groups
 
     results = []
@@ -251,9 +251,10 @@ def _measure_states(rank, world_size, runs):
         engine.train_step(batches.next_step() if engine.reads_data else None)  # optimizer states now exist
         inner.step, ds.allreduce_gradients = at_step, at_reduce
         engine.train_step(batches.next_step() if engine.reads_data else None)
-        predicted = rank_memory(cfg.model, plan.costs, plan.parts, groups.coord.pp, tp=lay.tp, dp=lay.dp,
-                                micro_batch=lay.micro_batch, grad_accum=lay.grad_accum, dtype=plan.dtype,
-                                optimizer=cfg.optimizer.name, zero_stage=cfg.zero.stage, framework_bytes=0)
+        predicted = rank_memory(cfg.model, plan.costs, plan.parts, groups.coord.pp, lay,
+                                StateSettings(dtype=plan.dtype, optimizer=cfg.optimizer.name,
+                                              zero_stage=cfg.zero.stage),
+                                Overhead(framework_bytes=0))
         measured = dict(seen["step"])
         measured["grads"] = max(seen["step"]["grads"], seen.get("reduce", {}).get("grads", 0))
         measured["bucket"] = max(seen["step"]["bucket"], seen.get("reduce", {}).get("bucket", 0))
@@ -425,8 +426,12 @@ def _auto(path, **parallel):
 
 
 def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must():
+    from launcher.checkpoint.state import SavedLayout
     from launcher.planning.auto import resolve_auto
     from launcher.planning.precision import ASSUMED_GPU
+
+    def saved(tp: int, pp: int) -> SavedLayout:  # the layout of a checkpoint being resumed
+        return SavedLayout(tp=tp, pp=pp, dp=32 // (tp * pp), zero_stage=1, dtype="bf16")
 
     h100 = PRESETS["h100"]
     # Llama-2-70B on 32 H100s fits without recomputation thanks to sequence parallelism;
@@ -441,7 +446,8 @@ def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must()
         resolved, note = resolve_auto(cfg, gpus, cluster, ASSUMED_GPU)
         best = choose(cfg, cluster, "bf16")
         p = resolved.parallel
-        assert (p.tensor, p.pipeline, p.micro_batch) == (best.candidate.tp, best.candidate.pp, best.candidate.micro_batch)
+        lay = best.candidate.layout
+        assert (p.tensor, p.pipeline, p.micro_batch) == (lay.tp, lay.pp, lay.micro_batch)
         assert p.activation_checkpointing == best.candidate.recompute == recompute, (path, gpus, sp)
         assert f"activation_checkpointing {recompute} (planner:" in note
         for less in RUNNABLE_RECOMPUTE[:RUNNABLE_RECOMPUTE.index(recompute)]:  # recomputes only when it must
@@ -450,10 +456,10 @@ def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must()
                                f"parallel.activation_checkpointing -> tensor {p.tensor}, pipeline {p.pipeline}")
     # A resume keeps the checkpoint's tensor and pipeline degrees when a layout with them fits
     cfg = _auto("configs/llama_7b.yaml")
-    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume={"tp": 2, "pp": 4})
+    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume=saved(tp=2, pp=4))
     assert (resolved.parallel.tensor, resolved.parallel.pipeline) == (2, 4)
     assert "tensor 2 x pipeline 4 kept from the checkpoint being resumed" in note
-    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume={"tp": 8, "pp": 1})
+    resolved, note = resolve_auto(cfg, 32, Cluster(4, 8, h100), ASSUMED_GPU, resume=saved(tp=8, pp=1))
     assert "kept" in note and resolved.parallel.tensor == 8
     # Nothing fits: one line naming the first auto key
     with pytest.raises(Exception, match=r"^parallel.tensor: auto: no layout of 8 ranks with zero.stage=1 fits 79.6 GiB"):

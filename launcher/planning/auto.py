@@ -1,8 +1,17 @@
+"""Resolving `auto` in the parallel section with the planner (parallel/planner.py).
+
+`resolve_auto` replaces the auto keys (tensor, pipeline, micro_batch,
+activation_checkpointing) with the fastest layout that fits the world and device, keeping
+every value the config gives and, on resume, the checkpoint's degrees when they fit;
+`check_fits` and `fit_line` refuse (or, with --force, report) a resolved layout whose
+largest rank cannot fit the device; `smallest_world` and `default_world_size` find the
+fewest GPUs a config fits on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Protocol
 
 from launcher.config.checks import check_config
 from launcher.config.derived import sequence_parallel_on
@@ -11,12 +20,13 @@ from launcher.errors import ConfigError
 from launcher.planning.plan import Plan
 from launcher.planning.precision import ASSUMED_GPU, DeviceSupport, resolve_dtype
 from parallel.costs import recompute_mode
-from parallel.hardware import PRESETS, Hardware
+from parallel.hardware import GIB, PRESETS, Hardware
 from parallel.planner import (
     RUNNABLE_RECOMPUTE,
     Candidate,
     Cluster,
     Estimate,
+    Pinned,
     Workload,
     candidates,
     estimate,
@@ -33,12 +43,7 @@ def default_world_size(cfg: Config, hardware: Hardware = PRESETS["h100"]) -> int
     return p.tensor * p.pipeline * (1 if p.data == "auto" else p.data)
 
 
-# --------------------------------------------------------------------------------------
-# The planner applied to a config: auto keys, the fit check, smallest world
-# --------------------------------------------------------------------------------------
-
 AUTO_KEYS = ("tensor", "pipeline", "micro_batch", "activation_checkpointing")
-GIB = 1024**3
 
 
 def workload(cfg: Config, dtype: str) -> Workload:
@@ -51,20 +56,21 @@ def workload(cfg: Config, dtype: str) -> Workload:
                     sequence_parallel=cfg.parallel.sequence_parallel, **extra)
 
 
-def _pinned(cfg: Config) -> dict:
+def _pinned(cfg: Config) -> Pinned:
     p = cfg.parallel
-    return {"tp": None if p.tensor == "auto" else p.tensor,
-            "pp": None if p.pipeline == "auto" else p.pipeline,
-            "micro_batch": None if p.micro_batch == "auto" else p.micro_batch,
-            "recompute": None if p.activation_checkpointing == "auto" else recompute_mode(p.activation_checkpointing),
-            "zero": cfg.zero.stage, "offload": (cfg.zero.offload_optimizer,)}
+    return Pinned(tp=None if p.tensor == "auto" else p.tensor,
+                  pp=None if p.pipeline == "auto" else p.pipeline,
+                  micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
+                  recompute=(None if p.activation_checkpointing == "auto"
+                             else recompute_mode(p.activation_checkpointing)),
+                  zero=cfg.zero.stage, offload=(cfg.zero.offload_optimizer,))
 
 
 def plan_candidates(cfg: Config, cluster: Cluster, dtype: str) -> list[Candidate]:
     """The layouts `auto` chooses among: every value the config gives is kept."""
-    pool = candidates(workload(cfg, dtype), cluster, **_pinned(cfg))
+    pool = candidates(workload(cfg, dtype), cluster, _pinned(cfg))
     if cfg.parallel.data != "auto":
-        pool = [c for c in pool if c.dp == cfg.parallel.data]
+        pool = [c for c in pool if c.layout.dp == cfg.parallel.data]
     return pool
 
 
@@ -87,16 +93,24 @@ def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
 def planned_dtype(cfg: Config, device: DeviceSupport) -> str:
     """precision.dtype resolved for a layout not chosen yet: `auto` depends on the pipeline
     degree only through pp > 1, and the planner never picks bf16 with ZeRO 0 and pp 1
-    (launcher.engine refuses it), so an auto pipeline counts as pp > 1."""
+    (launcher/ds/config.py refuses it), so an auto pipeline counts as pp > 1."""
     p = cfg.parallel
     probe = dataclasses.replace(cfg, parallel=dataclasses.replace(p, pipeline=2 if p.pipeline == "auto" else p.pipeline))
     return resolve_dtype(probe, device)
 
 
+class ResumedDegrees(Protocol):
+    """What `resolve_auto` reads of the checkpoint a launch resumes: its SavedLayout
+    (launcher/checkpoint/state.py, a layer above this one)."""
+
+    tp: int
+    pp: int
+
+
 def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
-                 resume: Optional[dict] = None) -> tuple[Config, str]:
+                 resume: Optional[ResumedDegrees] = None) -> tuple[Config, str]:
     """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
-    device, and the line that says so ('' when nothing was auto). `resume`: the layout record
+    device, and the line that says so ('' when nothing was auto). `resume`: the saved layout
     of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
     when a layout with it fits (no conversion at load), else the best layout is resharded into."""
     p = cfg.parallel
@@ -107,11 +121,11 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
     best, kept = None, ""
     if resume is not None and "auto" in (p.tensor, p.pipeline):
         keep = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            p, tensor=resume["tp"] if p.tensor == "auto" else p.tensor,
-            pipeline=resume["pp"] if p.pipeline == "auto" else p.pipeline))
+            p, tensor=resume.tp if p.tensor == "auto" else p.tensor,
+            pipeline=resume.pp if p.pipeline == "auto" else p.pipeline))
         best = choose(keep, cluster, dtype)
         if best is not None:
-            kept = f"; tensor {resume['tp']} x pipeline {resume['pp']} kept from the checkpoint being resumed"
+            kept = f"; tensor {resume.tp} x pipeline {resume.pp} kept from the checkpoint being resumed"
     if best is None:
         best = choose(cfg, cluster, dtype)
     if best is None:
@@ -127,24 +141,28 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
         raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks with zero.stage={cfg.zero.stage}{offload} "
                           f"fits {cluster.hardware.memory_gib:.1f} GiB per device ({cluster.hardware.name}){need}; "
                           "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
-    c = best.candidate
-    chosen = dataclasses.replace(p, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
-                                 activation_checkpointing=c.recompute)
-    resolved = dataclasses.replace(cfg, parallel=chosen)
+    c, lay = best.candidate, best.candidate.layout
+    resolved = with_candidate(cfg, c)
     check_config(resolved)
-    note = (f"auto       {', '.join(auto)} -> tensor {c.tp}, pipeline {c.pp}, micro_batch {c.micro_batch}, "
+    note = (f"auto       {', '.join(auto)} -> tensor {lay.tp}, pipeline {lay.pp}, micro_batch {lay.micro_batch}, "
             f"activation_checkpointing {c.recompute} (planner: {best.peak.total / GIB:.1f} "
             f"of {cluster.hardware.memory_gib:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
             f"{cluster.hardware.name}{kept})")
     return resolved, note
 
 
+def with_candidate(cfg: Config, c: Candidate) -> Config:
+    """`cfg` with the candidate's tensor, pipeline, micro-batch and recomputation."""
+    lay = c.layout
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, tensor=lay.tp, pipeline=lay.pp, micro_batch=lay.micro_batch,
+        activation_checkpointing=c.recompute))
+
+
 def config_estimate(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
     """The planner's estimate of the config's own (resolved) layout and stage split."""
-    lay = plan.layout
-    c = Candidate(lay.tp, lay.pp, lay.dp, lay.micro_batch, cfg.zero.stage,
-                  recompute_mode(cfg.parallel.activation_checkpointing), cfg.zero.offload_optimizer,
-                  sequence_parallel_on(cfg.parallel, cfg.model, lay.tp))
+    c = Candidate(plan.layout, cfg.zero.stage, recompute_mode(cfg.parallel.activation_checkpointing),
+                  cfg.zero.offload_optimizer, sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
     return estimate(workload(cfg, plan.dtype), cluster, c, parts=list(plan.parts))
 
 
@@ -163,8 +181,8 @@ def check_fits(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
         cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"))
     better = choose(free, cluster, plan.dtype)
     instead = (f"; fits: {better.candidate.describe()} ({better.peak.total / GIB:.1f} GiB), e.g. "
-               f"parallel.tensor={better.candidate.tp} parallel.pipeline={better.candidate.pp} "
-               f"parallel.micro_batch={better.candidate.micro_batch} parallel.activation_checkpointing="
+               f"parallel.tensor={better.candidate.layout.tp} parallel.pipeline={better.candidate.layout.pp} "
+               f"parallel.micro_batch={better.candidate.layout.micro_batch} parallel.activation_checkpointing="
                f"{better.candidate.recompute}"
                + (" zero.offload_optimizer=true" if better.candidate.offload else "") if better else
                f"; no layout of {cluster.world} ranks fits: add nodes")

@@ -1,3 +1,11 @@
+"""What a config means for a world size: the `Plan` value (the resolved Layout, the stage
+boundaries over the pipeline items, the training dtype, the items' costs and the memory
+model the partitioner used), `make_plan` that builds it, and `describe`, the lines printed
+before training.
+
+Pure arithmetic on the config (no torch, no process group), so `--dry-run` checks a
+512-GPU config on a laptop, and the training entry point prints the very same lines.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from parallel.partition import (
 
 @dataclass(frozen=True)
 class Plan:
+    """A config resolved for one world size and device (its auto keys already resolved)."""
+
     layout: Layout
     dtype: str  # resolved: fp32 | bf16 | fp16
     costs: list[ItemCost]

@@ -36,13 +36,13 @@ ASSUMED_GPU = DeviceSupport(name="cuda (assumed by --dry-run)", is_gpu=True, bf1
 
 def detect_device_support() -> DeviceSupport:
     """Ask DeepSpeed's accelerator (cuda when a GPU is visible, else cpu) what it supports."""
+    # lazy: this module is on the torch-free path of `plan` and `--dry-run`
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
     is_gpu = acc.device_name() != "cpu"
     if is_gpu:
-        import torch
-
         name = f"{acc.device_name()} ({torch.cuda.get_device_name()})"
     else:
         name = "cpu"
@@ -55,7 +55,7 @@ def resolve_dtype(cfg: Config, device: DeviceSupport) -> str:
     requested = cfg.precision.dtype
     if requested == "auto":
         # bf16 only where DeepSpeed accumulates its gradients in fp32: ZeRO >= 1 or a pipeline
-        # (launcher.engine.bf16_gradient_settings refuses the rest)
+        # (launcher/ds/config.py bf16_gradient_settings refuses the rest)
         if device.is_gpu and device.bf16 and (cfg.zero.stage > 0 or cfg.parallel.pipeline > 1):
             return "bf16"
         if device.is_gpu and device.bf16:

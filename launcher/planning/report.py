@@ -1,3 +1,8 @@
+"""The `plan` command's report: `report` gathers, as one dict (what `--json` prints), the
+config's layout and its memory per stage, the rule of thumb, the smallest world it fits, and
+the layouts that fit ranked by estimated speed with why the first ones win; `format_report`
+renders it as the tables `python -m launcher.plan` prints.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +12,34 @@ from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.planning.auto import (
-    AUTO_KEYS,
-    GIB,
     config_estimate,
     plan_candidates,
     planned_dtype,
     resolve_auto,
     smallest_world,
+    with_candidate,
     workload,
 )
 from launcher.planning.cluster import nominal_gb
 from launcher.planning.plan import make_plan
 from launcher.planning.precision import ASSUMED_GPU
 from parallel.costs import RECOMPUTE_MODES, item_costs
-from parallel.hardware import PRESETS
+from parallel.hardware import GIB, PRESETS
 from parallel.memory import dtype_bytes
 from parallel.planner import (
+    Candidate,
     Cluster,
     Estimate,
+    Pinned,
     candidates,
     rank_layouts,
     why_faster,
 )
 
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
 MEMORY_ROWS = (("params (this rank)", "params"), ("weights", "weights"), ("gradients", "grads"),
                ("optimizer states", "optimizer"), ("activations", "activations"),
                ("loss logits buffers", "logits"), ("reduce bucket", "bucket"), ("ZeRO-3 gathered", "gathered"),
                ("framework overhead", "framework"), ("margin", "margin"), ("total", "total"))
-
-
-def _size_gib(text: str) -> float:
-    """'80GB', '80GiB', '80' -> 80.0 GiB (a GPU's "80GB" are 80 GiB)."""
-    cleaned = text.strip().upper().removesuffix("GB").removesuffix("GIB").removesuffix("I").strip()
-    try:
-        value = float(cleaned)
-    except ValueError:
-        raise ConfigError("--gpu-memory", f"expected a size such as 80GB, got {text!r}") from None
-    if not 0 < value < 1e6:
-        raise ConfigError("--gpu-memory", f"must be > 0 GiB, got {text!r}")
-    return value
 
 
 def rule_of_thumb_gpus(params: float, memory_gb: float) -> float:
@@ -68,10 +58,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
         closest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest if pool else None
         if closest is None:
             raise
-        c = closest.candidate
-        resolved = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, tensor=c.tp, pipeline=c.pp, micro_batch=c.micro_batch,
-            activation_checkpointing=c.recompute))
+        resolved = with_candidate(cfg, closest.candidate)
         note = f"auto       {err.message.split('; add nodes')[0].removeprefix('auto: ')}; shown: the layout of that ZeRO stage needing the least memory"
     plan = make_plan(resolved, world, ASSUMED_GPU)
     own = config_estimate(resolved, plan, cluster)
@@ -79,7 +66,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     free = dataclasses.replace(resolved, parallel=dataclasses.replace(
         resolved.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto",
         data="auto"))
-    pool = candidates(work, cluster, zero=None, offload=(False, True))
+    pool = candidates(work, cluster, Pinned(offload=(False, True)))
     ranking = rank_layouts(work, cluster, pool)
     params = sum(c.params for c in plan.costs)
     sp = sequence_parallel_on(resolved.parallel, resolved.model, plan.layout.tp)
@@ -91,21 +78,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
         smallest = smallest_world(free, cluster.hardware, cluster.gpus_per_node)
     except ConfigError:
         smallest = None
-    why = {}
-    # Each of the first structurally different layouts (tp, pp, micro-batch, recomputation,
-    # offload) against the next: ZeRO 0 and 1 alone often tie.
-    distinct: list[Estimate] = []
-    for e in ranking.estimates:
-        c = e.candidate
-        if all((c.tp, c.pp, c.micro_batch, c.recompute, c.offload) != (d.candidate.tp, d.candidate.pp,
-               d.candidate.micro_batch, d.candidate.recompute, d.candidate.offload) for d in distinct):
-            distinct.append(e)
-        if len(distinct) == 4:
-            break
-    for a, b in zip(distinct, distinct[1:]):
-        why[f"{a.candidate.describe()} over {b.candidate.describe()}"] = why_faster(a, b)
-    if distinct and distinct[0].candidate != own.candidate:
-        why[f"{distinct[0].candidate.describe()} over the config's layout"] = why_faster(distinct[0], own)
+    why = _why(ranking.estimates, own)
     return {"config": config_path, "auto": note, "hardware": dataclasses.asdict(cluster.hardware),
             "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "efficiency": cluster.efficiency,
             "params": params, "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
@@ -117,14 +90,41 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
             "why": why}
 
 
-def _has_auto(cfg: Config) -> bool:
-    return any(getattr(cfg.parallel, key) == "auto" for key in AUTO_KEYS)
+def _structure(c: Candidate) -> tuple:
+    """What makes two layouts structurally different (ZeRO 0 and 1 alone often tie)."""
+    return c.layout.tp, c.layout.pp, c.layout.micro_batch, c.recompute, c.offload
+
+
+def _why(ranked: list[Estimate], own: Estimate) -> dict[str, str]:
+    """Each of the first structurally different layouts (tp, pp, micro-batch, recomputation,
+    offload) against the next, and the fastest against the config's own layout."""
+    why = {}
+    distinct: list[Estimate] = []
+    for e in ranked:
+        if all(_structure(e.candidate) != _structure(d.candidate) for d in distinct):
+            distinct.append(e)
+        if len(distinct) == 4:
+            break
+    for a, b in zip(distinct, distinct[1:]):
+        why[f"{a.candidate.describe()} over {b.candidate.describe()}"] = why_faster(a, b)
+    if distinct and distinct[0].candidate != own.candidate:
+        why[f"{distinct[0].candidate.describe()} over the config's layout"] = why_faster(distinct[0], own)
+    return why
 
 
 def format_report(r: dict) -> str:
-    hw = r["hardware"]
-    lay = r["layout"]
-    gib = lambda b: b / GIB  # noqa: E731
+    """The report as `python -m launcher.plan` prints it (without --json)."""
+    lines = _summary_lines(r) + [""] + _memory_lines(r) + [""] + _rule_of_thumb_lines(r) + [""]
+    return "\n".join(lines + _ranking_lines(r))
+
+
+def _gib(value: float) -> float:
+    return value / GIB
+
+
+def _summary_lines(r: dict) -> list[str]:
+    """The cluster, the model, the auto note and the config's layout, one line each."""
+    hw, lay = r["hardware"], r["layout"]
     lines = [
         f"plan       {r['config']} on {r['nodes']} x {r['gpus_per_node']} {hw['name']} ({hw['memory_gib']:g} GiB, "
         f"{hw['peak_tflops']:g} TFLOP/s, NVLink {hw['intra_node_gbps']:g} GB/s, network {hw['inter_node_gbps']:g} "
@@ -139,11 +139,17 @@ def format_report(r: dict) -> str:
                  f"{'on' if lay['sequence_parallel'] else 'off'}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "
                  f"({lay['peak_gib']:.1f} of {hw['memory_gib']:.1f} GiB), "
                  f"~{lay['tokens_per_s']:,.0f} tokens/s, MFU {100 * lay['mfu']:.1f}%")
+    return lines
+
+
+def _memory_lines(r: dict) -> list[str]:
+    """One rank of each stage (up to 8; else the first two, the middle and the last two),
+    row by row, and stage 0's activations under each recomputation mode."""
+    lay = r["layout"]
     stages = lay["stages"]
     shown = list(range(len(stages))) if len(stages) <= 8 else sorted(
         {0, 1, len(stages) // 2, len(stages) - 2, len(stages) - 1})
-    lines.append("")
-    lines.append(f"{'one rank, GiB':<22}" + "".join(f"{'stage ' + str(s):>11}" for s in shown))
+    lines = [f"{'one rank, GiB':<22}" + "".join(f"{'stage ' + str(s):>11}" for s in shown)]
     for label, key in MEMORY_ROWS:
         cells = []
         for s in shown:
@@ -151,26 +157,32 @@ def format_report(r: dict) -> str:
             if key == "params":
                 cells.append(f"{v / 1e6:>10.1f}M")
             elif key == "activations":
-                cells.append(f"{gib(v):>6.2f} ({stages[s]['in_flight']}x)".rjust(11))
+                cells.append(f"{_gib(v):>6.2f} ({stages[s]['in_flight']}x)".rjust(11))
             else:
-                cells.append(f"{gib(v):>11.2f}")
+                cells.append(f"{_gib(v):>11.2f}")
         lines.append(f"{label:<22}" + "".join(cells))
     acts = r["activations_per_micro_batch_stage0"]
-    lines.append(f"activations of one micro-batch on stage 0, by recomputation: none {gib(acts['none']):.2f}, "
-                 f"selective {gib(acts['selective']):.2f}, full {gib(acts['full']):.2f} GiB"
+    lines.append(f"activations of one micro-batch on stage 0, by recomputation: none {_gib(acts['none']):.2f}, "
+                 f"selective {_gib(acts['selective']):.2f}, full {_gib(acts['full']):.2f} GiB"
                  + (" (sequence parallel)" if lay["sequence_parallel"] else ""))
-    lines.append("")
+    return lines
+
+
+def _rule_of_thumb_lines(r: dict) -> list[str]:
     smallest = r["smallest_world"]
-    lines.append(f"rule of thumb  params(B) x 18 x 1.25 / GPU GB = {r['params'] / 1e9:.2f} x 18 x 1.25 / "
-                 f"{r['nominal_gb']:g} = {r['rule_of_thumb_gpus']:.1f} GPUs; per rank the planner needs "
-                 f"{'no layout under 65536 GPUs' if smallest is None else f'{smallest} GPUs at least'}: the rule "
-                 "counts model states only (16 bytes + 2 of buffers, 25% slack), not activations "
-                 "(x micro-batches in flight), the reduction bucket, or the replicated weights and "
-                 "gradients that ZeRO 1-2 and tensor/pipeline degrees leave on every rank")
-    lines.append("")
-    lines.append(f"layouts that fit: {r['fitting']} of {r['considered']} considered, fastest first")
-    lines.append(f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'ZeRO':>4} {'recompute':>9} {'SP':>3} {'offload':>7} "
-                 f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}")
+    return [f"rule of thumb  params(B) x 18 x 1.25 / GPU GB = {r['params'] / 1e9:.2f} x 18 x 1.25 / "
+            f"{r['nominal_gb']:g} = {r['rule_of_thumb_gpus']:.1f} GPUs; per rank the planner needs "
+            f"{'no layout under 65536 GPUs' if smallest is None else f'{smallest} GPUs at least'}: the rule "
+            "counts model states only (16 bytes + 2 of buffers, 25% slack), not activations "
+            "(x micro-batches in flight), the reduction bucket, or the replicated weights and "
+            "gradients that ZeRO 1-2 and tensor/pipeline degrees leave on every rank"]
+
+
+def _ranking_lines(r: dict) -> list[str]:
+    """The layouts that fit, fastest first, and why the first ones win."""
+    lines = [f"layouts that fit: {r['fitting']} of {r['considered']} considered, fastest first",
+             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'ZeRO':>4} {'recompute':>9} {'SP':>3} {'offload':>7} "
+             f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}"]
     for i, e in enumerate(r["ranked"], 1):
         lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5} {e['micro_batch']:>3} {e['zero']:>4} "
                      f"{e['recompute']:>9} {'yes' if e['sequence_parallel'] else 'no':>3} "
@@ -182,7 +194,7 @@ def format_report(r: dict) -> str:
                      "are in the step time)")
     for what, text in r["why"].items():
         lines.append(f"why {what}: {text}")
-    return "\n".join(lines)
+    return lines
 
 
 def format_presets() -> str:
