@@ -46,7 +46,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--list-gpus", action="store_true", help="print the GPU presets and their sources")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides and options in any order
 
 
 def cluster_from_args(args) -> Cluster:
@@ -57,8 +57,12 @@ def cluster_from_args(args) -> Cluster:
     for field_name, arg in (("intra_node_gbps", args.intra_node_gbps), ("inter_node_gbps", args.inter_node_gbps),
                             ("pcie_gbps", args.pcie_gbps), ("efficiency", args.efficiency)):
         if arg is not None:
-            if not (0 < arg < 1e6) or (field_name == "efficiency" and arg > 1):
-                raise ConfigError(f"--{field_name.replace('_', '-')}", f"out of range: {arg}")
+            if field_name == "efficiency":
+                ok, expected = 0 < arg <= 1, "0 < efficiency <= 1, the share of peak FLOP/s a step reaches"
+            else:
+                ok, expected = 0 < arg < 1e6, "a bandwidth in GB/s, 0 < value < 1e6"
+            if not ok:
+                raise ConfigError(f"--{field_name.replace('_', '-')}", f"out of range: {arg} (expected {expected})")
             changes[field_name] = arg
     hardware = dataclasses.replace(hardware, **{k: v for k, v in changes.items() if k != "efficiency"})
     for name, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):

@@ -3,6 +3,7 @@ verb's --help answers without importing torch or DeepSpeed (the verbs are thin s
 import the library lazily, launcher/<verb>.py)."""
 
 import importlib
+import json
 import subprocess
 import sys
 
@@ -77,3 +78,14 @@ def test_report_without_a_step_to_plot_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no step record yet" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_plan_says_the_range_it_takes_and_mixes_overrides_and_options(capsys):
+    from launcher.plan import main
+
+    assert main(["--efficiency", "2"]) == 2
+    assert capsys.readouterr().err == ("config error: --efficiency: out of range: 2.0 (expected 0 < efficiency <= 1, "
+                                       "the share of peak FLOP/s a step reaches)\n")
+    assert main(["model.layers=2", "--gpus-per-node", "8", "parallel.tensor=1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"]["tp"] == 1 and report["layout"]["pp"] == 2  # both overrides taken

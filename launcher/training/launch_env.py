@@ -11,7 +11,7 @@
     plain python        rank 0 of 1 on 127.0.0.1
 
 `device_index` then says which of the visible GPUs this process drives (pure arithmetic:
-`parallel.topology.pick_device` feeds it torch's device count).
+`pick_device` below feeds it torch's device count).
 
 torchrun wins when present (`srun torchrun ...` sets both). MASTER_ADDR / MASTER_PORT from
 the environment always override the derived ones. `export_env` writes the result back as
