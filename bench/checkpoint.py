@@ -4,7 +4,7 @@ async save in flight, side by side in one run.
     python bench/checkpoint.py [--repeats 10] [section.key=value ...]
 
 Save: one process builds the engine for a model whose checkpoint is a few hundred MB
-(fp32 weights + AdamW moments, ZeRO 0), takes one step, then times `launcher.checkpoint.save`
+(fp32 weights + AdamW moments, ZeRO 0), takes one step, then times `launcher.checkpoint.save.save`
 end to end (DeepSpeed's files, checksums, fsync, manifest, atomic publish). `dd bs=1M
 conv=fsync` writes the same number of bytes to the same directory, alternating with the
 saves, so both see the same disk and the same neighbours. Prints min/median/max of both
@@ -66,8 +66,8 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist
 
-    from launcher.checkpoint.save import save
-    from launcher.checkpoint.state import LauncherState, fingerprint, layout_record
+    from launcher.checkpoint.save import RankInfo, SaveOptions, save
+    from launcher.checkpoint.state import LauncherState, SavedLayout, fingerprint
     from launcher.checkpoint.store import Verified
     from launcher.config.load import load_config
     from launcher.data.batches import training_batches
@@ -94,7 +94,8 @@ def main() -> None:
         batches = training_batches(cfg, Path(cache), global_batch=1, micro_batch=1)
         engine.train_step(batches.next_step())
         verified = Verified()  # what retention counts; every save here goes to a fresh root
-        state = lambda step: LauncherState(step, 0, step, layout_record(cfg, plan), fingerprint(cfg))  # noqa: E731
+        state = lambda step: LauncherState(step, 0, step, SavedLayout.of_run(cfg, plan), fingerprint(cfg))  # noqa: E731
+        ranks = RankInfo(rank=0, local_rank=0, world_size=1)
 
         def timed_step() -> float:
             start = time.perf_counter()
@@ -106,7 +107,7 @@ def main() -> None:
             root = work / f"save{i}"
             before = timed_step()
             start = time.perf_counter()
-            save(engine.ds, root, state(1), 0, 0, 1, keep_last=1, verified=verified).wait()
+            save(engine.ds, root, state(1), ranks, SaveOptions(keep_last=1), verified).wait()
             save_s.append(time.perf_counter() - start)
             # The step right after a save, with nothing in flight: what a save costs the next
             # step by itself (caches, page cache), for comparison with the async figure.
@@ -122,8 +123,8 @@ def main() -> None:
         for i in range(3 * args.repeats):  # one pair is one step each side: take many
             before = timed_step()
             started = time.perf_counter()
-            pending = save(engine.ds, work / f"async{i}", state(2 + i), 0, 0, 1, keep_last=1, verified=verified,
-                                background=True)
+            pending = save(engine.ds, work / f"async{i}", state(2 + i), ranks,
+                           SaveOptions(keep_last=1, background=True), verified)
             start, inflight = time.perf_counter(), []
             while pending._thread is not None and pending._thread.is_alive():
                 inflight.append(timed_step())

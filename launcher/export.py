@@ -13,13 +13,8 @@ shard being filled; at most one output shard is held in memory. Output:
     model-0000K-of-0000N.safetensors + model.safetensors.index.json
     tokenizer.json (+ tokenizer_config.json) when the run used a Hugging Face tokenizer
 
-Where the weights are on disk (DeepSpeed 0.19):
-    pipeline > 1       layer_XX-model_YY-model_states.pt: pipeline item XX (parallel.costs
-                       order), tp rank YY; a tied head is not saved (it is item 0's table)
-    pipeline = 1       mp_rank_YY_model_states.pt: the whole module of tp rank YY ("items.XX.*")
-    ZeRO 3             the module files hold empty placeholders; the weights are the fp32
-                       partitions in zero_pp_rank_D_mp_rank_YY_optim_states.pt (read as
-                       deepspeed/utils/zero_to_fp32.py does)
+Which of DeepSpeed's files hold the weights of each layout: launcher/checkpoint/ds_files.py;
+the reading: launcher/checkpoint/reader.py; the writing: launcher/hf/export.py.
 
 A padded vocabulary (model.vocab above the tokenizer's size) is trimmed back: to the
 vocab_size of the Hugging Face model the run started from (model.init_from, recorded in the

@@ -12,7 +12,8 @@ import transformers
 from hf_llama import hf_tokenizer
 from launch import REPO, base_env, torchrun_cmd, train
 
-from launcher.checkpoint.reader import CheckpointReader, item_key, resolve_checkpoint
+from launcher.checkpoint.ds_files import item_key
+from launcher.checkpoint.reader import CheckpointReader, resolve_checkpoint
 from launcher.config.schema import ModelConfig
 from launcher.model import weights as hf_names
 from launcher.model.llama import LlamaModel, layer_specs

@@ -1,3 +1,9 @@
+"""Loading a verified checkpoint into this rank's engine (collective).
+
+DeepSpeed's own loader when it reads the saved layout for this run's (launcher/ds/seams.py
+`deepspeed_load_checkpoint`), else resharding (launcher/checkpoint/reshard.py); then the
+learning rate, and on the same layout this rank's RNG and compression state.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,26 @@ from typing import Optional
 
 import torch
 
+from launcher.checkpoint.reshard import load_resharded
 from launcher.checkpoint.state import (
+    LauncherState,
+    SavedLayout,
     deepspeed_loads,
-    describe_layout,
     same_layout,
     set_rng_state,
 )
 from launcher.ds.seams import deepspeed_load_checkpoint, load_weights_only
 
 
-def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: int, tp_rank: int,
-         model: dict, compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
+def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, tp_rank: int,
+         compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
     """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
-    the same layout, this rank's RNG and compression state. Returns a notice line, if any.
+    the same layout, this rank's RNG and compression state. `saved`: the checkpoint's
+    launcher_state.json; `current`: this run's layout. Returns a notice line, if any.
 
     Another layout DeepSpeed cannot read (tensor or pipeline degree, stage boundaries, ZeRO
-    stage, dtype, or dp under its bf16 optimizer) is resharded by launcher.reshard: every
-    rank reads its own slices of the saved state.
+    stage, dtype, or dp under its bf16 optimizer) is resharded (launcher/checkpoint/reshard.py):
+    every rank reads its own slices of the saved state.
 
     Compression state (PowerSGD's error feedback) is per rank and has no meaning on another
     layout: there, and when the checkpoint has none, compression starts afresh.
@@ -35,15 +44,13 @@ def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: 
     dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
     it is shown the saved dp, which is exactly what its elastic path expects."""
     notes = []
-    if deepspeed_loads(saved_layout, current_layout):
-        deepspeed_load_checkpoint(ds_engine, ckpt, saved_layout["dp"], current_layout["dp"])
+    if deepspeed_loads(saved.layout, current):
+        deepspeed_load_checkpoint(ds_engine, ckpt, saved.layout.dp, current.dp)
     else:
-        from launcher.checkpoint.reshard import load_resharded
-
         start = time.perf_counter()
-        load_resharded(ds_engine, ckpt, saved_layout, model, tp_rank, current_layout["tp"])
-        notes.append(f"checkpoint {ckpt.name} was saved with {describe_layout(saved_layout)}: resharded to "
-                     f"{describe_layout(current_layout)} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
+        load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], tp_rank, current.tp)
+        notes.append(f"checkpoint {ckpt.name} was saved with {saved.layout.describe()}: resharded to "
+                     f"{current.describe()} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
                      "each rank read its own slices; RNG states start from the seed)")
     # The scheduler's load_state_dict restores its counter, not the optimizer's lr; ZeRO's
     # elastic optimizer state has no param_groups to bring it back. Without this the first
@@ -51,7 +58,13 @@ def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: 
     if ds_engine.lr_scheduler is not None:
         for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    same = same_layout(saved_layout, current_layout)
+    notes += _load_rank_state(ckpt, same_layout(saved.layout, current), rank, compressor, device)
+    return "; ".join(notes) or None
+
+
+def _load_rank_state(ckpt: Path, same: bool, rank: int, compressor, device: Optional[torch.device]) -> list[str]:
+    """This rank's RNG and compression state, on the same layout only; notices, if any."""
+    notes = []
     rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
     if same and rng_file.exists():
         try:
@@ -69,4 +82,4 @@ def load(ds_engine, ckpt: Path, saved_layout: dict, current_layout: dict, rank: 
             f"compression: no PowerSGD state for this layout in {ckpt.name}; error feedback and factors start afresh")
         if note:
             notes.append(note)
-    return "; ".join(notes) or None
+    return notes

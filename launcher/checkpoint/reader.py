@@ -1,3 +1,13 @@
+"""Reading a published checkpoint whole, in one process: for export and generate.
+
+- `resolve_checkpoint`: a run directory, a checkpoint root or a checkpoint directory ->
+  the checkpoint to read and the run it belongs to.
+- `run_tokenizer`, `trimmed_vocab`: the run's tokenizer, and the vocabulary rows that mean
+  something (a padded vocabulary's extra rows are dropped on export).
+- `CheckpointReader`: full (tp-gathered) tensors by our logical names, from any tensor,
+  pipeline and ZeRO layout (0-3), one pipeline item's files memory-mapped at a time.
+  Which file holds what is launcher/checkpoint/ds_files.py's business.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +16,28 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
+from launcher.checkpoint.ds_files import (
+    item_key,
+    layer_files,
+    load_mmap,
+    model_states_file,
+    module_weights,
+    optim_files,
+    optimizer_state,
+    param_shapes,
+    saved_name,
+    zero3_flat_groups,
+    zero3_model_states_file,
+    zero3_partition_count,
+)
 from launcher.checkpoint.state import LauncherState
 from launcher.checkpoint.store import MANIFEST, STATE, published
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
-from launcher.ds.seams import deepspeed_state_classes
 from launcher.errors import ConfigError
+from launcher.formats.tokenizer import BYTE, load_tokenizer
 from launcher.model import weights as hf_names
 from parallel.costs import pipeline_items
 
@@ -24,8 +49,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
-
     try:
         return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -59,10 +82,9 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
 
 
 def run_tokenizer(run: Optional[Path], state: LauncherState):
-    """The run's tokenizer (launcher.tokenizer) when its config.yaml names one that loads and
-    matches the checkpoint's fingerprint; else None (no vocabulary trim, no files copied)."""
-    from launcher.formats.tokenizer import BYTE, load_tokenizer
-
+    """The run's tokenizer (launcher.formats.tokenizer) when its config.yaml names one that
+    loads and matches the checkpoint's fingerprint; else None (no vocabulary trim, no files
+    copied)."""
     if state.fingerprint.get("data.tokenizer") == BYTE:  # its fingerprint names it: no file needed
         return load_tokenizer(BYTE)
     if run is None:
@@ -97,30 +119,6 @@ def trimmed_vocab(model: ModelConfig, state: LauncherState, tok) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def load_mmap(path: Path) -> dict:
-    """torch.load that runs no code from the file, memory-mapped (pages are read when used)."""
-    with torch.serialization.safe_globals(deepspeed_state_classes()):
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def item_key(model: ModelConfig, ours: str) -> tuple[int, str]:
-    """Our logical name -> (pipeline item index, key in that item's state dict):
-    'layers.1.mlp.w_up.weight' -> (4, 'w_up.weight'); 'head.weight' -> (last, 'proj.weight')
-    (the tied head is item 0's 'embed.weight')."""
-    n_items = len(pipeline_items(model))
-    if ours == "embed.weight" or (ours == "head.weight" and model.tie_embeddings):
-        return 0, "embed.weight"
-    if ours == "head.weight":
-        return n_items - 1, "proj.weight"
-    if ours == "norm.weight":
-        return n_items - 2, "norm.weight"
-    _, layer, block, rest = ours.split(".", 3)  # layers.{i}.attention|mlp.<rest>
-    return 1 + 2 * int(layer) + (block == "mlp"), rest
-
-
 class CheckpointReader:
     """Full (tp-gathered) tensors of one checkpoint by our logical names, e.g.
     reader.tensor('layers.0.attention.wq.weight') -> (hidden, hidden), in the dtype on disk
@@ -136,8 +134,8 @@ class CheckpointReader:
         self.state = LauncherState.read(ckpt)
         self.model = model_config(self.state.fingerprint["model"], "--checkpoint")
         lay = self.state.layout
-        self.tp, self.pp, self.zero_stage = lay["tp"], lay["pp"], lay["zero_stage"]
-        self.dtype = DTYPES.get(lay["dtype"], torch.float32)
+        self.tp, self.pp, self.zero_stage = lay.tp, lay.pp, lay.zero_stage
+        self.dtype = DTYPES.get(lay.dtype, torch.float32)
         self._item: Optional[tuple[int, list]] = None  # (item index, each tp rank's open files)
         self._zero3_index: list[dict] = []  # ZeRO 3: per tp rank, name -> where its pieces are
         if self.zero_stage == 3:
@@ -154,18 +152,17 @@ class CheckpointReader:
 
     def _item_paths(self, index: int) -> list[Path]:
         if self.pp == 1:
-            return [self._need(self.ckpt / f"mp_rank_{r:02d}_model_states.pt") for r in range(self.tp)]
+            return [self._need(model_states_file(self.ckpt, r)) for r in range(self.tp)]
         if self.model.tie_embeddings and index == len(pipeline_items(self.model)) - 1:
             index = 0  # the tied head's weight is saved with the embedding only
-        files = sorted(self.ckpt.glob(f"layer_{index:02d}-*model_states.pt"))
+        files = layer_files(self.ckpt, index)
         if len(files) != self.tp:
             raise ConfigError("--checkpoint", f"{self.ckpt}: {len(files)} files for pipeline item {index}, "
                               f"expected one per tp rank ({self.tp})")
         return files
 
     def _zero3_optim_paths(self, tp_rank: int) -> list[Path]:
-        paths = sorted(self.ckpt.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
-                       key=lambda p: int(p.name.split("_")[3]))
+        paths = optim_files(self.ckpt, tp_rank)
         if not paths:
             raise ConfigError("--checkpoint", f"{self.ckpt}: no ZeRO 3 optimizer files for tp rank {tp_rank}")
         return paths
@@ -174,20 +171,19 @@ class CheckpointReader:
         """Where each parameter of one tp rank is: name -> (group, offset, piece, shape). ZeRO 3
         cuts every parameter into dp equal pieces (the last padded); dp rank d's flat fp32
         group holds piece d of each of the group's parameters, in order (zero_to_fp32.py)."""
-        world = len(self._zero3_optim_paths(tp_rank))
-        opt = load_mmap(self._zero3_optim_paths(tp_rank)[0])["optimizer_state_dict"]
-        count = opt.get("partition_count", world)
-        count = max(count) if isinstance(count, list) else count
+        paths = self._zero3_optim_paths(tp_rank)
+        world = len(paths)
+        count = zero3_partition_count(optimizer_state(load_mmap(paths[0])), world)
         if count != world:
             raise ConfigError("--checkpoint", f"{self.ckpt}: {world} ZeRO 3 files for tp rank {tp_rank}, "
                               f"the optimizer was partitioned {count} ways")
-        model_file = self._need(self.ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        model_file = self._need(zero3_model_states_file(self.ckpt, tp_rank))
         where = {}
-        for group, shapes in enumerate(load_mmap(model_file)["param_shapes"]):  # per group: {name: shape}
+        for group, shapes in enumerate(param_shapes(load_mmap(model_file))):  # per group: {name: shape}
             offset = 0
             for name, shape in shapes.items():
                 piece = math.ceil(math.prod(shape) / world)
-                where[name] = (group, offset, piece, tuple(shape))
+                where[name] = (group, offset, piece, shape)
                 offset += piece
         return where
 
@@ -197,12 +193,12 @@ class CheckpointReader:
         if self._item is None or self._item[0] != index:
             self._item = None  # unmap the previous item's files first
             if self.zero_stage == 3:
-                files = [[load_mmap(p)["optimizer_state_dict"]["fp32_flat_groups"]
-                          for p in self._zero3_optim_paths(r)] for r in range(self.tp)]
+                files = [[zero3_flat_groups(optimizer_state(load_mmap(p))) for p in self._zero3_optim_paths(r)]
+                         for r in range(self.tp)]
             else:
                 files = [load_mmap(p) for p in self._item_paths(index)]
                 if self.pp == 1:
-                    files = [f["module"] for f in files]
+                    files = [module_weights(f) for f in files]
             self._item = (index, files)
         return self._item[1]
 
@@ -212,11 +208,12 @@ class CheckpointReader:
         index, key = item_key(self.model, ours)
         files = self._open(index)[tp_rank]
         if self.zero_stage == 3:
-            group, offset, piece, shape = self._zero3_index[tp_rank][f"items.{index}.{key}"]
+            group, offset, piece, shape = self._zero3_index[tp_rank][saved_name(index, key, pp=1)]
             # detached: ZeRO 3 saves its flat groups with requires_grad, and a copy out of one
             # would keep the mapped file alive through its grad_fn
             return shape, [flat[group][offset:offset + piece].detach() for flat in files]
-        part = files[f"items.{index}.{key}" if self.pp == 1 else key].detach()
+        # pipeline 1: the module's weights, by saved name; pipeline > 1: the item's file, by key
+        part = files[saved_name(index, key, pp=1) if self.pp == 1 else key].detach()
         return tuple(part.shape), [part]
 
     def tensor(self, ours: str, dtype: Optional[torch.dtype] = None, rows: Optional[int] = None) -> torch.Tensor:

@@ -22,18 +22,7 @@ every saved stage say which holds what). The Adam step count, the
 scheduler, DeepSpeed's step and sample counters come along; RNG states and PowerSGD's
 error feedback are per rank and start afresh (as on any layout change).
 
-Where the state is on disk (DeepSpeed 0.19), for saved (stage s, tp rank t), m = s * tp + t:
-    mp_rank_MM_model_states.pt        lr scheduler, counters; `param_shapes` (ZeRO >= 1: the
-                                      names and tp-slice shapes of stage s, per group);
-                                      ZeRO 0: the torch optimizer's state by index; pp = 1:
-                                      the module's weights
-    [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt
-                                      ZeRO 1/2 and the bf16 optimizer: dp rank D's flat fp32
-                                      partition per group, its moments, and
-                                      `param_slice_mappings` (name -> start, numel in it)
-    layer_XX-model_TT-model_states.pt pipeline > 1: item XX's weights of tp rank TT
-Parameter names: 'items.X.key' (pipeline 1), 'X.key' (pipeline > 1), a tied embedding
-'tied_modules.embed.embed.weight'; X is the pipeline item (parallel.costs order).
+Which file holds what, and the names parameters are saved under: launcher/checkpoint/ds_files.py.
 """
 
 from __future__ import annotations
@@ -44,9 +33,26 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+from launcher.checkpoint.ds_files import (
+    TIED_EMBEDDING,
+    base_state,
+    fp32_partition,
+    layer_file,
+    load_mmap,
+    logical_name,
+    model_states_file,
+    module_weights,
+    optim_files,
+    optimizer_state,
+    param_shapes,
+    saved_name,
+    slice_mappings,
+    torch_optimizer,
+)
+from launcher.checkpoint.state import SavedLayout
 from launcher.config.coerce import model_config
-from launcher.config.schema import ModelConfig
 from launcher.ds.seams import (
     can_init_fragment_state,
     has_fragment_mapping,
@@ -54,26 +60,8 @@ from launcher.ds.seams import (
 )
 from launcher.errors import ConfigError
 from launcher.model import weights as hf_names
-from parallel.costs import pipeline_items
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's; Lion has exp_avg only
-
-
-def logical_name(model: ModelConfig, saved: str) -> str:
-    """A module parameter name as DeepSpeed saved it -> our logical name
-    ('3.wq.weight' -> 'layers.1.attention.wq.weight'); the inverse of export.item_key."""
-    if saved.startswith("tied_modules."):
-        return "embed.weight"  # the only tied weight: the embedding, shared with the head
-    item, key = saved.removeprefix("items.").split(".", 1)
-    index, last = int(item), len(pipeline_items(model)) - 1
-    if index == 0:
-        return "embed.weight"
-    if index == last:
-        return "head.weight"
-    if index == last - 1:
-        return "norm.weight"
-    layer, block = divmod(index - 1, 2)
-    return f"layers.{layer}.{'mlp' if block else 'attention'}.{key}"
 
 
 @dataclass
@@ -91,13 +79,14 @@ class SavedState:
     """The full (tp-gathered) fp32 master weights and optimizer moments of a checkpoint, by
     logical name, for any saved layout with ZeRO 0-2."""
 
-    def __init__(self, ckpt: Path, layout: dict, model: dict):
+    def __init__(self, ckpt: Path, layout: SavedLayout, model: dict):
         self.ckpt = ckpt
         self.model = model_config(model, "checkpoint.resume")
-        self.tp, self.pp, self.zero = layout["tp"], layout["pp"], layout["zero_stage"]
+        self.layout = layout
+        self.tp, self.pp, self.zero = layout.tp, layout.pp, layout.zero_stage
         if self.zero == 3:
             raise ConfigError("zero.stage", f"checkpoint {ckpt} was saved with ZeRO 3: it resumes on its own layout "
-                              f"only (tensor={self.tp} pipeline={self.pp} data={layout['dp']} zero.stage=3)")
+                              f"only (tensor={self.tp} pipeline={self.pp} data={layout.dp} zero.stage=3)")
         self._files: dict = {}
         self.index: dict[str, list[_Slice]] = {}  # logical name -> one _Slice per saved tp rank
         self.step: Optional[torch.Tensor] = None  # the optimizer's step count
@@ -108,7 +97,7 @@ class SavedState:
             for name in self._stage_names(stage):
                 self._stages.setdefault(logical_name(self.model, name), []).append(stage)
         self._indexed: set[int] = set()
-        self.counters = self._open(self._need(ckpt / "mp_rank_00_model_states.pt"))
+        self.counters = self._open(self._need(model_states_file(ckpt, 0)))
 
     # ----------------------------------------------------------------- files
     def _need(self, path: Path) -> Path:
@@ -119,29 +108,26 @@ class SavedState:
 
     def _open(self, path: Path) -> dict:
         if path not in self._files:
-            from launcher.checkpoint.reader import load_mmap
-
             self._files[path] = load_mmap(path)
         return self._files[path]
 
     def _optim_files(self, m: int) -> list[Path]:
-        found = sorted(self.ckpt.glob(f"*zero_pp_rank_*_mp_rank_{m:02d}_optim_states.pt"),
-                       key=lambda p: int(p.name.split("zero_pp_rank_")[1].split("_")[0]))
+        found = optim_files(self.ckpt, m)
         if not found:
             raise ConfigError("checkpoint.resume", f"{self.ckpt}: no ZeRO optimizer files for model-parallel rank {m}")
         return found
 
     # ----------------------------------------------------------------- index
-    def _add(self, saved_name: str, t: int, piece: _Slice) -> None:
-        name = logical_name(self.model, saved_name)
+    def _add(self, saved: str, t: int, piece: _Slice) -> None:
+        name = logical_name(self.model, saved)
         slices = self.index.setdefault(name, [None] * self.tp)
         if slices[t] is None:  # a tied weight appears on two stages, identical: the first wins
             slices[t] = piece
 
     def _stage_names(self, stage: int) -> list[str]:
-        mp = self._open(self._need(self.ckpt / f"mp_rank_{stage * self.tp:02d}_model_states.pt"))
-        if mp.get("param_shapes"):
-            return [name for group in mp["param_shapes"] for name in group]
+        mp = self._open(self._need(model_states_file(self.ckpt, stage * self.tp)))
+        if param_shapes(mp):
+            return [name for group in param_shapes(mp) for name in group]
         return [w[0] for w in self._stage_weights(mp, stage, 0)]
 
     def _slices(self, name: str) -> list[_Slice]:
@@ -157,64 +143,59 @@ class SavedState:
 
     def _index_stage(self, stage: int, t: int) -> None:
         m = stage * self.tp + t
-        mp_file = self._need(self.ckpt / f"mp_rank_{m:02d}_model_states.pt")
+        mp_file = self._need(model_states_file(self.ckpt, m))
         mp = self._open(mp_file)
-        if self.zero == 0 and mp.get("optimizer") and "state" in mp["optimizer"]:
+        if self.zero == 0 and torch_optimizer(mp) is not None:
             self._index_torch_optimizer(mp_file, mp, stage, t)
             return
-        shapes = {name: tuple(shape) for group in mp["param_shapes"] for name, shape in group.items()}
+        shapes = {name: shape for group in param_shapes(mp) for name, shape in group.items()}
         where: dict[str, list] = {}
         for path in self._optim_files(m):
-            opt = self._open(path)["optimizer_state_dict"]
-            for group, mapping in enumerate(opt["param_slice_mappings"]):
+            opt = optimizer_state(self._open(path))
+            for group, mapping in enumerate(slice_mappings(opt)):
                 for name, address in mapping.items():
                     where.setdefault(name, []).append((path, group, address.start, address.numel))
             if self.step is None:
-                self.step = _base_state(opt, 0).get("step")  # None: saved before any step
+                self.step = base_state(opt, 0).get("step")  # None: saved before any step
         for name, fragments in where.items():
             self._add(name, t, _Slice(shapes[name], fragments))
 
     def _index_torch_optimizer(self, mp_file: Path, mp: dict, stage: int, t: int) -> None:
         """ZeRO 0 with a torch optimizer: its state is by index, in the order of the stage's
-        parameters (launcher.optim.param_groups: matrices first, then gains), which is the
-        order of the saved weights."""
+        parameters (launcher.training.optim.param_groups: matrices first, then gains), which
+        is the order of the saved weights."""
         weights = self._stage_weights(mp, stage, t)  # [(saved name, file, key, shape)] in module order
         order = [w for w in weights if len(w[3]) >= 2] + [w for w in weights if len(w[3]) < 2]
-        opt = mp["optimizer"]
+        opt = torch_optimizer(mp)
         indices = [i for group in opt["param_groups"] for i in group["params"]]
         if len(indices) != len(order):
             raise ConfigError("checkpoint.resume", f"{mp_file}: {len(indices)} optimizer entries for "
                               f"{len(order)} parameters of stage {stage}")
-        for i, (saved_name, path, key, shape) in zip(indices, order):
-            self._add(saved_name, t, _Slice(shape, [], zero0=(mp_file, i, path, key)))
+        for i, (saved, path, key, shape) in zip(indices, order):
+            self._add(saved, t, _Slice(shape, [], zero0=(mp_file, i, path, key)))
             if self.step is None and i in opt["state"]:
                 self.step = opt["state"][i]["step"]
 
     def _stage_weights(self, mp: dict, stage: int, t: int) -> list:
         if self.pp == 1:
-            module = mp["module"]
-            buffers = set(mp.get("buffer_names") or [])
-            return [(k, None, k, tuple(v.shape)) for k, v in module.items() if k not in buffers]
+            return [(k, None, k, tuple(v.shape)) for k, v in module_weights(mp).items()]
         parts = self._parts()
         out = []
         items = range(parts[stage], parts[stage + 1])
         if self.model.tie_embeddings and stage == self.pp - 1 and 0 not in items:
             # the last stage's head is the tied embedding: DeepSpeed registers it first
-            out.append(("tied_modules.embed.embed.weight", self.ckpt / f"layer_00-model_{t:02d}-model_states.pt",
-                        "embed.weight", tuple(self._open(self.ckpt / f"layer_00-model_{t:02d}-model_states.pt")
-                                              ["embed.weight"].shape)))
+            embed = layer_file(self.ckpt, 0, t)
+            out.append((TIED_EMBEDDING, embed, "embed.weight", tuple(self._open(embed)["embed.weight"].shape)))
         for item in items:
-            path = self.ckpt / f"layer_{item:02d}-model_{t:02d}-model_states.pt"
+            path = layer_file(self.ckpt, item, t)
             if not path.is_file():  # a tied head: saved with item 0 only
                 continue
             for key, value in self._open(path).items():
-                out.append((f"{item}.{key}", path, key, tuple(value.shape)))
+                out.append((saved_name(item, key, self.pp), path, key, tuple(value.shape)))
         return out
 
-    def _parts(self) -> list[int]:
-        from launcher.checkpoint.state import LauncherState
-
-        parts = LauncherState.read(self.ckpt).layout.get("parts")
+    def _parts(self) -> tuple[int, ...]:
+        parts = self.layout.parts
         if not parts:
             raise ConfigError("checkpoint.resume", f"{self.ckpt}: saved with ZeRO 0 and pipeline {self.pp} before "
                               "stage boundaries were recorded; resume it on its own layout once to re-save it")
@@ -225,13 +206,13 @@ class SavedState:
         if piece.zero0 is not None:
             mp_file, i, path, key = piece.zero0
             if what == "fp32":
-                source = self._open(mp_file)["module"] if path is None else self._open(path)
+                source = module_weights(self._open(mp_file)) if path is None else self._open(path)
                 return source[key].detach().float().reshape(piece.shape)
-            return self._open(mp_file)["optimizer"]["state"][i][what].detach().float().reshape(piece.shape)
+            return torch_optimizer(self._open(mp_file))["state"][i][what].detach().float().reshape(piece.shape)
         flat = []
         for path, group, start, numel in piece.fragments:
-            opt = self._open(path)["optimizer_state_dict"]
-            source = opt["single_partition_of_fp32_groups"][group] if what == "fp32" else _base_state(opt, group)[what]
+            opt = optimizer_state(self._open(path))
+            source = fp32_partition(opt, group) if what == "fp32" else base_state(opt, group)[what]
             flat.append(source.detach()[start:start + numel])
         out = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
         if out.numel() != math.prod(piece.shape):
@@ -261,29 +242,20 @@ class SavedState:
         some = self._slices(next(iter(self._stages)))[0]
         if some.zero0 is not None:
             mp_file, i, _, _ = some.zero0
-            state = self._open(mp_file)["optimizer"]["state"].get(i, {})
+            state = torch_optimizer(self._open(mp_file))["state"].get(i, {})
         else:
             path, group, _, _ = some.fragments[0]
-            state = _base_state(self._open(path)["optimizer_state_dict"], group)
+            state = base_state(optimizer_state(self._open(path)), group)
         return [k for k in MOMENTS if k in state]
 
     def close(self) -> None:
         self._files.clear()
 
 
-def _base_state(opt: dict, group: int) -> dict:
-    """The torch optimizer's state of one flat group: ZeRO 1/2 save a list per group
-    (elastic format), the bf16 optimizer torch's state_dict."""
-    base = opt["base_optimizer_state"]
-    return base[group] if isinstance(base, list) else base["state"][group]
-
-
-def load_resharded(ds_engine, ckpt: Path, saved_layout: dict, model: dict, tp_rank: int, tp_size: int) -> None:
+def load_resharded(ds_engine, ckpt: Path, saved_layout: SavedLayout, model: dict, tp_rank: int, tp_size: int) -> None:
     """Fill this rank's engine (built for its own layout) from a checkpoint of another
     layout: weights, fp32 master, optimizer moments and step, scheduler, counters.
     Not a collective; every rank reads its own slices."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     saved = SavedState(ckpt, saved_layout, model)
     optimizer = ds_engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap a torch optimizer

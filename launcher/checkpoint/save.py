@@ -1,3 +1,11 @@
+"""Saving a checkpoint (collective): write, hash, flush, publish atomically.
+
+Every rank writes its files into .partial/<tag> through launcher/checkpoint/writer.py
+(each file hashed as it is written); the finishing half (fsync, each rank's share of the
+manifest, rank 0's publish: manifest, rename, `latest`, retention) runs at once or, with
+checkpoint.async, in a thread per rank while training goes on. The layout on disk and
+why it is safe against a crash at any point: launcher/checkpoint/store.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +29,9 @@ from launcher.checkpoint.store import (
     PARTS,
     STATE,
     Verified,
-    _files,
     apply_retention,
     checksum_file,
+    manifest_files,
     set_aside_newer,
     step_of,
     tag_for,
@@ -36,11 +45,20 @@ from launcher.files import fsync_path, write_atomic
 FAULT_ENV = "LAUNCHER_FAULT_KILL_SAVE"
 
 
-# --------------------------------------------------------------------------------------
-# Save
-# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process is: its rank, its rank on its node, how many ranks there are."""
+
+    rank: int
+    local_rank: int
+    world_size: int
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    keep_last: int  # checkpoint.keep_last: how many verified checkpoints retention keeps
+    background: bool = False  # checkpoint.async: flush and publish in a thread while training goes on
+    timeout_s: float = 1800.0  # how long rank 0 waits for every rank's share before giving up
 
 
 class PendingSave:
@@ -78,8 +96,7 @@ class PendingSave:
             raise RuntimeError(f"background checkpoint save failed: {self.error}") from self.error
 
 
-def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int, world_size: int,
-         keep_last: int, verified: Verified, background: bool = False, timeout_s: float = 1800.0,
+def save(ds_engine, root: Path, state: LauncherState, ranks: RankInfo, options: SaveOptions, verified: Verified,
          compressor=None) -> PendingSave:
     """Collective: write this step's checkpoint and publish it atomically.
 
@@ -89,6 +106,7 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
     disk, not on the CPU). The ranks of the second half meet through files (each rank's
     share of the manifest), not collectives, so it never shares a process group with
     training. The caller waits for the previous save before starting the next one."""
+    rank, background = ranks.rank, options.background
     tag = tag_for(state.step)
     partial_root = root / PARTIAL
     partial = partial_root / tag
@@ -121,13 +139,13 @@ def save(ds_engine, root: Path, state: LauncherState, rank: int, local_rank: int
 
     def finish() -> None:
         try:
-            _finish_share(partial, state.step, rank, local_rank, list(written.entries.values()))
+            _finish_share(partial, state.step, rank, ranks.local_rank, list(written.entries.values()))
         finally:
             shared.set()
         if not background:
             _shares_in_or_a_dead_peer()
         if rank == 0:
-            _publish(root, partial, tag, world_size, keep_last, timeout_s, verified)
+            _publish(root, partial, tag, ranks.world_size, options, verified)
 
     pending = PendingSave(finish, background, shared if background else None)
     if not background:
@@ -148,7 +166,7 @@ def _finish_share(partial: Path, step: int, rank: int, local_rank: int, share: l
     """This rank's part: local rank 0 of each node fsyncs every file (its node's page cache);
     every rank leaves the entries of the files it wrote (size, xxh3) in .parts/."""
     if local_rank == 0:
-        files = _files(partial)
+        files = manifest_files(partial)
         for path in files:
             fsync_path(path)
         for d in {p.parent for p in files} | {partial}:
@@ -169,7 +187,7 @@ def manifest_entries(partial: Path, shares: list[list[dict]]) -> list[dict]:
         if recorded.setdefault(entry["file"], entry) != entry:
             recorded[entry["file"]] = None  # two ranks wrote it, differently: what is on disk counts
     entries = []
-    for path in _files(partial):
+    for path in manifest_files(partial):
         rel = str(path.relative_to(partial))
         entry = recorded.pop(rel, None)
         if entry is None or entry["size"] != path.stat().st_size:
@@ -180,15 +198,14 @@ def manifest_entries(partial: Path, shares: list[list[dict]]) -> list[dict]:
     return sorted(entries, key=lambda e: e["file"])
 
 
-def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: int, timeout_s: float,
-             verified: Verified) -> None:
+def _publish(root: Path, partial: Path, tag: str, world_size: int, options: SaveOptions, verified: Verified) -> None:
     """Rank 0: once every share is in, write the manifest (last), rename into place, point
     `latest` at it, apply retention."""
     parts = [partial / PARTS / f"rank-{r:05d}.json" for r in range(world_size)]
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + options.timeout_s
     while not all(p.exists() for p in parts):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"checkpoint {tag}: ranks did not finish their shares in {timeout_s:.0f} s")
+            raise TimeoutError(f"checkpoint {tag}: ranks did not finish their shares in {options.timeout_s:.0f} s")
         time.sleep(0.05)
     entries = manifest_entries(partial, [json.loads(p.read_text()) for p in parts])
     shutil.rmtree(partial / PARTS)
@@ -204,4 +221,4 @@ def _publish(root: Path, partial: Path, tag: str, world_size: int, keep_last: in
     shutil.rmtree(replaced, ignore_errors=True)
     verified.mark(final, None)  # its checksums were just computed from the bytes written
     set_aside_newer(root, step_of(final))
-    apply_retention(root, keep_last, verified)
+    apply_retention(root, options.keep_last, verified)

@@ -1,3 +1,17 @@
+"""What a checkpoint records about the run it belongs to (launcher_state.json, rng/).
+
+- `SavedLayout`: how the state is cut (tensor, pipeline and data degrees, ZeRO stage,
+  dtype, pipeline stage boundaries), and what follows from comparing it with this run's:
+  the same layout (every rank's files mean the same), a layout DeepSpeed's own loader reads,
+  or one to reshard (launcher/checkpoint/reshard.py).
+- `LauncherState`: step, tokens seen, the sampler's position, the layout and the config
+  fingerprint (the fields a resume must not change); `launcher_state.json` in every
+  checkpoint, its JSON unchanged since checkpoints were first written.
+- Before any process starts: the layout of the checkpoint a launch would resume
+  (`resume_layout`, for the planner's `auto`) and the refusals a resume cannot get past
+  (`check_resume_config`).
+- Every rank's RNG states as plain data (loadable with `torch.load(weights_only=True)`).
+"""
 
 from __future__ import annotations
 
@@ -12,44 +26,76 @@ import numpy as np
 import torch
 
 from launcher.checkpoint.store import STATE, checkpoint_root, explicit_resume, published
-
-LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage", "dtype")
-
-
-def layout_record(cfg, plan) -> dict:
-    """How the run's state is cut: the degrees, ZeRO stage, dtype and the pipeline stage
-    boundaries over the items (`parts`: which layers each stage's files hold)."""
-    lay = plan.layout
-    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.zero.stage, "dtype": plan.dtype,
-            "parts": list(plan.parts)}
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
+from launcher.formats.tokenizer import load_tokenizer
+from launcher.planning.plan import Plan
 
 
-def same_layout(saved: dict, current: dict) -> bool:
-    """Every rank's files mean the same on both (RNG and PowerSGD state are per rank).
-    A checkpoint written before `parts` was recorded counts as having this run's boundaries."""
-    return all(saved.get(k) == current.get(k) for k in LAYOUT_KEYS) and saved.get("parts", current["parts"]) == \
-        current["parts"]
+@dataclass(frozen=True)
+class SavedLayout:
+    """How a checkpoint's state is cut; `layout` in launcher_state.json, e.g.
+    {"tp": 2, "pp": 2, "dp": 2, "zero_stage": 1, "dtype": "bf16", "parts": [0, 4, 8]}."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    dtype: str  # fp32 | bf16 | fp16
+    # Pipeline stage boundaries over the items (which layers each stage's files hold);
+    # None: a checkpoint written before they were recorded.
+    parts: Optional[tuple[int, ...]] = None
+
+    @classmethod
+    def of_run(cls, cfg: Config, plan: Plan) -> SavedLayout:
+        lay = plan.layout
+        return cls(tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=cfg.zero.stage, dtype=plan.dtype,
+                   parts=tuple(plan.parts))
+
+    def to_json(self) -> dict:
+        """The JSON object, keys in the order checkpoints have always had them."""
+        out = {"tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage, "dtype": self.dtype}
+        if self.parts is not None:
+            out["parts"] = list(self.parts)
+        return out
+
+    @classmethod
+    def from_json(cls, record: dict) -> SavedLayout:
+        """TypeError on a record that is not a layout (callers treat the checkpoint as unreadable)."""
+        fields = dict(record)
+        parts = fields.pop("parts", None)
+        return cls(**fields, parts=None if parts is None else tuple(parts))
+
+    def describe(self) -> str:
+        return f"tensor {self.tp} x pipeline {self.pp} x data {self.dp}, ZeRO {self.zero_stage}, {self.dtype}"
 
 
-def deepspeed_loads(saved: dict, current: dict) -> bool:
+def _same_cut(saved: SavedLayout, current: SavedLayout) -> bool:
+    """tp, pp, ZeRO stage, dtype and stage boundaries alike; a checkpoint written before
+    `parts` was recorded counts as having this run's boundaries."""
+    return ((saved.tp, saved.pp, saved.zero_stage, saved.dtype) == (current.tp, current.pp, current.zero_stage,
+                                                                     current.dtype)
+            and (saved.parts is None or saved.parts == current.parts))
+
+
+def same_layout(saved: SavedLayout, current: SavedLayout) -> bool:
+    """Every rank's files mean the same on both (RNG and PowerSGD state are per rank)."""
+    return _same_cut(saved, current) and saved.dp == current.dp
+
+
+def deepspeed_loads(saved: SavedLayout, current: SavedLayout) -> bool:
     """Whether DeepSpeed's own loader reads this checkpoint for this run: the same tp, pp,
     stage boundaries, ZeRO stage and dtype; the data degree may differ with fp32 and ZeRO
-    0-2 (its elastic ZeRO format). Anything else is resharded (launcher.reshard)."""
-    keep = ("tp", "pp", "zero_stage", "dtype")
-    if any(saved.get(k) != current.get(k) for k in keep) or saved.get("parts", current["parts"]) != current["parts"]:
+    0-2 (its elastic ZeRO format). Anything else is resharded (launcher/checkpoint/reshard.py)."""
+    if not _same_cut(saved, current):
         return False
-    return saved["dp"] == current["dp"] or (current["dtype"] == "fp32" and current["zero_stage"] <= 2)
+    return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2)
 
 
-def describe_layout(layout: dict) -> str:
-    return (f"tensor {layout['tp']} x pipeline {layout['pp']} x data {layout['dp']}, ZeRO {layout['zero_stage']}, "
-            f"{layout['dtype']}")
-
-
-def resume_layout(cfg) -> Optional[dict]:
-    """The layout record (tp, pp, dp, zero_stage, dtype) of the checkpoint this launch would
-    resume from, when it can tell before starting; None for a fresh start. The planner keeps
-    its tensor and pipeline degrees for `auto`."""
+def resume_layout(cfg: Config) -> Optional[SavedLayout]:
+    """The layout of the checkpoint this launch would resume from, when it can tell before
+    starting; None for a fresh start. The planner keeps its tensor and pipeline degrees for
+    `auto`."""
     if cfg.checkpoint.resume == "none":
         return None
     explicit = explicit_resume(cfg)
@@ -65,10 +111,8 @@ def resume_layout(cfg) -> Optional[dict]:
     return None
 
 
-def check_resume_config(cfg, plan) -> None:
+def check_resume_config(cfg: Config, plan: Plan) -> None:
     """Before any process starts: refuse what a resume cannot do, as one-line ConfigErrors."""
-    from launcher.errors import ConfigError
-
     root = checkpoint_root(cfg)
     existing = published(root)
     mode = cfg.checkpoint.resume
@@ -80,7 +124,7 @@ def check_resume_config(cfg, plan) -> None:
     if mode == "required" and not existing:
         raise ConfigError("checkpoint.resume", f"required, but {root} holds no checkpoint")
     explicit = explicit_resume(cfg)
-    current = layout_record(cfg, plan)
+    current = SavedLayout.of_run(cfg, plan)
     for candidate in [explicit] if explicit else existing:
         try:
             saved = LauncherState.read(candidate)
@@ -91,20 +135,18 @@ def check_resume_config(cfg, plan) -> None:
             raise ConfigError(changed[0], f"differs from checkpoint {candidate} (changed: {', '.join(changed)}); "
                               "these must stay the same to resume: restore them, or start a new run "
                               "(run.name / checkpoint.dir)")
-        if 3 in (saved.layout["zero_stage"], current["zero_stage"]) and not same_layout(saved.layout, current):
-            raise ConfigError("zero.stage", f"checkpoint {candidate} was saved with {describe_layout(saved.layout)}, "
-                              f"this run has {describe_layout(current)}: a ZeRO 3 checkpoint resumes on its own "
+        if 3 in (saved.layout.zero_stage, current.zero_stage) and not same_layout(saved.layout, current):
+            raise ConfigError("zero.stage", f"checkpoint {candidate} was saved with {saved.layout.describe()}, "
+                              f"this run has {current.describe()}: a ZeRO 3 checkpoint resumes on its own "
                               "layout, and a layout change resumes into ZeRO 0-2 only (docs/CHECKPOINTS.md)")
 
 
-def fingerprint(cfg, weights_from: Optional[dict] = None) -> dict:
+def fingerprint(cfg: Config, weights_from: Optional[dict] = None) -> dict:
     """Config fields a resume must not change: they define the weights' shapes, the
     optimizer step's batch and the sample stream (changing them would silently train a
-    different run). `weights_from` (launcher.hf_weights.weights_source: where the run's
+    different run). `weights_from` (launcher.hf.weights.weights_source: where the run's
     initial weights came from, model.init_from) is recorded, not compared: a resume loads
     the checkpoint's weights whatever model.init_from says."""
-    from launcher.formats.tokenizer import load_tokenizer
-
     model = dataclasses.asdict(cfg.model)
     model.pop("init_from")
     model.pop("compile")  # how the blocks run, not what they compute
@@ -134,19 +176,25 @@ def fingerprint_diff(saved: dict, current: dict) -> list[str]:
 
 @dataclass
 class LauncherState:
+    """launcher_state.json: where the run is and what it must stay to be resumed."""
+
     step: int
     tokens_seen: int
     consumed_samples: int
-    layout: dict  # tp, pp, dp, zero_stage, dtype
+    layout: SavedLayout
     fingerprint: dict  # config fields that must not change across a resume
-    data: Optional[dict] = None  # launcher.data.SampleSource.state_dict: the position in every source
+    data: Optional[dict] = None  # launcher.data.sampling.SampleSource.state_dict: the position in every source
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
+        return json.dumps({**self.__dict__, "layout": self.layout.to_json()}, indent=1)
 
     @classmethod
-    def read(cls, ckpt: Path) -> "LauncherState":
-        return cls(**json.loads((ckpt / STATE).read_text()))
+    def read(cls, ckpt: Path) -> LauncherState:
+        """OSError, ValueError or TypeError when the file is missing or not a state."""
+        record = json.loads((ckpt / STATE).read_text())
+        if not isinstance(record, dict):
+            raise TypeError(f"{ckpt / STATE}: not a JSON object")
+        return cls(**{**record, "layout": SavedLayout.from_json(record.get("layout"))})
 
 
 def numpy_state_to_plain(state: dict) -> dict:

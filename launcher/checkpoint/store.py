@@ -1,4 +1,5 @@
-"""Fault-tolerant checkpoints: atomic publish, verified resume, retention.
+"""The checkpoints of a run on disk: tags, manifest, verification, retention, choosing
+the one to resume.
 
 On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
 
@@ -11,14 +12,17 @@ On disk, under `checkpoint.dir` (default <run.dir>/checkpoints):
     latest                      the newest published tag (replaced atomically; for humans and tools)
     .partial/step-00000030/     a save in progress (or one that crashed): never loaded
 
-Save: every rank writes into .partial/<tag>, hashing each file as it writes it
-(launcher/ckpt_writer.py: no file is read back); local rank 0 of every node fsyncs every
-file (each node flushes its own page cache); every rank leaves the sizes and checksums of
-the files it wrote in .partial/<tag>/.parts/; rank 0 writes the manifest, renames the
-directory into place, fsyncs, replaces `latest`, then applies `keep_last`. With
-`checkpoint.async` the flush/publish half runs in a background thread per rank while
-training continues (which never removes the newest complete checkpoint). A crash at any
-point leaves the previous checkpoint as the newest complete one.
+Which of DeepSpeed's files holds what: launcher/checkpoint/ds_files.py; what
+launcher_state.json records: launcher/checkpoint/state.py.
+
+Save (launcher/checkpoint/save.py): every rank writes into .partial/<tag>, hashing each
+file as it writes it (launcher/checkpoint/writer.py: no file is read back); local rank 0
+of every node fsyncs every file (each node flushes its own page cache); every rank leaves
+the sizes and checksums of the files it wrote in .partial/<tag>/.parts/; rank 0 writes
+the manifest, renames the directory into place, fsyncs, replaces `latest`, then applies
+`keep_last`. With `checkpoint.async` the flush/publish half runs in a background thread
+per rank while training continues (which never removes the newest complete checkpoint).
+A crash at any point leaves the previous checkpoint as the newest complete one.
 
 Resume: candidates are the published step-* directories, newest first; each is verified
 against its manifest (files split over all ranks, so a 1 TB checkpoint is read in
@@ -43,6 +47,10 @@ from typing import Optional
 
 import torch.distributed as dist
 import xxhash
+
+from launcher.config.derived import run_dir
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
 
 MANIFEST = "manifest.json"
 STATE = "launcher_state.json"
@@ -74,7 +82,8 @@ def checksum_file(path: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def _files(root: Path) -> list[Path]:
+def manifest_files(root: Path) -> list[Path]:
+    """Every file a manifest lists: all under `root` but the manifest and the ranks' shares."""
     return sorted(p for p in root.rglob("*")
                   if p.is_file() and p.name != MANIFEST and PARTS not in p.relative_to(root).parts)
 
@@ -167,11 +176,9 @@ def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: i
     return None
 
 
-def nothing_to_resume(cfg, root: Path, verified: Verified):
+def nothing_to_resume(cfg: Config, root: Path, verified: Verified) -> ConfigError:
     """The one-line error when a resume was expected (checkpoints exist, or `required`, or a
     path) and no checkpoint verifies: never a silent start from step 0 over a run's history."""
-    from launcher.errors import ConfigError
-
     mode = cfg.checkpoint.resume
     if not verified.bad:
         return ConfigError("checkpoint.resume", f"{mode}, but {root} holds no checkpoint")
@@ -182,17 +189,15 @@ def nothing_to_resume(cfg, root: Path, verified: Verified):
 
 
 # --------------------------------------------------------------------------------------
-# State that is ours (not DeepSpeed's)
+# Where a run's checkpoints are; what survives of older timelines
 # --------------------------------------------------------------------------------------
 
 
-def checkpoint_root(cfg) -> Path:
-    from launcher.config.derived import run_dir
-
+def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-def explicit_resume(cfg) -> Optional[Path]:
+def explicit_resume(cfg: Config) -> Optional[Path]:
     return None if cfg.checkpoint.resume in ("auto", "required", "none") else Path(cfg.checkpoint.resume)
 
 

@@ -8,18 +8,18 @@ reading every file back to checksum it 0.67 s, publish 0.02 s. DeepSpeed 0.19's
 and MoE files, where the clone is also its device-to-host copy, so that is left as it is.
 
 - DeepSpeed's checkpoint engine is swapped, for the length of one `save_checkpoint`, for
-  `RecordingEngine`, which torch.saves through `HashingFile`. torch.save hands a file
-  object each record as one memoryview of the tensor's memory (no copy), so the hash is one
-  pass over memory that is being copied anyway (xxh3: ~10 GB/s a core) instead of a read of
-  the whole file back. The file format is torch's own (its zip records are named
-  `archive/...`, as for any torch.save to a file object; torch.load does not look at the
-  name); the file names are DeepSpeed's.
+  `RecordingEngine` (launcher/ds/seams.py `recording`), which torch.saves through
+  `HashingFile`. torch.save hands a file object each record as one memoryview of the
+  tensor's memory (no copy), so the hash is one pass over memory that is being copied
+  anyway (xxh3: ~10 GB/s a core) instead of a read of the whole file back. The file
+  format is torch's own (its zip records are named `archive/...`, as for any torch.save
+  to a file object; torch.load does not look at the name); the file names are DeepSpeed's.
 - `HashingFile` starts the disk write every 32 MiB, so writing and flushing overlap.
 
 Why by hand: none of DeepSpeed 0.19's engines (Torch, Fast/Decoupled writer, DataStates)
 reports what it wrote or its checksum, and the fast writers need the async-io op built
 (libaio), which CPU and most cluster images lack. Files DeepSpeed writes by other means are
-not recorded; `launcher.checkpoint.manifest_entries` checksums those from disk.
+not recorded; `launcher.checkpoint.save.manifest_entries` checksums those from disk.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class HashingFile:
     waiting, and drops the pages already on disk from the page cache). The kernel would
     otherwise start only at the fsync (or at 10% of memory dirty), so writing and flushing
     would run one after the other; overlapped, torch.save + fsync of 296 MiB took 0.18 s
-    instead of 0.37 s here (medians of 10), faster than `dd conv=fsync` (0.21 s). Advice only: durability still comes from the fsync
-    that finishes the save. It also keeps checkpoints from pushing the page cache out."""
+    instead of 0.37 s here (medians of 10), faster than `dd conv=fsync` (0.21 s). Advice
+    only: durability still comes from the fsync that finishes the save. It also keeps
+    checkpoints from pushing the page cache out."""
 
     def __init__(self, path: Path, writeback_every: int = WRITEBACK_BYTES):
         self._file = open(path, "wb")  # buffered: BufferedWriter.write never writes short
@@ -90,7 +91,8 @@ class HashingFile:
 
 class Written:
     """The files one rank wrote into a checkpoint directory: relative path -> manifest entry
-    ({"file", "size", "xxh3"}, as `checkpoint.checksum_file` computes them from disk)."""
+    ({"file", "size", "xxh3"}, as `launcher.checkpoint.store.checksum_file` computes them
+    from disk)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -98,7 +100,7 @@ class Written:
 
     def _record(self, path: Path, f: HashingFile) -> None:
         # Not checked against the disk here: should two ranks write one path, the manifest
-        # (launcher.checkpoint.manifest_entries) sees two entries or a size that is not the
+        # (launcher.checkpoint.save.manifest_entries) sees two entries or a size that is not the
         # file's, and reads that file from disk instead.
         rel = str(Path(path).relative_to(self.root))
         self.entries[rel] = {"file": rel, "size": f.size, "xxh3": f.hexdigest()}

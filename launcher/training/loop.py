@@ -13,8 +13,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint.save import PendingSave, save
-from launcher.checkpoint.state import LauncherState, fingerprint, layout_record
+from launcher.checkpoint.save import PendingSave, RankInfo, SaveOptions, save
+from launcher.checkpoint.state import LauncherState, SavedLayout, fingerprint
 from launcher.checkpoint.store import tag_for
 from launcher.config.schema import Config
 from launcher.data.batches import realised_shares
@@ -165,13 +165,14 @@ def save_checkpoint(run: Run, background: bool):
 
     cfg, lay = run.cfg, run.plan.layout
     state = LauncherState(step=run.step, tokens_seen=run.tokens_seen,
-                               consumed_samples=run.step * lay.global_batch, data=run.train_batches.state_dict(),
-                               layout=layout_record(cfg, run.plan),
-                               fingerprint=fingerprint(cfg, run.weights_from))
+                          consumed_samples=run.step * lay.global_batch, data=run.train_batches.state_dict(),
+                          layout=SavedLayout.of_run(cfg, run.plan),
+                          fingerprint=fingerprint(cfg, run.weights_from))
+    ranks = RankInfo(rank=run.penv.rank, local_rank=run.penv.local_rank, world_size=run.penv.world_size)
+    options = SaveOptions(keep_last=cfg.checkpoint.keep_last, background=background,
+                          timeout_s=cfg.parallel.collective_timeout_s)
     start = time.perf_counter()
-    pending = save(run.engine.ds, run.ckpt_root, state, run.penv.rank, run.penv.local_rank, run.penv.world_size,
-                        cfg.checkpoint.keep_last, run.verified, background=background,
-                        compressor=run.engine.compressor, timeout_s=cfg.parallel.collective_timeout_s)
+    pending = save(run.engine.ds, run.ckpt_root, state, ranks, options, run.verified, compressor=run.engine.compressor)
     run.log.event({"event": "checkpoint", "step": run.step, "path": str(run.ckpt_root / tag_for(run.step)),
                    "save_s": time.perf_counter() - start, "background": background})
     return pending

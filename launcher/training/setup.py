@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.checkpoint.load import load
-from launcher.checkpoint.state import LauncherState, deepspeed_loads, layout_record
+from launcher.checkpoint.state import LauncherState, SavedLayout, deepspeed_loads
 from launcher.checkpoint.store import (
     Verified,
     checkpoint_root,
@@ -161,10 +161,9 @@ def resume(run: Run) -> None:
         return
     saved = run.resume_state
     began = time.time()
-    current = layout_record(run.cfg, run.plan)
-    note = load(run.engine.ds, run.resume_from, saved.layout, current, rank=run.penv.rank,
-                     tp_rank=run.groups.coord.tp, model=saved.fingerprint["model"],
-                     compressor=run.engine.compressor, device=run.device)
+    current = SavedLayout.of_run(run.cfg, run.plan)
+    note = load(run.engine.ds, run.resume_from, saved, current, rank=run.penv.rank, tp_rank=run.groups.coord.tp,
+                compressor=run.engine.compressor, device=run.device)
     if note:
         run.log.info(f"notice: {note}")
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
@@ -172,5 +171,5 @@ def resume(run: Run) -> None:
     if data_note:
         run.log.info(f"notice: {data_note}")
     run.log.event({"event": "resume", "step": run.step, "from": str(run.resume_from), "tokens_seen": run.tokens_seen,
-                   "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout["dp"],
+                   "world_size": run.plan.layout.world_size, "dp": run.plan.layout.dp, "saved_dp": saved.layout.dp,
                    "resharded": not deepspeed_loads(saved.layout, current), "load_s": round(time.time() - began, 3)})
