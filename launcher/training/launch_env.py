@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 
 def _mpi_master() -> tuple[str, int]:
-    from mpi4py import MPI
+    from mpi4py import MPI  # lazy: only under mpirun (importing it initialises MPI)
 
     comm = MPI.COMM_WORLD
     mine = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
