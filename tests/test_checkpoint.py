@@ -220,7 +220,7 @@ def test_resume_dp2_checkpoint_on_another_data_degree(dp2_run, tmp_path, nproc):
 def test_bf16_zero1_resumes_on_another_data_degree_by_resharding(tmp_path):
     """bf16 with ZeRO 0/1 trains through DeepSpeed's bf16 optimizer (fp32 gradients), whose
     own loader cannot re-partition its shards for another dp: the checkpoint is resharded at
-    load (launcher/reshard.py) with one notice, and step 3 continues the dp 2 run."""
+    load (launcher/checkpoint/reshard.py) with one notice, and step 3 continues the dp 2 run."""
     args = [*FAST, *SINGLE, "zero.stage=1", "precision.dtype=bf16", "train.steps=3", "checkpoint.every=2"]
     dp2 = train(torchrun_cmd(2), tmp_path / "dp2", *args)
     result = run_cli(python_cmd(), tmp_path / "dp1", *args, f"checkpoint.resume={tmp_path / 'dp2/checkpoints/step-00000002'}")

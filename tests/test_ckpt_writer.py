@@ -1,4 +1,4 @@
-"""Checkpoint files hashed while written (launcher/ckpt_writer.py) and the manifest built from
+"""Checkpoint files hashed while written (launcher/checkpoint/writer.py) and the manifest built from
 those hashes: in one process, no engine."""
 
 import torch

@@ -115,7 +115,7 @@ def test_shipped_config_loads_and_dry_runs(config):
 
 
 def test_dry_run_of_a_512_gpu_config_starts_nothing():
-    # The dry run runs the launch's checks (launcher.preflight), DeepSpeed's config parser
+    # The dry run runs the launch's checks (launcher/training/preflight.py), DeepSpeed's config parser
     # among them, so torch is imported; but no process group is started, no GPU touched.
     code = ("import sys; from launcher.train import main; "
             "rc = main(['--config', 'configs/llama_70b.yaml', '--dry-run', '--world-size', '512']); "

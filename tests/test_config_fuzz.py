@@ -5,7 +5,7 @@ added and given values of every type), `section.key=value` overrides and --world
 through `launcher.train.main(["--dry-run", ...])` in this process. Every case must end
 with exit 0, or exit 2 and exactly one stderr line `config error: <key>: <message>` that
 names a key (or --config / --world-size / the override as typed): never a traceback, never
-a hang. A dry run runs every check the launch runs (launcher.preflight), so a config that
+a hang. A dry run runs every check the launch runs (launcher/training/preflight.py), so a config that
 passes here does not fail at launch with a configuration error.
 
 Fixed seed (`derandomize`), no example database: the same examples on every run, a few

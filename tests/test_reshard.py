@@ -1,5 +1,5 @@
 """Resuming a checkpoint on another tensor x pipeline x data layout and ZeRO stage
-(launcher/reshard.py): the weights after the load are the saved ones exactly, and the next
+(launcher/checkpoint/reshard.py): the weights after the load are the saved ones exactly, and the next
 steps' losses match the uninterrupted single-process run within 1e-5 (fp32)."""
 
 import pytest
@@ -55,7 +55,7 @@ def _resume_in_process(rank, world_size, jobs):
     results = []
     for overrides in jobs:
         cfg = load_config(str(DEFAULT_CONFIG), overrides)
-        # launcher.preflight's steps, less DeepSpeed's own config check, which reads the world
+        # launcher/training/preflight.py's steps, less DeepSpeed's own config check, which reads the world
         # size of the process group this test already started
         plan = make_plan(cfg, world_size, detect_device_support())
         check_resume_config(cfg, plan)
