@@ -53,9 +53,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # lazy: torch and DeepSpeed (checkpoint reading) are not needed for --help
     from launcher.checkpoint.reader import DTYPES, resolve_checkpoint
+    from launcher.ds.seams import check_deepspeed_version
     from launcher.hf.export import export
 
     try:
+        check_deepspeed_version()  # DeepSpeed's checkpoint files are read through the seams
         if args.max_shard_gb <= 0:
             raise ConfigError("--max-shard-gb", f"must be > 0, got {args.max_shard_gb}")
         ckpt, run = resolve_checkpoint(Path(args.checkpoint))

@@ -67,10 +67,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # lazy: torch, DeepSpeed (checkpoint reading) and the model are not needed for --help
     import torch
 
+    from launcher.ds.seams import check_deepspeed_version
     from launcher.inference.loading import from_checkpoint, from_hf
     from launcher.inference.sampling import generate
 
     try:
+        check_deepspeed_version()  # a checkpoint is read through the seams
         check_args(args, torch.cuda.is_available())
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         start = time.perf_counter()
