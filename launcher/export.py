@@ -41,7 +41,8 @@ def parse_args(argv: list[str]):
     parser = ArgumentParser(prog="python -m launcher.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a "
                         "checkpoint directory (.../checkpoints/step-NNNNNNNN)")
-    parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    parser.add_argument("--out", required=True, help="the Hugging Face directory to write (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it already holds files")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="dtype of the exported weights (default: the checkpoint's)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
@@ -60,8 +61,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_deepspeed_version()  # DeepSpeed's checkpoint files are read through the seams
         if args.max_shard_gb <= 0:
             raise ConfigError("--max-shard-gb", f"must be > 0, got {args.max_shard_gb}")
-        ckpt, run = resolve_checkpoint(Path(args.checkpoint))
         out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+            raise ConfigError("--out", f"{out} already exists and is not an empty directory: give a new one, or "
+                              "--overwrite to replace it")
+        ckpt, run = resolve_checkpoint(Path(args.checkpoint))
         summary = export(ckpt, run, out, DTYPES[args.dtype] if args.dtype else None,
                          int(args.max_shard_gb * 1e9))
     except ConfigError as err:

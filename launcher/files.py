@@ -31,9 +31,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: set it back at once
+    return umask
+
+
 def shared_file_mode() -> int:
     """The mode `open()` gives a new file under this process's umask (0644 under umask 022),
     so a team can read each other's checkpoints as they read any other tool's output."""
-    umask = os.umask(0)
-    os.umask(umask)  # reading the umask means setting it: set it back at once
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
+
+
+def shared_dir_mode() -> int:
+    """The mode `mkdir` gives a new directory under this process's umask (0755 under 022)."""
+    return 0o777 & ~current_umask()

@@ -149,3 +149,53 @@ def test_name_map_round_trips_and_matches_the_tp_plan():
         assert param.tp_shard_dim == hf_names.tp_dim(ours), ours
         full = hf_names.full_shape(cfg, ours)
         assert tuple(param.shape) == tuple(n // 2 if d == param.tp_shard_dim else n for d, n in enumerate(full))
+
+
+def _damaged_copy(run, tmp_path):
+    """A copy of the run whose newest checkpoint has a file cut in half."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = sorted((copy / "checkpoints").glob("step-*"))[-1]
+    victim = max((p for p in ckpt.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return copy, victim
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_nothing_is_left(runs, tmp_path):
+    run, victim = _damaged_copy(runs["tp2_pp2_untied"], tmp_path)
+    out = tmp_path / "hf"
+    for args in (["-m", "launcher.export", "--checkpoint", str(run), "--out", str(out)],
+                 ["-m", "launcher.generate", "--checkpoint", str(run), "--prompt", "hi"]):
+        result = subprocess.run([sys.executable, *args], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                                timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(f"config error: --checkpoint: {victim}: size "), lines
+        assert "the checkpoint is damaged" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no --out, no partial directory
+
+
+def test_export_into_a_directory_with_files_needs_overwrite(runs, tmp_path):
+    import os
+
+    from launcher.files import shared_dir_mode, shared_file_mode
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = export_cli("--checkpoint", str(runs["tp2_pp2_untied"]), "--out", str(out), expect_rc=2)
+    assert result.stderr == (f"config error: --out: {out} already exists and is not an empty directory: give a new "
+                             "one, or --overwrite to replace it\n")
+    assert (out / "notes.txt").read_text() == "mine"
+    export_cli("--checkpoint", str(runs["tp2_pp2_untied"]), "--out", str(out), "--overwrite")
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == shared_file_mode()  # not safetensors' 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert os.stat(out).st_mode & 0o777 == shared_dir_mode()  # not mkdtemp's 0700
+
+
+def test_a_path_that_does_not_exist_says_so(tmp_path):
+    result = export_cli("--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), expect_rc=2)
+    assert result.stderr == f"config error: --checkpoint: {tmp_path / 'nope'}: does not exist\n"

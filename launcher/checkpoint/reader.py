@@ -33,7 +33,13 @@ from launcher.checkpoint.ds_files import (
     zero3_partition_count,
 )
 from launcher.checkpoint.state import LauncherState
-from launcher.checkpoint.store import MANIFEST, STATE, published
+from launcher.checkpoint.store import (
+    MANIFEST,
+    STATE,
+    published,
+    read_manifest,
+    verify_files,
+)
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
 from launcher.errors import ConfigError
@@ -56,11 +62,16 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
-    """(checkpoint directory, run directory or None). A run directory gives its newest
-    published checkpoint. ConfigError('--checkpoint', ...) when it is neither."""
+    """(checkpoint directory, run directory or None), verified as a resume verifies it (every
+    file in its manifest present, of its size and checksum). A run directory or checkpoint
+    root gives its newest published checkpoint that verifies. ConfigError('--checkpoint', ...)
+    naming the damaged file, or saying what `path` is not."""
+    if not path.exists():
+        raise ConfigError("--checkpoint", f"{path}: does not exist")
     if (path / STATE).is_file():
         if not (path / MANIFEST).is_file():
             raise ConfigError("--checkpoint", f"{path}: no {MANIFEST} (an incomplete save); export a published one")
+        _verify(path)
         run = path.parent.parent
         return path, run if (run / "config.yaml").is_file() else None
     if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
@@ -68,17 +79,34 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
         ckpt_dir = (_read_yaml(path / "config.yaml").get("checkpoint") or {}).get("dir")
         if ckpt_dir:
             root = Path(ckpt_dir)
-        for ckpt in published(root):
-            if (ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file():
-                return ckpt, path
-        raise ConfigError("--checkpoint", f"{path}: a run directory with no published checkpoint under {root}")
+        return _newest_verified(root, f"{path}: a run directory with no published checkpoint under {root}"), path
     if published(path):  # a checkpoint root (checkpoint.dir)
-        for ckpt in published(path):
-            if (ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file():
-                run = path.parent
-                return ckpt, run if (run / "config.yaml").is_file() else None
+        run = path.parent
+        return _newest_verified(path, f"{path}: no published checkpoint"), run if (run / "config.yaml").is_file() \
+            else None
     raise ConfigError("--checkpoint", f"{path}: not a checkpoint (no {STATE}) nor a run directory (no config.yaml, "
                       "no checkpoints/); pass runs/NAME or runs/NAME/checkpoints/step-NNNNNNNN")
+
+
+def _verify(ckpt: Path) -> None:
+    entries, problem = read_manifest(ckpt)
+    problem = problem or verify_files(ckpt, entries)
+    if problem:
+        raise ConfigError("--checkpoint", f"{problem}: the checkpoint is damaged; give another one (a run directory "
+                          "gives its newest one that verifies)")
+
+
+def _newest_verified(root: Path, none_message: str) -> Path:
+    first_problem = None
+    for ckpt in published(root):  # newest first
+        if not ((ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file()):
+            continue
+        try:
+            _verify(ckpt)
+            return ckpt
+        except ConfigError as err:
+            first_problem = first_problem or err
+    raise first_problem or ConfigError("--checkpoint", none_message)
 
 
 def run_tokenizer(run: Optional[Path], state: LauncherState):

@@ -25,7 +25,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from launcher.checkpoint.store import STATE, checkpoint_root, explicit_resume, published
+from launcher.checkpoint.store import (
+    STATE,
+    checkpoint_root,
+    explicit_resume,
+    published,
+    resume_candidates,
+)
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.formats.tokenizer import load_tokenizer
@@ -100,7 +106,7 @@ def resume_layout(cfg: Config) -> Optional[SavedLayout]:
         return None
     explicit = explicit_resume(cfg)
     try:
-        candidates = [explicit] if explicit else published(checkpoint_root(cfg))
+        candidates = resume_candidates(checkpoint_root(cfg), explicit)
     except OSError:
         return None
     for candidate in candidates:

@@ -166,8 +166,7 @@ def choose_resume(root: Path, explicit: Optional[Path], rank: int, world_size: i
     """Collective: the checkpoint to resume from (None: none verifies, or there is none;
     `verified.bad` then says which failed and why). An explicit path must verify;
     otherwise the newest published checkpoint that verifies."""
-    candidates = [explicit] if explicit is not None else published(root)
-    for ckpt in candidates:
+    for ckpt in resume_candidates(root, explicit):
         problem = verify_in_parallel(ckpt, rank, world_size)
         verified.mark(ckpt, problem)
         if problem is None:
@@ -199,6 +198,17 @@ def checkpoint_root(cfg: Config) -> Path:
 
 def explicit_resume(cfg: Config) -> Optional[Path]:
     return None if cfg.checkpoint.resume in ("auto", "required", "none") else Path(cfg.checkpoint.resume)
+
+
+def resume_candidates(root: Path, explicit: Optional[Path]) -> list[Path]:
+    """The checkpoints a resume tries, newest first: the run's own (under `root`), or what
+    `checkpoint.resume: PATH` names: one checkpoint, or a run directory (or a checkpoint
+    root), whose published checkpoints are tried as the run's own would be."""
+    if explicit is None:
+        return published(root)
+    if (explicit / STATE).is_file() or (explicit / MANIFEST).is_file():
+        return [explicit]
+    return published(explicit / "checkpoints") or published(explicit)
 
 
 ABANDONED = ".abandoned"

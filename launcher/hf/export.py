@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from launcher.checkpoint.reader import (
 from launcher.config.schema import ModelConfig
 from launcher.ds.seams import deepspeed_state_classes
 from launcher.errors import ConfigError
-from launcher.files import shared_file_mode
+from launcher.files import shared_dir_mode, shared_file_mode
 from launcher.model import weights as hf_names
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -105,6 +106,26 @@ def _peak_rss() -> int:
 
 def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype] = None,
            max_shard_bytes: int = 5_000_000_000) -> Summary:
+    """Write the checkpoint `ckpt` as a Hugging Face directory `out`: into a temporary
+    directory beside it, moved into place only when complete (an existing `out` is replaced
+    then), so a failure leaves nothing behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        summary = _write(ckpt, run, partial, dtype, max_shard_bytes)
+        os.chmod(partial, shared_dir_mode())  # mkdtemp makes 0700; the directory follows the umask
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return summary
+
+
+def _write(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype],
+           max_shard_bytes: int) -> Summary:
 
     deepspeed_state_classes()  # imports done before measuring what reading and writing cost
     start, rss_before = time.perf_counter(), _peak_rss()

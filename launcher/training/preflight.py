@@ -19,6 +19,7 @@ from launcher.checkpoint.store import (
     checkpoint_root,
     explicit_resume,
     published,
+    resume_candidates,
 )
 from launcher.config.derived import run_dir
 from launcher.config.schema import Config
@@ -106,16 +107,18 @@ def check_output_dirs(cfg: Config) -> None:
 
 
 def check_explicit_resume(cfg: Config) -> None:
-    """`checkpoint.resume: <path>` names a checkpoint (a step-NNNNNNNN directory), not any
-    directory: else the launch would stop with 'no checkpoint verifies'."""
-
+    """`checkpoint.resume: <path>` names a checkpoint (a step-NNNNNNNN directory) or a run
+    directory holding checkpoints, not any directory: else the launch would stop with 'no
+    checkpoint verifies'."""
     path = explicit_resume(cfg)
     if path is None:
         return
+    files = [(path / name).is_file() for name in (STATE, MANIFEST)]
+    if all(files) or (not any(files) and resume_candidates(checkpoint_root(cfg), path)):  # a checkpoint, a run
+        return
     missing = [name for name in (STATE, MANIFEST) if not (path / name).is_file()]
-    if missing:
-        raise ConfigError("checkpoint.resume", f"{path} is not a checkpoint (no {missing[0]}): give one of a run's "
-                          "checkpoints/step-NNNNNNNN directories, or auto")
+    raise ConfigError("checkpoint.resume", f"{path} is not a checkpoint (no {missing[0]}) nor a run directory with "
+                      "checkpoints: give a run directory, one of its checkpoints/step-NNNNNNNN directories, or auto")
 
 
 def check_data(cfg: Config) -> None:

@@ -1,0 +1,43 @@
+"""`checkpoint.resume: PATH` takes a checkpoint, or a run directory (as export and generate
+do): the run's published checkpoints are then tried newest first, as its own resume would."""
+
+import pytest
+
+from launcher.checkpoint.store import MANIFEST, STATE, resume_candidates
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
+from launcher.training.preflight import check_explicit_resume
+
+
+def _checkpoint(path, files=(STATE, MANIFEST)):
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text("{}")
+    return path
+
+
+def test_a_run_directory_or_a_checkpoint_or_a_root(tmp_path):
+    run = tmp_path / "run"
+    older = _checkpoint(run / "checkpoints" / "step-00000002")
+    newer = _checkpoint(run / "checkpoints" / "step-00000010")
+    own = tmp_path / "own"
+    assert resume_candidates(own, run) == [newer, older]  # a run directory
+    assert resume_candidates(own, run / "checkpoints") == [newer, older]  # its checkpoint root
+    assert resume_candidates(own, older) == [older]  # one checkpoint: that one only
+    assert resume_candidates(run / "checkpoints", None) == [newer, older]  # auto: the run's own
+
+
+def test_the_launch_check_takes_a_run_directory_and_refuses_other_directories(tmp_path):
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoints" / "step-00000004")
+    half = _checkpoint(tmp_path / "half", files=(MANIFEST,))
+    cfg = Config()
+    for path in (run, run / "checkpoints" / "step-00000004"):
+        cfg.checkpoint.resume = str(path)
+        check_explicit_resume(cfg)
+    for path, missing in ((tmp_path / "empty", STATE), (half, STATE)):
+        path.mkdir(exist_ok=True)
+        cfg.checkpoint.resume = str(path)
+        with pytest.raises(ConfigError, match=rf"^checkpoint.resume: {path} is not a checkpoint \(no {missing}\) "
+                                              "nor a run directory with checkpoints"):
+            check_explicit_resume(cfg)
