@@ -1,5 +1,6 @@
-"""`checkpoint.resume: PATH` takes a checkpoint, or a run directory (as export and generate
-do): the run's published checkpoints are then tried newest first, as its own resume would."""
+"""What a resume takes and says. `checkpoint.resume: PATH` takes a checkpoint, or a run
+directory (as export and generate do): the run's published checkpoints are then tried newest
+first, as its own resume would. A resume that changes the learning-rate schedule says so."""
 
 import pytest
 
@@ -41,3 +42,21 @@ def test_the_launch_check_takes_a_run_directory_and_refuses_other_directories(tm
         with pytest.raises(ConfigError, match=rf"^checkpoint.resume: {path} is not a checkpoint \(no {missing}\) "
                                               "nor a run directory with checkpoints"):
             check_explicit_resume(cfg)
+
+
+def test_a_changed_schedule_is_said_in_one_line():
+    from launcher.checkpoint.state import fingerprint
+    from launcher.training.optim import lr_at, schedule_change
+
+    cfg = Config()
+    cfg.train.steps, cfg.schedule.warmup_steps, cfg.optimizer.lr, cfg.schedule.min_lr = 60, 10, 3e-3, 1e-4
+    saved = fingerprint(cfg)["schedule"]
+    assert schedule_change(saved, cfg, 60) is None  # the same schedule: nothing to say
+    assert schedule_change(None, cfg, 60) is None  # a checkpoint from before schedules were recorded
+    cfg.train.steps = 100
+    note = schedule_change(saved, cfg, 60)
+    now, was = lr_at(61, 3e-3, cfg.schedule, 100), lr_at(61, 3e-3, cfg.schedule, 60)
+    assert note == (f"train.steps 60 -> 100 since the checkpoint: the learning-rate schedule now follows the new "
+                    f"values, step 61 runs at lr {now:.3g} (the saved schedule would give {was:.3g}); "
+                    "docs/CHECKPOINTS.md")
+    assert now > was  # a longer run decays more slowly

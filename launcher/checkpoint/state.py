@@ -159,13 +159,16 @@ def fingerprint(cfg: Config, weights_from: Optional[dict] = None) -> dict:
     out = {"model": model, "global_batch": cfg.parallel.global_batch,
            "seed": cfg.train.seed, "data.tokenizer": load_tokenizer(cfg.data.tokenizer).sha256,
            "data.val_fraction": cfg.data.val_fraction}
+    # Recorded, not compared: a resume may change the schedule, and says what that does.
+    out["schedule"] = {"train.steps": cfg.train.steps, "optimizer.lr": cfg.optimizer.lr,
+                       "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.min_lr": cfg.schedule.min_lr}
     if weights_from is not None:
         out["weights_from"] = weights_from
     return out
 
 
 _FINGERPRINT_KEYS = {"global_batch": "parallel.global_batch", "seed": "train.seed"}  # as the config spells them
-_RECORDED_ONLY = ("weights_from",)
+_RECORDED_ONLY = ("weights_from", "schedule")
 
 
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:

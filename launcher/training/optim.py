@@ -9,10 +9,11 @@ update that is four lines of tensor code.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from launcher.config.schema import OptimizerConfig, ScheduleConfig
+from launcher.config.schema import Config, OptimizerConfig, ScheduleConfig
 
 
 class Lion(torch.optim.Optimizer):
@@ -71,3 +72,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg_opt: OptimizerConfig, 
     # first optimizer step), DeepSpeed steps it once per optimizer step.
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda done: lr_at(done + 1, cfg_opt.lr, schedule, total_steps) / cfg_opt.lr)
+
+
+def schedule_change(saved: Optional[dict], cfg: Config, step: int) -> Optional[str]:
+    """One line when a resume at `step` changes the learning-rate schedule it was saved with
+    (`saved`: the checkpoint fingerprint's "schedule"; None for checkpoints older than it).
+    The rule: the schedule is a function of the step and the current config, so from step
+    + 1 on the run follows the new schedule as if it had always had it."""
+    current = {"train.steps": cfg.train.steps, "optimizer.lr": cfg.optimizer.lr,
+               "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.min_lr": cfg.schedule.min_lr}
+    if not saved or saved == current:
+        return None
+    changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)
+    old = ScheduleConfig(warmup_steps=saved["schedule.warmup_steps"], min_lr=saved["schedule.min_lr"])
+    was = lr_at(step + 1, saved["optimizer.lr"], old, saved["train.steps"])
+    now = lr_at(step + 1, cfg.optimizer.lr, cfg.schedule, cfg.train.steps)
+    return (f"{changed} since the checkpoint: the learning-rate schedule now follows the new values, step {step + 1} "
+            f"runs at lr {now:.3g} (the saved schedule would give {was:.3g}); docs/CHECKPOINTS.md")

@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 
 from launcher.checkpoint.load import load
-from launcher.checkpoint.state import LauncherState, SavedLayout, deepspeed_loads
+from launcher.checkpoint.state import (
+    LauncherState,
+    SavedLayout,
+    deepspeed_loads,
+    same_layout,
+)
 from launcher.checkpoint.store import (
     Verified,
     checkpoint_root,
@@ -41,6 +46,7 @@ from launcher.metrics.tracking import Tracker
 from launcher.planning.plan import Plan, describe
 from launcher.training.engine import TrainEngine, build_engine
 from launcher.training.launch_env import ProcessEnv
+from launcher.training.optim import schedule_change
 from parallel.comm_bytes import CollectiveBytes
 from parallel.costs import flops_per_token
 from parallel.hardware import peak_tflops_of
@@ -167,6 +173,15 @@ def resume(run: Run) -> None:
     if note:
         run.log.info(f"notice: {note}")
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
+    change = f"layout {current.describe()}"
+    if not same_layout(saved.layout, current):
+        resharded = "" if deepspeed_loads(saved.layout, current) else " (resharded)"
+        change = f"layout {saved.layout.describe()} -> {current.describe()}{resharded}"
+    run.log.info(f"resume     {run.resume_from} (verified): step {saved.step}, {change}, loaded in "
+                 f"{time.time() - began:.1f} s")
+    schedule_note = schedule_change(saved.fingerprint.get("schedule"), run.cfg, saved.step)
+    if schedule_note:
+        run.log.info(f"notice: {schedule_note}")
     data_note = run.train_batches.load_state_dict(saved.data or {"consumed_samples": saved.consumed_samples})
     if data_note:
         run.log.info(f"notice: {data_note}")
