@@ -73,7 +73,7 @@ def run_launcher(args: list[str], steps: int, nproc: int = 1) -> LaunchResult:
 
 def bare_loop(cfg, steps: int) -> float:
     """Median tokens/s after warm-up of a plain PyTorch training loop (no DeepSpeed) in this
-    process: launcher.model.LlamaModel (default block options) on the launcher's batches,
+    process: launcher/model/llama.py LlamaModel (default block options) on the launcher's batches,
     with the same AdamW, clipping and schedule."""
     import torch
 
