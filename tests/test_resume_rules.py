@@ -60,3 +60,16 @@ def test_a_changed_schedule_is_said_in_one_line():
                     f"values, step 61 runs at lr {now:.3g} (the saved schedule would give {was:.3g}); "
                     "docs/CHECKPOINTS.md")
     assert now > was  # a longer run decays more slowly
+
+
+def test_the_dry_run_says_which_checkpoint_a_launch_would_resume_from(tmp_path):
+    from launcher.training.launch import resume_line
+
+    cfg = Config()
+    cfg.checkpoint.dir = str(tmp_path / "checkpoints")
+    assert resume_line(cfg) == f"resume     nothing to resume under {tmp_path / 'checkpoints'}: a fresh start"
+    _checkpoint(tmp_path / "checkpoints" / "step-00000003")
+    newest = _checkpoint(tmp_path / "checkpoints" / "step-00000007")
+    assert resume_line(cfg) == f"resume     {newest} (step 7) if it verifies at launch, else an older one of 2"
+    cfg.checkpoint.resume = "none"
+    assert resume_line(cfg) == "resume     none: a fresh start (checkpoint.resume: none)"

@@ -26,10 +26,11 @@ from launcher.ds.seams import deepspeed_load_checkpoint, load_weights_only
 
 
 def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, tp_rank: int,
-         compressor=None, device: Optional[torch.device] = None) -> Optional[str]:
+         compressor=None, device: Optional[torch.device] = None) -> tuple[Optional[str], list[str]]:
     """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
     the same layout, this rank's RNG and compression state. `saved`: the checkpoint's
-    launcher_state.json; `current`: this run's layout. Returns a notice line, if any.
+    launcher_state.json; `current`: this run's layout. Returns (how the checkpoint was
+    resharded, or None when DeepSpeed read it as saved; notices of state started afresh).
 
     Another layout DeepSpeed cannot read (tensor or pipeline degree, stage boundaries, ZeRO
     stage, dtype, or dp under its bf16 optimizer) is resharded (launcher/checkpoint/reshard.py):
@@ -43,13 +44,13 @@ def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank
     optimizer merges and re-partitions on load. DeepSpeed 0.19's engine still refuses any
     dp change up front (one `seq_dp_world_size` comparison), so for the length of the load
     it is shown the saved dp, which is exactly what its elastic path expects."""
-    notes = []
+    resharded = None
     if deepspeed_loads(saved.layout, current):
         deepspeed_load_checkpoint(ds_engine, ckpt, saved.layout.dp, current.dp)
     else:
         start = time.perf_counter()
         load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], tp_rank, current.tp)
-        notes.append(f"checkpoint {ckpt.name} was saved with {saved.layout.describe()}: resharded to "
+        resharded = (f"checkpoint {ckpt.name} was saved with {saved.layout.describe()}: resharded to "
                      f"{current.describe()} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
                      "each rank read its own slices; RNG states start from the seed)")
     # The scheduler's load_state_dict restores its counter, not the optimizer's lr; ZeRO's
@@ -58,8 +59,7 @@ def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank
     if ds_engine.lr_scheduler is not None:
         for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    notes += _load_rank_state(ckpt, same_layout(saved.layout, current), rank, compressor, device)
-    return "; ".join(notes) or None
+    return resharded, _load_rank_state(ckpt, same_layout(saved.layout, current), rank, compressor, device)
 
 
 def _load_rank_state(ckpt: Path, same: bool, rank: int, compressor, device: Optional[torch.device]) -> list[str]:

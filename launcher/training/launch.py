@@ -13,6 +13,12 @@ from typing import Optional
 import torch
 
 from launcher.checkpoint.state import resume_layout
+from launcher.checkpoint.store import (
+    checkpoint_root,
+    explicit_resume,
+    resume_candidates,
+    step_of,
+)
 from launcher.config.schema import Config
 from launcher.ds.seams import check_deepspeed_version
 from launcher.errors import ConfigError
@@ -71,4 +77,16 @@ def dry_run(cfg: Config, world_size: int, gpu: str, force: bool) -> str:
     cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
     plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
     fit = fit_line(cfg, plan, cluster, force)
-    return "\n".join(line for line in (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit) if line)
+    lines = (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit, resume_line(cfg))
+    return "\n".join(line for line in lines if line)
+
+
+def resume_line(cfg: Config) -> str:
+    """Which checkpoint a launch would resume from (it verifies it then, newest first)."""
+    if cfg.checkpoint.resume == "none":
+        return "resume     none: a fresh start (checkpoint.resume: none)"
+    candidates = resume_candidates(checkpoint_root(cfg), explicit_resume(cfg))
+    if not candidates:
+        return f"resume     nothing to resume under {checkpoint_root(cfg)}: a fresh start"
+    older = f", else an older one of {len(candidates)}" if len(candidates) > 1 else ""
+    return f"resume     {candidates[0]} (step {step_of(candidates[0])}) if it verifies at launch{older}"

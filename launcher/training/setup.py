@@ -168,17 +168,17 @@ def resume(run: Run) -> None:
     saved = run.resume_state
     began = time.time()
     current = SavedLayout.of_run(run.cfg, run.plan)
-    note = load(run.engine.ds, run.resume_from, saved, current, rank=run.penv.rank, tp_rank=run.groups.coord.tp,
-                compressor=run.engine.compressor, device=run.device)
-    if note:
-        run.log.info(f"notice: {note}")
+    resharded, notices = load(run.engine.ds, run.resume_from, saved, current, rank=run.penv.rank,
+                              tp_rank=run.groups.coord.tp, compressor=run.engine.compressor, device=run.device)
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
-    change = f"layout {current.describe()}"
-    if not same_layout(saved.layout, current):
-        resharded = "" if deepspeed_loads(saved.layout, current) else " (resharded)"
-        change = f"layout {saved.layout.describe()} -> {current.describe()}{resharded}"
-    run.log.info(f"resume     {run.resume_from} (verified): step {saved.step}, {change}, loaded in "
-                 f"{time.time() - began:.1f} s")
+    how = f"layout {current.describe()}"  # one line: which checkpoint, verified, its step, the layout change
+    if resharded:
+        how = resharded
+    elif not same_layout(saved.layout, current):
+        how = f"layout {saved.layout.describe()} -> {current.describe()} (read by DeepSpeed's elastic loader)"
+    run.log.info(f"resume     {run.resume_from} (verified): step {saved.step}; {how}")
+    for notice in notices:
+        run.log.info(f"notice: {notice}")
     schedule_note = schedule_change(saved.fingerprint.get("schedule"), run.cfg, saved.step)
     if schedule_note:
         run.log.info(f"notice: {schedule_note}")
