@@ -78,7 +78,11 @@ def main() -> None:
     from launcher.training.preflight import preflight
     from parallel.topology import build_process_groups
 
-    cfg = load_config(REPO / "configs/default.yaml", MODEL + args.overrides)
+    base = Path(args.dir) if args.dir else REPO / "runs"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
+    # its own run directory: the preflight must not read (or refuse) a user's runs/default
+    cfg = load_config(REPO / "configs/default.yaml", [*MODEL, *args.overrides, f"run.dir={work}"])
     penv = discover()
     export_env(penv)
     # The launcher's own preflight: the same plan and DeepSpeed config `launcher.train` would build.
@@ -87,9 +91,6 @@ def main() -> None:
     init_distributed(backend)
     groups = build_process_groups(plan.layout, 0)
     engine = build_engine(cfg, plan, groups, device, ds_config)
-    base = Path(args.dir) if args.dir else REPO / "runs"
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
     with tempfile.TemporaryDirectory() as cache:
         batches = training_batches(cfg, Path(cache), global_batch=1, micro_batch=1)
         engine.train_step(batches.next_step())

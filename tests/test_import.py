@@ -215,8 +215,9 @@ def test_import_resumes_from_its_checkpoint_not_the_directory(hf_dirs, tmp_path)
 
 
 def train_error(*overrides: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "launcher.train", *overrides], cwd=REPO, env=base_env(),
-                            capture_output=True, text=True, timeout=120, check=False)
+    with tempfile.TemporaryDirectory() as cwd:  # not the checkout: a user's runs/default there is not ours
+        result = subprocess.run([sys.executable, "-m", "launcher.train", *overrides], cwd=cwd, env=base_env(),
+                                capture_output=True, text=True, timeout=120, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}\n{result.stderr[-3000:]}"
     return lines[0]
