@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Where commands run: the scratch mirror of the checkout the session works in (tests/conftest.py),
+# so a default run directory never lands in, or resumes, the user's runs/.
+WORKDIR = Path(os.environ.get("LAUNCHER_TESTS_WORKDIR") or REPO)
 SHORT = ["train.steps=5", "schedule.warmup_steps=2", "train.log_every=1", "train.eval_every=0"]
 
 
@@ -55,7 +58,7 @@ def read_events(run_dir: Path, kind: str) -> list[dict]:
 
 def run_cli(cmd: list[str], run_dir: Path, *overrides: str, env: dict | None = None, timeout: int = 600,
             expect_rc: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run([*cmd, *overrides, f"run.dir={run_dir}"], cwd=REPO, env=env or base_env(),
+    result = subprocess.run([*cmd, *overrides, f"run.dir={run_dir}"], cwd=WORKDIR, env=env or base_env(),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == expect_rc, (f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\n"
                                             f"STDERR:\n{result.stderr[-6000:]}")

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from launch import REPO, base_env
+from launch import WORKDIR  # noqa: E402
 
 POSITIVE = r"[\d,.]*[1-9][\d,.]*"  # a number with a non-zero digit
 
@@ -66,7 +67,7 @@ def test_bench_runs(script, tmp_path):
     args, figures = SMOKE[script.name]
     # timeout: a hang fails; generous because a fresh machine first builds DeepSpeed's CPU ops.
     result = subprocess.run([sys.executable, f"bench/{script.name}", *(a.format(tmp=tmp_path) for a in args)],
-                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+                            cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\n"
                                     f"STDERR:\n{result.stderr[-6000:]}")
     for figure in (figures,) if isinstance(figures, str) else figures:

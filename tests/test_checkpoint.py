@@ -14,7 +14,6 @@ import psutil
 import pytest
 import torch
 from launch import (
-    REPO,
     base_env,
     losses,
     python_cmd,
@@ -25,6 +24,7 @@ from launch import (
     torchrun_cmd,
     train,
 )
+from launch import WORKDIR  # noqa: E402
 
 FAST = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1"]
@@ -86,7 +86,7 @@ def test_sigkill_one_worker_torchrun_restarts_and_resumes_bit_exact(uninterrupte
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "launcher.train", *FAST, *PP2_DP2,
            "train.steps=40", "checkpoint.every=10", f"run.dir={tmp_path}"]
-    agent = subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(cmd, cwd=WORKDIR, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path, 24, agent)
     workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "launcher.train" in " ".join(p.cmdline())]
     victim = next(p for p in workers if p.environ().get("RANK") == "3")
@@ -165,7 +165,7 @@ def test_flipped_byte_is_caught_by_the_checksum(two_checkpoints, tmp_path):
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path):
-    proc = subprocess.Popen([*python_cmd(), *FAST, *SINGLE, "train.steps=100000", f"run.dir={tmp_path}"], cwd=REPO,
+    proc = subprocess.Popen([*python_cmd(), *FAST, *SINGLE, "train.steps=100000", f"run.dir={tmp_path}"], cwd=WORKDIR,
                             env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path, 5, proc)
     proc.send_signal(signal.SIGTERM)
@@ -185,7 +185,7 @@ def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         env = base_env(SLURM_JOB_ID="4711", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                        SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost")
         procs.append(subprocess.Popen([*python_cmd(), *FAST, "parallel.tensor=1", "parallel.pipeline=2",
-                                       "train.steps=100000", f"run.dir={tmp_path}"], cwd=REPO, env=env,
+                                       "train.steps=100000", f"run.dir={tmp_path}"], cwd=WORKDIR, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     wait_for_step(tmp_path, 3, procs[0])
     procs[1].send_signal(signal.SIGUSR1)
@@ -232,7 +232,7 @@ def test_bf16_zero1_resumes_on_another_data_degree_by_resharding(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([*python_cmd(), *args], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run([*python_cmd(), *args], cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_resume_modes_and_refusals(two_checkpoints, tmp_path):

@@ -13,12 +13,13 @@ from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, resolve_auto
 from launcher.planning.cluster import assumed_cluster
 from launcher.planning.precision import ASSUMED_GPU
+from launch import WORKDIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def cli(*args, cwd=REPO):
+def cli(*args, cwd=WORKDIR):
     return subprocess.run([sys.executable, "-m", "launcher.train", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
@@ -122,7 +123,7 @@ def test_dry_run_of_a_512_gpu_config_starts_nothing():
             "import torch, torch.distributed as dist; "
             "assert not dist.is_initialized(), 'dry run started a process group'; "
             "assert not torch.cuda.is_initialized(), 'dry run initialised CUDA'; sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=WORKDIR, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     resolved, note = resolve_auto(load_config("configs/llama_70b.yaml"), 512, assumed_cluster(512), ASSUMED_GPU)
     p = resolved.parallel

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from hf_llama import hf_tokenizer
-from launch import REPO, base_env, torchrun_cmd, train
+from launch import base_env, torchrun_cmd, train
 
 from launcher.checkpoint.ds_files import item_key
 from launcher.checkpoint.reader import CheckpointReader, resolve_checkpoint
@@ -18,6 +18,7 @@ from launcher.config.schema import ModelConfig
 from launcher.model import weights as hf_names
 from launcher.model.llama import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP, TensorParallel
+from launch import WORKDIR  # noqa: E402
 
 SEED, LR = 1234, 3e-3
 # hidden 64, 4 query heads sharing 2 kv heads (GQA), ffn 172, 2 layers, seq 32
@@ -50,7 +51,7 @@ def runs(tmp_path_factory) -> dict:
 
 
 def export_cli(*args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "launcher.export", *args], cwd=REPO, env=base_env(),
+    result = subprocess.run([sys.executable, "-m", "launcher.export", *args], cwd=WORKDIR, env=base_env(),
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == expect_rc, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
     return result
@@ -168,7 +169,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_nothing_is_left(run
     out = tmp_path / "hf"
     for args in (["-m", "launcher.export", "--checkpoint", str(run), "--out", str(out)],
                  ["-m", "launcher.generate", "--checkpoint", str(run), "--prompt", "hi"]):
-        result = subprocess.run([sys.executable, *args], cwd=REPO, env=base_env(), capture_output=True, text=True,
+        result = subprocess.run([sys.executable, *args], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                                 timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-2000:]

@@ -39,7 +39,6 @@ from typing import Optional
 import psutil
 import torch
 from launch import (
-    REPO,
     base_env,
     losses,
     read_events,
@@ -48,6 +47,7 @@ from launch import (
     train,
 )
 from test_checkpoint import model_tensors
+from launch import WORKDIR  # noqa: E402
 
 SEED = 17
 KILLS = 20
@@ -197,7 +197,7 @@ class Job:
         cmd[cmd.index("--nproc_per_node"):cmd.index("--nproc_per_node")] = ["--max-restarts", "100",
                                                                             "--monitor-interval", "0.1"]
         self.agent = subprocess.Popen([*cmd, *TINY, f"checkpoint.async={str(self.async_save).lower()}",
-                                       f"run.dir={self.run_dir}", *self.extra], cwd=REPO, env=base_env(), stdout=log,
+                                       f"run.dir={self.run_dir}", *self.extra], cwd=WORKDIR, env=base_env(), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
     def workers(self) -> list[psutil.Process]:

@@ -20,6 +20,7 @@ from launcher.inference.sampling import next_token
 from launcher.model.attention import Attention, KVCache
 from launcher.model.llama import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP
+from launch import WORKDIR  # noqa: E402
 
 PROMPT = "alpha beta gamma delta"
 
@@ -31,7 +32,7 @@ def hf_dirs(tmp_path_factory) -> dict:
 
 
 def generate_cli(*args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "launcher.generate", *args], cwd=REPO, env=base_env(),
+    result = subprocess.run([sys.executable, "-m", "launcher.generate", *args], cwd=WORKDIR, env=base_env(),
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == expect_rc, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
     return result

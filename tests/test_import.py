@@ -29,6 +29,7 @@ from launcher.formats.hf_config import hf_model_values
 from launcher.hf.weights import HFWeights, check_hf_weights, load_hf_weights
 from launcher.model.llama import LlamaModel, layer_specs
 from parallel.tensor_parallel import NO_TP, TensorParallel, gather_shards
+from launch import WORKDIR  # noqa: E402
 
 DEFAULT = REPO / "configs" / "default.yaml"
 RUN = ["precision.dtype=fp32", "parallel.micro_batch=1", "parallel.global_batch=2", "train.eval_every=0",
@@ -132,7 +133,7 @@ def test_import_tp2_pp2_logits_equal_transformers(hf_dirs, capsys):
 
 def export(run_dir: Path, out: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "launcher.export", "--checkpoint", str(run_dir), "--out", str(out)],
-                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120, check=False)
+                            cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

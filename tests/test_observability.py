@@ -3,8 +3,9 @@
 import subprocess
 
 import matplotlib.image as mpimg
-from launch import REPO, base_env, python_cmd, read_events, read_metrics, train
+from launch import base_env, python_cmd, read_events, read_metrics, train
 from wandb_reader import history, run_ids
+from launch import WORKDIR  # noqa: E402
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "train.log_every=1", "schedule.warmup_steps=2"]
 
@@ -28,7 +29,7 @@ def test_offline_wandb_history_holds_every_logged_loss_and_resume_keeps_the_run(
 def test_online_without_login_is_a_one_line_error_at_start(tmp_path):
     env = base_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
     env.pop("WANDB_API_KEY", None)
-    result = subprocess.run([*python_cmd(), *SINGLE, "logging.wandb.mode=online", f"run.dir={tmp_path}"], cwd=REPO,
+    result = subprocess.run([*python_cmd(), *SINGLE, "logging.wandb.mode=online", f"run.dir={tmp_path}"], cwd=WORKDIR,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("config error: logging.wandb.mode: online, but there is no wandb login")
@@ -44,7 +45,7 @@ def test_figures_mfu_time_split_and_eta(tmp_path):
     assert abs(last["mfu"] - last["tflops_per_device"] / 1.0) < 1e-12
     assert last["time_fwd_ms"] > 0 and last["time_bwd_ms"] > 0 and last["time_step_ms"] > 0
     log = subprocess.run([*python_cmd(), *SINGLE, "train.steps=3", "train.eval_every=0",
-                          f"run.dir={tmp_path / 'eta'}"], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                          f"run.dir={tmp_path / 'eta'}"], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                          timeout=300)
     assert log.returncode == 0, log.stderr[-2000:]
     assert " | eta " in log.stdout  # the fp16 loss scale's column: tests/test_precision.py
@@ -66,7 +67,7 @@ def test_report_plots_loss_lr_throughput_and_marks_resumes(tmp_path):
     assert list(lines["val"].get_xdata()) == [3, 6, 9]
     assert list(lines["resume"].get_xdata()) == [6, 6]  # the resume marker
 
-    out = subprocess.run([*python_cmd()[:-1], "launcher.report", str(run), "--compare", str(other)], cwd=REPO,
+    out = subprocess.run([*python_cmd()[:-1], "launcher.report", str(run), "--compare", str(other)], cwd=WORKDIR,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in ("loss.png", "lr.png", "throughput.png"):

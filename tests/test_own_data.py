@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 from launch import (
-    REPO,
     SHORT,
     base_env,
     losses,
@@ -21,6 +20,7 @@ from launch import (
     torchrun_cmd,
     train,
 )
+from launch import WORKDIR  # noqa: E402
 
 WORDS = ["the", "model", "reads", "tokens", "from", "shards", "and", "learns", "which", "word", "comes", "next",
          "pipeline", "tensor", "data", "parallel", "stage", "rank", "loss", "step"]
@@ -44,7 +44,7 @@ def prepared(tmp_path_factory):
     for name, inputs in (("web", [root / "web.jsonl"]), ("books", [root / "books.jsonl.gz", root / "preface.txt"])):
         result = subprocess.run([sys.executable, "-m", "launcher.prepare", "--input", *map(str, inputs),
                                  "--tokenizer", str(root / "tokenizer.json"), "--out", str(root / name),
-                                 "--workers", "2"], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                                 "--workers", "2"], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr
     return root
@@ -90,7 +90,7 @@ def test_3d_layout_trains_on_prepared_blend_like_one_process_and_resumes(prepare
 def test_tokenizer_mismatches_are_one_line_exit_2(prepared, tmp_path, extra, expected):
     args = [a for a in own_data(prepared) if not a.startswith("model.vocab")] + ["model.vocab=512"]
     result = subprocess.run([*python_cmd(), "--dry-run", "--world-size", "1", *args, *extra, "parallel.tensor=1",
-                             "parallel.pipeline=1", f"run.dir={tmp_path}"], cwd=REPO, env=base_env(),
+                             "parallel.pipeline=1", f"run.dir={tmp_path}"], cwd=WORKDIR, env=base_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert expected in result.stderr

@@ -28,6 +28,7 @@ from parallel.costs import item_costs
 from parallel.hardware import PRESETS
 from parallel.memory import state_bytes
 from parallel.planner import RUNNABLE_RECOMPUTE, Cluster
+from launch import WORKDIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -148,7 +149,7 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path):
     result = subprocess.run([sys.executable, "-c", _PEAK_RSS, "--config", "configs/llama_7b.yaml",
                              "parallel.tensor=1", "parallel.pipeline=1", "parallel.micro_batch=1",
                              "parallel.activation_checkpointing=false", "precision.dtype=fp32",
-                             f"run.dir={run}"], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+                             f"run.dir={run}"], cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("config error: ")]
     assert len(errors) == 1, result.stderr
@@ -164,9 +165,9 @@ def test_dry_run_refuses_and_force_overrides():
     common = [*python_cmd(), "--config", "configs/llama_13b.yaml", "--dry-run", "--world-size", "8",
               "parallel.tensor=1", "parallel.pipeline=1", "parallel.micro_batch=1",
               "parallel.activation_checkpointing=false"]
-    refused = subprocess.run(common, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(common, cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "fits: tp" in refused.stderr and "--force" in refused.stderr, refused.stderr
-    forced = subprocess.run([*common, "--force"], cwd=REPO, env=base_env(), capture_output=True, text=True,
+    forced = subprocess.run([*common, "--force"], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                             timeout=120)
     assert forced.returncode == 0, forced.stderr
     assert "memory     --force: starting although tp 1 x pp 1 x dp 8 needs" in forced.stdout
@@ -476,7 +477,7 @@ def test_auto_resolves_at_launch_and_trains(tmp_path):
                              "parallel.micro_batch=auto", "parallel.activation_checkpointing=auto",
                              "parallel.global_batch=4", "model.layers=2", "train.steps=2", "train.eval_every=0",
                              "schedule.warmup_steps=1", "checkpoint.every=0", "train.log_every=1", f"run.dir={run}"],
-                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+                            cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     note = [line for line in result.stdout.splitlines() if line.startswith("auto       ")]
     assert len(note) == 1, result.stdout
@@ -517,7 +518,7 @@ def test_optimizer_offload_trains_saves_and_resumes_like_the_device_optimizer(tm
 
 
 def test_offload_is_refused_without_zero():
-    result = subprocess.run([*python_cmd(), "--dry-run", "zero.stage=0", "zero.offload_optimizer=true"], cwd=REPO,
+    result = subprocess.run([*python_cmd(), "--dry-run", "zero.stage=0", "zero.offload_optimizer=true"], cwd=WORKDIR,
                             env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("config error: zero.offload_optimizer: needs zero.stage")
 
@@ -541,6 +542,6 @@ def test_plan_command_shows_the_closest_layout_when_nothing_fits(capsys):
 def test_dry_run_plans_for_the_gpu_named():
     """--gpu h200: the 70B config's smallest world and layout are planned for 141 GB parts."""
     result = subprocess.run([*python_cmd(), "--config", "configs/llama_70b.yaml", "--dry-run", "--gpu", "h200"],
-                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+                            cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "(dry run for 16 ranks" in result.stdout and "on H200-SXM-141GB" in result.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
-from launch import REPO, base_env, python_cmd, read_metrics
+from launch import base_env, python_cmd, read_metrics
 
 from launcher.cli import DEFAULT_CONFIG
 from launcher.config.load import load_config
@@ -20,6 +20,7 @@ from launcher.planning.precision import (
     detect_device_support,
     resolve_dtype,
 )
+from launch import WORKDIR  # noqa: E402
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "schedule.warmup_steps=2"]
 H100 = DeviceSupport("cuda (H100)", is_gpu=True, bf16=True, fp16=True)
@@ -66,7 +67,7 @@ def _main_with_accelerator(fp16: bool, bf16: bool, *args: str) -> subprocess.Com
     code = ("import sys\nfrom deepspeed.accelerator import get_accelerator\nacc = get_accelerator()\n"
             f"acc.is_fp16_supported = lambda: {fp16}\nacc.is_bf16_supported = lambda: {bf16}\n"
             "from launcher.train import main\nsys.exit(main(sys.argv[1:]))\n")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=base_env(DS_ACCELERATOR="cpu"),
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=WORKDIR, env=base_env(DS_ACCELERATOR="cpu"),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -95,13 +96,13 @@ def test_fp16_trains_where_supported_and_is_refused_where_not(tmp_path):
     args = [*SINGLE, "zero.stage=0", "train.steps=3", "train.eval_every=0", "train.log_every=1",
             "precision.dtype=fp16", f"run.dir={tmp_path}"]
     if detect_device_support().fp16:
-        result = subprocess.run([*python_cmd(), *args], cwd=REPO, env=base_env(), capture_output=True, text=True,
+        result = subprocess.run([*python_cmd(), *args], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert " | scale " in result.stdout
         assert read_metrics(tmp_path)[-1]["loss_scale"] > 0
     else:
-        result = subprocess.run([*python_cmd(), *args], cwd=REPO, env=base_env(), capture_output=True, text=True,
+        result = subprocess.run([*python_cmd(), *args], cwd=WORKDIR, env=base_env(), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
@@ -110,7 +111,7 @@ def test_fp16_trains_where_supported_and_is_refused_where_not(tmp_path):
 
 
 def test_bf16_without_fp32_accumulation_path_is_refused():
-    result = subprocess.run([*python_cmd(), *SINGLE, "zero.stage=0", "precision.dtype=bf16", "--dry-run"], cwd=REPO,
+    result = subprocess.run([*python_cmd(), *SINGLE, "zero.stage=0", "precision.dtype=bf16", "--dry-run"], cwd=WORKDIR,
                             env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("config error: zero.stage: bf16 with zero.stage=0 and parallel.pipeline=1")

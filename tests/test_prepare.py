@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from launch import REPO, base_env
+from launch import base_env
 
 from launcher.data.prepare import BAD_LINES, PLAN, PrepareOptions, prepare
 from launcher.data.shards import FORMAT, read_manifest, shard_paths
 from launcher.formats.tokenizer import load_tokenizer
 from launcher.prepare import main
+from launch import WORKDIR  # noqa: E402
 
 WORDS = ["the", "model", "reads", "tokens", "from", "shards", "and", "learns", "which", "word", "comes", "next",
          "pipeline", "tensor", "données", "Übung", "并行", "stage", "rank", "loss", "step", "\t", "\n"]
@@ -65,7 +66,7 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 
 
 def run_cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.prepare", *args], cwd=REPO, env=base_env(),
+    return subprocess.run([sys.executable, "-m", "launcher.prepare", *args], cwd=WORKDIR, env=base_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -136,7 +137,7 @@ def test_a_killed_run_continues_to_the_same_bytes(corpus, tmp_path):
     big.write_text(jsonl(documents(3000, 5, longest=120)))  # ~2 MB: a few seconds on one worker
     args = ["--input", str(big), "--tokenizer", corpus.tokenizer, "--workers", "1", "--chunk-mb", "0.05"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.prepare", *args, "--out", str(killed)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.prepare", *args, "--out", str(killed)], cwd=WORKDIR,
                             env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not shard_paths(killed, "000000")[2].exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -158,7 +159,7 @@ def test_concurrent_preparers_of_one_directory_agree(corpus, tmp_path):
     out = tmp_path / "shared"
     args = ["--input", *corpus.inputs, "--tokenizer", corpus.tokenizer, "--out", str(out), "--workers", "1",
             "--chunk-mb", "0.002"]
-    procs = [subprocess.Popen([sys.executable, "-m", "launcher.prepare", *args], cwd=REPO, env=base_env(),
+    procs = [subprocess.Popen([sys.executable, "-m", "launcher.prepare", *args], cwd=WORKDIR, env=base_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=60)

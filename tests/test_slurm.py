@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from launch import REPO, read_events, read_metrics, read_records
+from launch import WORKDIR  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_recovery", REPO / "bench" / "recovery.py")
 recovery = importlib.util.module_from_spec(_spec)
@@ -35,12 +36,12 @@ def cluster():
     # starts 90 s sooner. Safe here: it is the only test whose requeued job runs, and no slurmd
     # is restarted under it (slurm/README.md: why the shipped cluster keeps 120 s). The
     # node-failure tests cancel their requeued jobs at once.
-    up = subprocess.run(["bash", "slurm/local-cluster.sh", "up"], cwd=REPO, capture_output=True, text=True, timeout=180,
+    up = subprocess.run(["bash", "slurm/local-cluster.sh", "up"], cwd=WORKDIR, capture_output=True, text=True, timeout=180,
                         env={**os.environ, "CRED_EXPIRE": "30"})
     assert up.returncode == 0, up.stdout + up.stderr
     assert "node[1-3] gpu:8 idle" in up.stdout
     yield
-    subprocess.run(["bash", "slurm/local-cluster.sh", "down"], cwd=REPO, capture_output=True, timeout=120)
+    subprocess.run(["bash", "slurm/local-cluster.sh", "down"], cwd=WORKDIR, capture_output=True, timeout=120)
 
 
 def sbatch(tmp_path: Path, *overrides: str, wait: bool = True, config: str = "configs/default.yaml", nodes: int = 2,
@@ -49,9 +50,9 @@ def sbatch(tmp_path: Path, *overrides: str, wait: bool = True, config: str = "co
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--cpus-per-task=1", "--gpus-per-node=2", "--time=15",
-           f"--output={tmp_path}/job-%j.out", f"--chdir={REPO}", *(["--wait"] if wait else []),
+           f"--output={tmp_path}/job-%j.out", f"--chdir={WORKDIR}", *(["--wait"] if wait else []),
            "slurm/train_7b.sh", *overrides, f"run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=WORKDIR, env=env, capture_output=True, text=True, timeout=600)
     job_id = result.stdout.strip().splitlines()[0].split(";")[0] if result.stdout.strip() else ""
     assert job_id.isdigit(), result.stdout + result.stderr
     return job_id

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from launch import REPO, base_env, torchrun_cmd
+from launch import base_env, torchrun_cmd
 
 from launcher.ds.pipeline import deepspeed_topology
 from parallel.layout import Layout
 from parallel.topology import build_process_groups
+from launch import WORKDIR  # noqa: E402
 
 TIMEOUT_S = 3.0
 MARGIN_S = 12.0  # 8 processes on a couple of cores: scheduling, not the timeout, is the slack
@@ -127,7 +128,7 @@ def test_stopped_tensor_parallel_peer_ends_the_job_within_the_timeout(tmp_path):
            f"parallel.collective_timeout_s={E2E_TIMEOUT_S}", "train.steps=1000", "train.log_every=1",
            "train.eval_every=0", f"run.dir={run_dir}"]
     log = (tmp_path / "torchrun.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=WORKDIR, env=base_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     workers: dict[int, int] = {}
     try:

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 from launch import (
-    REPO,
     SHORT,
     base_env,
     losses,
@@ -16,6 +15,7 @@ from launch import (
     torchrun_cmd,
     train,
 )
+from launch import WORKDIR  # noqa: E402
 
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=0"]
 
@@ -45,7 +45,7 @@ def test_pipeline_matches_single_process(single, tmp_path, pp):
 
 def test_readme_main_command_3d_matches_single_process(single, tmp_path):
     """`torchrun --nproc_per_node 8 -m launcher.train`: tp 2 x pp 2 x dp 2, ZeRO 1 (fewer steps)."""
-    result = subprocess.run([*torchrun_cmd(8), *SHORT, f"run.dir={tmp_path}"], cwd=REPO, env=base_env(),
+    result = subprocess.run([*torchrun_cmd(8), *SHORT, f"run.dir={tmp_path}"], cwd=WORKDIR, env=base_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "world 8 = tp 2 x pp 2 x dp 2" in result.stdout
@@ -91,7 +91,7 @@ def test_torchrun_multi_node_c10d_rendezvous(single, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "c10dtest", "-m", "launcher.train",
            *SHORT, "parallel.tensor=1", "parallel.pipeline=2", "zero.stage=0", f"run.dir={tmp_path}"]
-    agents = [subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    agents = [subprocess.Popen(cmd, cwd=WORKDIR, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for _ in range(2)]
     outputs = [a.communicate(timeout=600) for a in agents]
     assert all(a.returncode == 0 for a in agents), outputs[0][1][-3000:] + outputs[1][1][-3000:]
@@ -114,7 +114,7 @@ def test_srun_style_environment(single, tmp_path):
                        SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
                        SLURM_JOB_NODELIST="localhost")
         procs.append(subprocess.Popen([*python_cmd(), *SHORT, "parallel.tensor=1", "parallel.pipeline=2",
-                                       f"run.dir={tmp_path}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       f"run.dir={tmp_path}"], cwd=WORKDIR, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
@@ -156,7 +156,7 @@ def test_variants_train(tmp_path, overrides):
 
 
 def test_deepspeed_block_passes_through_and_rejects_contradictions(tmp_path):
-    result = subprocess.run([*python_cmd(), *SINGLE, "deepspeed.zero_optimization.stage=3"], cwd=REPO,
+    result = subprocess.run([*python_cmd(), *SINGLE, "deepspeed.zero_optimization.stage=3"], cwd=WORKDIR,
                             env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: deepspeed.zero_optimization.stage: 3 contradicts the value "

@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from launcher.__main__ import VERBS
+from launch import WORKDIR  # noqa: E402
 
 HEAVY = ("torch", "deepspeed", "transformers", "matplotlib")
 
 
 def test_python_m_launcher_lists_every_verb():
-    result = subprocess.run([sys.executable, "-m", "launcher"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "launcher"], cwd=WORKDIR, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert listed == [verb for verb, _ in VERBS]
@@ -28,7 +28,7 @@ def test_python_m_launcher_lists_every_verb():
 def test_help_imports_no_heavy_library(verb):
     code = (f"import sys\nfrom launcher.{verb} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=WORKDIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
