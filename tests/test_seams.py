@@ -4,7 +4,8 @@ DeepSpeed version is refused at start, in one line naming them."""
 
 import ast
 import configparser
-import re
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -76,3 +77,19 @@ def test_no_deepspeed_internal_is_touched_outside_the_seams_module():
                                                     (node.attr in attributes and id(node) in assigned)):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} .{node.attr}")
     assert offenders == []
+
+
+def test_muon_stand_ins_spare_the_compile_and_refuse_to_be_used():
+    """skip_compile_imports (called by build_engine when model.compile is off) keeps DeepSpeed's
+    Muon modules, which run torch.compile at import, from loading; the stand-ins answer the
+    questions DeepSpeed asks of a non-Muon optimizer and refuse to do Muon's work."""
+    code = ("import sys, torch; from launcher.ds.seams import skip_compile_imports; skip_compile_imports(); "
+            "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam; "
+            "from deepspeed.runtime.zero.muon.original_muon import muon_update; "
+            "assert not isinstance(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), MuonWithAuxAdam); "
+            "assert not any(hasattr(sys.modules[m], '__file__') for m in sys.modules if '.muon.' in m), 'the real module loaded'\n"
+            "try: muon_update(None, None)\n"
+            "except RuntimeError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no launcher optimizer is Muon" in result.stdout

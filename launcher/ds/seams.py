@@ -1,10 +1,9 @@
 """Every place the launcher reaches into DeepSpeed beyond its public API, in one module.
 
 DeepSpeed has no hook for a few things the launcher needs (PowerSGD as the data-parallel
-reduction, a gradient norm that counts each parameter once, timeouts on the groups it
-creates, our own stage boundaries, verified and elastic checkpoint loads). Each is done here
-by replacing one method or attribute of a live DeepSpeed object, overriding a private
-method, or calling a private name; nowhere else in the house does either.
+reduction, a gradient norm that counts each parameter once, timeouts on its groups, our
+stage boundaries, verified and elastic checkpoint loads, a start without Muon's compile).
+Each replaces, overrides or calls one DeepSpeed name here, and nowhere else in the house.
 
 `SEAMS` lists them with why and what each touches, checked against `TESTED_DEEPSPEED`.
 tests/test_seams.py fails when one of those names is missing from the installed DeepSpeed,
@@ -20,6 +19,8 @@ import importlib
 import importlib.metadata
 import inspect
 import os
+import sys
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -94,6 +95,10 @@ SEAMS: tuple[Seam, ...] = (
          "calls", "resharding writes optimizer fragments before the first step created them"),
     Seam("has_fragment_mapping", "deepspeed.utils.mixed_precision_linkage.link_hp_params", "reads",
          "a parameter DeepSpeed's ZeRO 1/2 or bf16 optimizer maps (its `_hp_mapping`) gets fragment writes"),
+    Seam("skip_compile_imports", "deepspeed.runtime.zero.muon.muon_optimizer.MuonWithAuxAdam", "replaces",
+         "its module compiles Muon's kernels at import (~1 s of CPU per process)"),
+    Seam("skip_compile_imports", "deepspeed.runtime.zero.muon.original_muon.muon_update", "replaces",
+         "imported by every ZeRO 1/2 gradient partition, called only for Muon parameters"),
 )
 
 
@@ -135,11 +140,7 @@ def seam_target_present(dotted: str) -> bool:
     return False
 
 
-# --------------------------------------------------------------------------------------
-# Steps: gradient norm, data-parallel reduction, timers
-# --------------------------------------------------------------------------------------
-
-
+# --- Steps: gradient norm, data-parallel reduction, timers ---
 def keep_fp32_grad_norm(engine) -> None:
     """fp32 with ZeRO 0: DeepSpeed's `clip_fp32_gradients` clips but throws the norm away
     (`get_global_grad_norm()` stays None), and counts a pipeline-tied weight on both of its
@@ -239,11 +240,7 @@ def count_dp_bytes(groups: ProcessGroups) -> CollectiveBytes:
         backend.reduce_scatter_function = backend.get_reduce_scatter_function()
     return counter
 
-# --------------------------------------------------------------------------------------
-# Process groups and the pipeline module
-# --------------------------------------------------------------------------------------
-
-
+# --- Process groups and the pipeline module ---
 def groups_carry_timeout(timeout: timedelta) -> None:
     """Make the groups DeepSpeed creates itself (pipeline grid, p2p, tied weights, ZeRO,
     deepspeed.utils.groups) carry our timeout.
@@ -285,11 +282,7 @@ class StagedPipelineModule(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-# --------------------------------------------------------------------------------------
-# Checkpoints: save, load, reshard
-# --------------------------------------------------------------------------------------
-
-
+# --- Checkpoints: save, load, reshard ---
 def deepspeed_state_classes() -> list:
     """The DeepSpeed classes its own checkpoints pickle (loss scalers, the ZeRO stage enum,
     the bf16 optimizer's fragment addresses): plain data holders, allowed by name so that
@@ -383,3 +376,20 @@ def init_fragment_state(optimizer) -> None:
 
 def can_init_fragment_state(optimizer) -> bool:
     return hasattr(optimizer, "_lazy_init_hp_params_optimizer_state")
+
+
+def _not_muon(*args, **kwargs):
+    raise RuntimeError("launcher/ds/seams.py stood in for DeepSpeed's Muon: no launcher optimizer is Muon")
+
+
+def skip_compile_imports() -> None:
+    """Spare each process ~1 s of CPU at start when nothing compiles (model.compile off).
+    DeepSpeed's ZeRO optimizers import its Muon modules, which run torch.compile at import, only
+    to ask `isinstance(optimizer, MuonWithAuxAdam)` or to hold `muon_update` for Muon
+    parameters: the launcher's optimizers (AdamW, Lion) never are Muon."""
+    for module, name, stand_in in [("muon_optimizer", "MuonWithAuxAdam", type("MuonWithAuxAdam", (), {})),
+                                   ("original_muon", "muon_update", _not_muon)]:
+        module = f"deepspeed.runtime.zero.muon.{module}"
+        if module not in sys.modules:
+            sys.modules[module] = types.ModuleType(module, "a stand-in: no launcher optimizer is Muon")
+            setattr(sys.modules[module], name, stand_in)
