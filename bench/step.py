@@ -46,16 +46,19 @@ VARIANTS = ["baseline", "fused_projections", "sequence_parallel", "none", "selec
 REFERENCE_TARGET = 0.97
 
 
-def baseline_switches(cfg, tp: int) -> dict[str, str]:
-    """The baseline's value of every switch, as an override would spell it."""
+def baseline_switches(cfg, tp: int, cuda: bool) -> dict[str, str]:
+    """The baseline's value of every switch, as an override would spell it (`auto` as the
+    launch decides it on this device)."""
     from launcher.config.derived import sequence_parallel_on
+    from launcher.planning.effective import sequence_parallel_here
     from parallel.costs import recompute_mode
 
     def text(value) -> str:
         return str(value).lower()
 
     return {"parallel.fused_projections": text(cfg.parallel.fused_projections),
-            "parallel.sequence_parallel": text(sequence_parallel_on(cfg.parallel, cfg.model, tp)),
+            "parallel.sequence_parallel": text(sequence_parallel_on(sequence_parallel_here(cfg, cuda).parallel,
+                                                                    cfg.model, tp)),
             "parallel.activation_checkpointing": recompute_mode(cfg.parallel.activation_checkpointing),
             "model.compile": text(cfg.model.compile)}
 
@@ -193,7 +196,7 @@ def main() -> None:
     world = p.tensor * p.pipeline * (p.data if isinstance(p.data, int) else 1)
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(cfg, detect_device_support())
-    base = baseline_switches(cfg, p.tensor)
+    base = baseline_switches(cfg, p.tensor, cuda)
     rows = [Row(n, variant_overrides(n, base, p.tensor, world, cuda)) for n in names]
 
     gpu_name = torch.cuda.get_device_name() if cuda else None

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.config.load import SHIPPED_CONFIGS
+from launcher.config.load import DEFAULT_CONFIG  # noqa: F401  (every verb's --config default)
 from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-
-DEFAULT_CONFIG = SHIPPED_CONFIGS / "default.yaml"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,7 +24,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def _key_and_problem(message: str, prog: str) -> tuple[str, str]:
     """argparse's message as (the option it is about, what is wrong), said once."""
     if message.startswith("unrecognized arguments: "):
-        return message.split(": ", 1)[1].split()[0], f"unknown option ({prog} --help)"
+        first = message.split(": ", 1)[1].split(" ")[0]  # '' when the argument was an empty string
+        return first, f"unknown option ({prog} --help)"
     if message.startswith("the following arguments are required: "):
         return message.split(": ", 1)[1], f"required ({prog} --help)"
     if message.startswith("one of the arguments ") and message.endswith(" is required"):

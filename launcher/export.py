@@ -59,8 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         check_deepspeed_version()  # DeepSpeed's checkpoint files are read through the seams
-        if args.max_shard_gb <= 0:
-            raise ConfigError("--max-shard-gb", f"must be > 0, got {args.max_shard_gb}")
+        if not 0 < args.max_shard_gb < 1e9:  # also refuses nan and inf
+            raise ConfigError("--max-shard-gb", f"must be > 0 and finite, got {args.max_shard_gb}")
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
             raise ConfigError("--out", f"{out} already exists and is not an empty directory: give a new one, or "

@@ -3,6 +3,7 @@
     python -m launcher.generate (--checkpoint RUN_DIR_OR_CHECKPOINT | --hf DIR) --prompt "..."
                                 [--max-new-tokens 64] [--temperature 0] [--top-p 1.0] [--seed 0]
                                 [--json] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                                [--tokenizer byte|FILE|DIR]
 
 A sanity check, not a server: one sequence, the model unsharded on one device (a checkpoint
 of any tensor, pipeline and ZeRO layout is gathered by launcher/checkpoint/reader.py), decoding
@@ -14,7 +15,10 @@ stops after --max-new-tokens or at the end-of-sequence token.
 
 The prompt is encoded as the weights were trained: a run's checkpoint with its own tokenizer
 (no special tokens, as launcher.prepare encodes documents); a Hugging Face directory with
-its tokenizer's special tokens (a BOS for Llama), as `transformers` does. `--json` prints one
+its tokenizer's special tokens (a BOS for Llama), as `transformers` does. The tokenizer is
+the run's, or the directory's tokenizer.json, else its SentencePiece tokenizer.model;
+`--tokenizer` names another (byte, a tokenizer.json or .model file, or a directory holding
+one), for a directory that ships none or a checkpoint copied away from its run. `--json` prints one
 object, {"prompt_ids": [...], "generated_ids": [...], "text": "<the generated text>"}.
 """
 
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.cli import ArgumentParser
-from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from launcher.errors import CONFIG_ERROR_EXIT_CODE, ConfigError, show_value
 
 # --------------------------------------------------------------------------------------
 # Command line
@@ -40,6 +44,9 @@ def parse_args(argv: list[str]):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     source.add_argument("--hf", help="a Hugging Face Llama directory")
+    parser.add_argument("--tokenizer", default=None, metavar="byte|FILE|DIR",
+                        help="the tokenizer: byte, a tokenizer.json, a SentencePiece tokenizer.model, or a directory "
+                        "holding one (default: the run's, or the --hf directory's)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -58,6 +65,10 @@ def check_args(args, cuda_available: bool) -> None:
         raise ConfigError("--temperature", f"must be >= 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
         raise ConfigError("--top-p", f"must be in (0, 1], got {args.top_p}")
+    if not -(1 << 63) <= args.seed < 1 << 64:  # what torch.Generator.manual_seed takes
+        raise ConfigError("--seed", f"must be a 64-bit integer, got {show_value(args.seed)}")
+    if any("\ud800" <= c <= "\udfff" for c in args.prompt):  # argv's bytes that are not UTF-8 (surrogateescape)
+        raise ConfigError("--prompt", "is not UTF-8 text")
     if args.device not in (None, "cpu", "cuda") or (args.device == "cuda" and not cuda_available):
         raise ConfigError("--device", f"{args.device!r}: expected cpu, or cuda on a machine with a GPU")
 
@@ -76,7 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_args(args, torch.cuda.is_available())
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         start = time.perf_counter()
-        loaded = from_checkpoint(Path(args.checkpoint)) if args.checkpoint else from_hf(Path(args.hf))
+        loaded = (from_checkpoint(Path(args.checkpoint), args.tokenizer) if args.checkpoint else
+                  from_hf(Path(args.hf), args.tokenizer))
         prompt_ids = loaded.encode(args.prompt)
         if not prompt_ids:
             raise ConfigError("--prompt", "encodes to no tokens: give some text")

@@ -37,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
             if not load_run(run_dir)[0]:
                 raise ConfigError("run_dir", f"{run_dir / 'metrics.jsonl'} holds no step record yet (the run logs "
                                   "one every train.log_every steps)")
+        out = args.out or (args.run_dir / ("report-compare" if args.compare else "report"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file where a directory must be, no permission
+            raise ConfigError("--out", f"{out}: cannot be a directory: {err.strerror or err}") from None
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    out = args.out or (args.run_dir / ("report-compare" if args.compare else "report"))
-    out.mkdir(parents=True, exist_ok=True)
     for filename, fig in build_figures(run_dirs).items():
         fig.savefig(out / filename, dpi=100)
         plt.close(fig)

@@ -3,7 +3,9 @@
 Started by `torchrun --nproc_per_node N -m launcher.train`, by `srun` (one task per device),
 by `mpirun -np N python -m launcher.train`, or as a single process.
 
-    --print-config           print the resolved config (YAML) and exit
+    --print-config [--world-size N] [--gpu h100]
+                             print the config a launch of N ranks of that GPU runs (YAML, no
+                             `auto` left: resolved as --dry-run resolves it) and exit
     --dry-run [--world-size N] [--gpu h100]
                              validate the config for N ranks of that GPU and print the layout,
                              stage table and memory estimate, without starting any process group
@@ -37,9 +39,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the layout, start nothing")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="ranks to validate for with --dry-run (default: $WORLD_SIZE, else the smallest fit)")
-    parser.add_argument("--gpu", default="h100", help="with --dry-run: the GPU to plan for (a100, h100, h200; "
-                        "default h100); a launch uses the device it finds")
+                        help="ranks to plan for with --dry-run or --print-config (default: $WORLD_SIZE, else the "
+                        "smallest fit)")
+    parser.add_argument("--gpu", default="h100", help="with --dry-run or --print-config: the GPU to plan for (a100, "
+                        "h100, h200; default h100); a launch uses the device it finds")
     parser.add_argument("--force", action="store_true",
                         help="start even when the planner estimates that a rank does not fit the device")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -53,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
+        # lazy: torch, DeepSpeed and the planner are not needed for --help
+        from launcher.training.launch import dry_run, dry_run_world_size, prepare_launch, resolved_config
+
+        if args.print_config:  # what a dry run of the same arguments would check, spelled out
+            world_size = dry_run_world_size(cfg, args.world_size, args.gpu)
+            print(dump_config(resolved_config(cfg, world_size, args.gpu)), end="")
             return 0
-        # lazy: torch, DeepSpeed and the planner are not needed for --help or --print-config
-        from launcher.training.launch import dry_run, dry_run_world_size, prepare_launch
         from launcher.training.loop import train
 
         if args.dry_run:

@@ -115,7 +115,8 @@ def resolve_layout(parallel: ParallelDegrees, world_size: int) -> Layout:
 
 
 def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int) -> bool:
-    """The same from the setting's value (the planner resolves it for every candidate tp)."""
+    """The same from the setting's value (the planner resolves it for every candidate tp).
+    `auto` here is the GPU default (on when tp > 1); a launch on CPU decides it first."""
     if setting == "auto":
         return tp > 1 and seq_len % tp == 0
     return bool(setting) and tp > 1

@@ -5,7 +5,8 @@
 # the nodes meet through a c10d rendezvous on the first training node.
 #
 # What happens when things go wrong (docs: slurm/README.md):
-#   configuration error  -> checked before anything starts (launcher --dry-run); exit 2, no requeue
+#   configuration error  -> checked before anything starts (launcher --dry-run for this node's
+#                           GPU, slurm/gpu.sh); exit 2, no requeue
 #   pre-emption warning  -> (SIGUSR1 to this script, #SBATCH --signal=B:USR1@...) the workers get
 #                           SIGUSR1, checkpoint the current step, and the job requeues itself
 #   a node or process dies -> the survivors' collectives fail (parallel.collective_timeout_s at
@@ -29,6 +30,7 @@ PROBE_TIMEOUT=${PROBE_TIMEOUT:-5}        # seconds a healthy node takes to run `
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-120}        # seconds torchrun's agents wait for every training node to join
 RDZV_READ_TIMEOUT=${RDZV_READ_TIMEOUT:-60}  # seconds an agent waits on one rendezvous store operation
 PYTHON=${PYTHON:-python3}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu.sh"  # the GPU the dry run plans for (LAUNCHER_GPU, nvidia-smi)
 cd "${LAUNCHER_DIR:-${SLURM_SUBMIT_DIR:-.}}"
 
 say() { echo "[t=$(date +%s.%3N)] $*"; }
@@ -45,8 +47,9 @@ world=$((need * GPUS_PER_NODE))
 say "job $SLURM_JOB_ID attempt $requeue_count: $SLURM_NNODES nodes (${nodes[*]}), training on $need" \
     "x $GPUS_PER_NODE = $world processes, $SPARE_NODES spare, config $CONFIG $*"
 
-# A configuration error is never worth a retry: check it before anything starts.
-if ! "$PYTHON" -m launcher.train --config "$CONFIG" --dry-run --world-size "$world" "$@" > /dev/null; then
+# A configuration error is never worth a retry: check it before anything starts, for this
+# node's GPU (slurm/gpu.sh: $LAUNCHER_GPU, else nvidia-smi's name, else h100, said as assumed).
+if ! dry_run_check "$world" "$@"; then
     say "configuration error: not starting, not requeueing"
     exit 2
 fi

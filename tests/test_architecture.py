@@ -18,8 +18,10 @@ PACKAGES = ("launcher", "parallel")
 
 def lint_imports(root) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root)}  # the copy under test, not the installed checkout
+    # --no-cache: its cache directory would be a new entry in the checkout (tests/conftest.py)
     return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-                           "lint_imports_command()"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                           "lint_imports_command()", "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_the_import_contracts_hold():

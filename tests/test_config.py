@@ -13,6 +13,7 @@ from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, resolve_auto
 from launcher.planning.cluster import assumed_cluster
 from launcher.planning.precision import ASSUMED_GPU
+from launcher.training.launch import resolved_config
 from launch import WORKDIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,10 @@ BAD = [  # (extra args, key the one-line error must name)
     (["--config", "configs/does_not_exist.yaml"], "--config: file not found"),
     (["--dry-run", "data.path=/no/such/corpus"], "data.path: not found: /no/such/corpus"),
     (["--dry-run", "data.path=configs/default.yaml"], "data.path: configs/default.yaml is a file; training reads prepared"),
-    (["data.tokenizer=/no/tokenizer.json"], "data.tokenizer: expected `byte`, a tokenizer.json or a directory"),
-    (["model.vocab=auto", "data.tokenizer=configs"], "data.tokenizer: expected `byte`, a tokenizer.json"),
+    (["data.tokenizer=/no/tokenizer.json"], "data.tokenizer: expected `byte`, a tokenizer.json, a SentencePiece "
+     ".model or a directory holding one; not found: /no/tokenizer.json"),
+    (["model.vocab=auto", "data.tokenizer=configs"], "data.tokenizer: configs: holds no tokenizer.json or "
+     "tokenizer.model"),
     (["parallel.partition=greedy"], "parallel.partition: expected balanced, uniform, parameters"),
     (["--dry-run", "parallel.partition=type:Conv"], "parallel.partition: 'type:Conv' matches none"),
     (["--dry-run", "parallel.stage_memory_gb=0.0001"], "parallel.stage_memory_gb: no split"),
@@ -106,7 +109,9 @@ def test_shipped_config_loads_and_dry_runs(config):
         assert result.returncode == 0, result.stderr
         out = result.stdout
         resolved, note = resolve_auto(cfg, world_size, assumed_cluster(world_size), ASSUMED_GPU)
-        assert (note in out) if note else ("auto " not in out)
+        # the layout's auto keys (sequence_parallel: auto is decided after, for the device)
+        layout_auto = [line for line in out.splitlines() if line.startswith("auto ") and "sequence_parallel" not in line]
+        assert (note in out) if note else not layout_auto, out
         assert "memory     est." in out
         p = resolved.parallel
         base = p.tensor * p.pipeline
@@ -143,9 +148,40 @@ def test_print_config_applies_overrides_and_round_trips(tmp_path):
     assert printed["logging"]["wandb"]["mode"] == "offline"
     assert printed["model"]["kv_heads"] is None
     (tmp_path / "resolved.yaml").write_text(result.stdout)
-    assert load_config(tmp_path / "resolved.yaml") == load_config(REPO / "configs/default.yaml",
-                                                                  ["parallel.tensor=1", "optimizer.betas=[0.8, 0.99]",
-                                                                   "logging.wandb.mode=offline", "model.kv_heads=null"])
+    given = load_config(REPO / "configs/default.yaml", ["parallel.tensor=1", "optimizer.betas=[0.8, 0.99]",
+                                                        "logging.wandb.mode=offline", "model.kv_heads=null"])
+    # world 2 (tensor 1 x pipeline 2, the smallest), planned for an H100 as --dry-run does
+    assert load_config(tmp_path / "resolved.yaml") == resolved_config(given, 2, "h100")
+
+
+def test_print_config_leaves_nothing_auto_and_is_a_config_the_launcher_accepts(tmp_path, capsys):
+    """Llama-2-7B for 32 H100s: every `auto` decided (layout, dtype, sequence parallelism,
+    resume), run.dir absolute; the YAML loads back to itself and passes a dry run."""
+    from launcher.train import main
+
+    run = tmp_path / "run"
+    args = ["--config", "configs/llama_7b.yaml", "--world-size", "32", "--gpu", "h100", f"run.dir={run}"]
+    assert main(["--print-config", *args]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+
+    def values(node):
+        return [v for child in node.values() for v in values(child)] if isinstance(node, dict) else [node]
+
+    assert "auto" not in values(printed), text
+    p = printed["parallel"]
+    assert p["tensor"] * p["pipeline"] * p["data"] == 32 and printed["precision"]["dtype"] == "bf16"
+    assert printed["run"]["dir"] == str(run) and printed["checkpoint"]["dir"] == str(run / "checkpoints")
+    assert printed["checkpoint"]["resume"] == "none"  # nothing there to resume
+    (tmp_path / "printed.yaml").write_text(text)
+    assert main(["--print-config", "--config", str(tmp_path / "printed.yaml"), "--world-size", "32"]) == 0
+    assert capsys.readouterr().out == text  # nothing left to resolve
+    assert main(["--dry-run", "--config", str(tmp_path / "printed.yaml"), "--world-size", "32"]) == 0
+    dry = capsys.readouterr().out
+    assert f"world 32 = tp {p['tensor']} x pp {p['pipeline']} x dp {p['data']}" in dry and "auto  " not in dry
+    relative = ["--config", "configs/llama_7b.yaml", "--world-size", "32", "run.name=seven"]
+    assert main(["--print-config", *relative]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["dir"] == str(Path.cwd() / "runs" / "seven")
 
 
 def test_default_config_used_without_config_flag(tmp_path):

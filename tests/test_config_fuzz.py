@@ -387,7 +387,10 @@ def test_overrides_on_the_default_config(workdir, extra, world_size):
 @fuzz_settings(100)
 @given(raw=schema_configs(), extra=overrides)
 def test_print_config_round_trips(workdir, raw, extra):
-    """--print-config prints YAML that loads back to the very same config (or one line, exit 2)."""
+    """--print-config prints YAML that loads back to the very config a launch would run: the
+    loaded one with nothing left to decide (or one line, exit 2)."""
+    from launcher.training.launch import dry_run_world_size, resolved_config
+
     path = write_config(workdir, yaml.safe_dump(raw, sort_keys=False))
     code, out, err = run_main(["--print-config", "--config", str(path), *extra])
     assert code in (0, 2), (code, err)
@@ -396,7 +399,9 @@ def test_print_config_round_trips(workdir, raw, extra):
         return
     assert not err, err
     _event("exit 0")
-    assert load_config(write_config(workdir, out, "printed.yaml")) == load_config(path, extra)
+    given = load_config(path, extra)
+    resolved = resolved_config(given, dry_run_world_size(given, None, "h100"), "h100")
+    assert load_config(write_config(workdir, out, "printed.yaml")) == resolved
 
 
 @pytest.fixture(scope="module")

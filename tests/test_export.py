@@ -92,8 +92,8 @@ def test_export_loads_in_transformers_with_equal_logits(runs, layout, tmp_path, 
     assert config["vocab_size"] == vocab and config["num_key_value_heads"] == 2
     assert config["tie_word_embeddings"] == reader.model.tie_embeddings
     assert (config["bos_token_id"], config["eos_token_id"]) == ((0, 1) if hf_tok else (None, 0))
-    assert (tmp_path / "hf" / "tokenizer.json").is_file() == hf_tok
-    assert (tmp_path / "hf" / "tokenizer_config.json").is_file() == hf_tok
+    # a byte-tokenizer run's export carries the byte tokenizer as a tokenizer.json (test_byte_export_round_trips)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.randint(0, vocab, (2, reader.model.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -200,3 +200,27 @@ def test_export_into_a_directory_with_files_needs_overwrite(runs, tmp_path):
 def test_a_path_that_does_not_exist_says_so(tmp_path):
     result = export_cli("--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), expect_rc=2)
     assert result.stderr == f"config error: --checkpoint: {tmp_path / 'nope'}: does not exist\n"
+
+
+def test_byte_export_round_trips_through_transformers_and_generate(runs, tmp_path):
+    """A run trained with the byte tokenizer, exported: `transformers.AutoTokenizer` loads the
+    export's tokenizer with the run's ids ("hello" -> 104 101 108 108 111), and `generate --hf`
+    on the export continues a prompt as `generate --checkpoint` does on the run."""
+    run_dir = runs["tp2_dp2_zero3_tied_padded"]
+    export_cli("--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("hello").input_ids == [104, 101, 108, 108, 111]
+    text = "caf\u00e9 \u0100 \x00 \U0001f600"  # two-byte, a byte-level alphabet character, NUL, four-byte
+    assert tok(text).input_ids == list(text.encode()) and tok.decode(tok(text).input_ids) == text
+    assert tok.eos_token_id == 0 == json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    args = ["--prompt", "alpha beta", "--max-new-tokens", "6", "--json"]
+    from_run = json.loads(generate_cli("--checkpoint", str(run_dir), *args).stdout)
+    from_export = json.loads(generate_cli("--hf", str(tmp_path / "hf"), *args).stdout)
+    assert from_export == from_run and from_run["prompt_ids"] == list(b"alpha beta")
+
+
+def generate_cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "launcher.generate", *args], cwd=WORKDIR, env=base_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

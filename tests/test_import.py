@@ -224,6 +224,31 @@ def train_error(*overrides: str) -> str:
     return lines[0]
 
 
+def test_the_default_configs_shape_gives_way_to_init_from(hf_dirs, tmp_path, capsys):
+    """configs/default.yaml pins the toy's shape: naming only a directory means its shape
+    (with or without --config configs/default.yaml). A shape key set on the command line, or
+    any config a user chose, is still compared with the directory and refused."""
+    from launcher.train import main
+
+    source = f"model.init_from={hf_dirs['untied']}"
+    run = f"run.dir={tmp_path / 'run'}"
+    shape = "2 layers, hidden 64, heads 4 (kv 2 GQA), ffn 172, vocab 300, seq 32"
+    for config in ([], ["--config", str(DEFAULT)], ["--config", "default"]):
+        assert main([*config, "--dry-run", source, run]) == 0, capsys.readouterr().err
+        assert shape in capsys.readouterr().out, config
+    assert main(["--dry-run", source, run, "model.seq_len=16"]) == 0  # a key that is no weight's shape
+    assert shape.replace("seq 32", "seq 16") in capsys.readouterr().out
+    assert main(["--dry-run", source, run, "model.hidden=128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the config needs (300, 128)" in err, err
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(DEFAULT.read_text())  # the same keys, but a config the user chose
+    assert main(["--config", str(mine), "--dry-run", source, run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("config error: model."), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", ["hidden", "layers", "untied_from_tied", "vocab_too_small"])
 def test_shape_mismatch_is_one_line_exit_2(hf_dirs, tmp_path, case):
     source = hf_dirs["tied" if case == "untied_from_tied" else "untied"]

@@ -96,6 +96,13 @@ def test_plan_command_prints_breakdown_ranking_and_json(capsys):
         assert row in text, row
     assert plan_main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    chosen = report["auto"]  # what `auto` chose, as data, and the planner's figures for it
+    assert chosen["fits"] and chosen["gpu"] == "H100-SXM5-80GB" and chosen["memory_gib"] == 79.6
+    assert chosen["keys"] == {"parallel.tensor": report["layout"]["tp"], "parallel.pipeline": report["layout"]["pp"],
+                              "parallel.micro_batch": report["layout"]["micro_batch"],
+                              "parallel.activation_checkpointing": report["layout"]["recompute"]}
+    assert chosen["peak_gib"] == pytest.approx(report["layout"]["peak_gib"])
+    assert chosen["tokens_per_s"] == pytest.approx(report["layout"]["tokens_per_s"])
     ranked = report["ranked"]
     assert ranked and all(r["fits"] and r["peak_gib"] <= 79.6 for r in ranked)
     assert [r["tokens_per_s"] for r in ranked] == sorted((r["tokens_per_s"] for r in ranked), reverse=True)
@@ -154,7 +161,8 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("config error: ")]
     assert len(errors) == 1, result.stderr
     assert "parallel: tp 1 x pp 1 x dp 1 needs" in errors[0]
-    for part in ("weights 25.1", "grads 50.2", "optimizer 75.3", "activations", "--force"):
+    # ZeRO 1 at dp 1 runs as ZeRO 0 (launcher/planning/effective.py): fp32 grads once, Adam's two states
+    for part in ("weights 25.1", "grads 25.1", "optimizer 50.2", "activations", "--force"):
         assert part in errors[0], part
     assert not run.exists()
     peak_kb = int(result.stderr.split("VmHWM:")[-1].split()[0])
@@ -505,8 +513,11 @@ def test_optimizer_offload_trains_saves_and_resumes_like_the_device_optimizer(tm
 
     common = ["parallel.tensor=1", "model.layers=2", "parallel.global_batch=4", "parallel.micro_batch=1",
               "train.steps=4", "train.eval_every=0", "schedule.warmup_steps=1", "train.log_every=1"]
-    for layout in (["parallel.pipeline=2", "zero.stage=1"], ["parallel.pipeline=1", "zero.stage=2"]):
-        name = layout[-1].replace("=", "")
+    # at dp 1 the device run would skip ZeRO 1 (launcher/planning/effective.py); a
+    # zero_optimization block keeps it, so both runs take ZeRO's optimizer path
+    keep_zero = "deepspeed.zero_optimization.reduce_bucket_size=500000000"
+    for layout in (["parallel.pipeline=2", "zero.stage=1", keep_zero], ["parallel.pipeline=1", "zero.stage=2"]):
+        name = layout[1].replace("=", "")
         device = train(torchrun_cmd(2), tmp_path / f"{name}-device", *common, *layout, "checkpoint.every=0")
         host = train(torchrun_cmd(2), tmp_path / f"{name}-host", *common, *layout, "zero.offload_optimizer=true",
                      "checkpoint.every=2")
@@ -524,15 +535,27 @@ def test_offload_is_refused_without_zero():
 
 
 def test_plan_command_shows_the_closest_layout_when_nothing_fits(capsys):
-    """Llama-2-70B on one node with its ZeRO 1: no layout fits, the plan says so and shows the
-    one that needs the least memory with its breakdown (exit 0: planning is the point); the
-    ranking still lists what would fit: ZeRO 3 or optimizer offload. A global batch no data
-    degree divides is one line naming the key (exit 2)."""
+    """Llama-2-70B on one node with its ZeRO 1: no layout fits without optimizer offload. The
+    plan says so in one line, shows the one that needs the least memory with its breakdown
+    (exit 0: planning is the point), and lists the layouts that fit with offload. A global
+    batch no data degree divides is one line naming the key (exit 2)."""
     assert plan_main(["--config", "configs/llama_70b.yaml", "--nodes", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert not report["layout"]["fits"] and report["smallest_world"] == 32
-    assert report["auto"].startswith("auto       no layout of 8 ranks with zero.stage=1 fits 79.6 GiB")
-    assert report["ranked"] and all(r["zero"] == 3 or r["offload"] for r in report["ranked"])
+    auto = report["auto"]  # data, not a console line: the closest layout, and what makes one fit
+    assert not auto["fits"] and auto["peak_gib"] == pytest.approx(report["layout"]["peak_gib"])
+    assert auto["keys"] == {"parallel.tensor": report["layout"]["tp"], "parallel.pipeline": report["layout"]["pp"],
+                            "parallel.micro_batch": report["layout"]["micro_batch"],
+                            "parallel.activation_checkpointing": report["layout"]["recompute"]}
+    assert auto["fits_only_with"] == "zero.offload_optimizer=true" and auto["fitting_with_it"] == report["fitting"]
+    assert report["ranked"] and all(r["offload"] for r in report["ranked"])
+    assert plan_main(["--config", "configs/llama_70b.yaml", "--nodes", "1"]) == 0
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if line.startswith("auto ")] == [
+        "auto       fits only with optimizer offload (zero.offload_optimizer=true): no layout of 8 ranks with "
+        "zero.stage=1 fits 79.6 GiB per device (H100-SXM5-80GB; the smallest needs 162.7 GiB per rank); "
+        f"{report['fitting']} layouts fit with it (listed below); shown: the layout of ZeRO 1 needing the least memory"]
+    assert f"layouts that fit: {report['fitting']} of" in text
     assert plan_main(["--config", "configs/llama_13b.yaml", "--nodes", "5000", "--gpus-per-node", "20"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: parallel.global_batch: auto: no tp x pp x dp of 100000 ranks")

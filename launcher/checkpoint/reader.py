@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -42,12 +43,15 @@ from launcher.checkpoint.store import (
 )
 from launcher.config.coerce import model_config
 from launcher.config.schema import ModelConfig
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, one_line
 from launcher.formats.tokenizer import BYTE, load_tokenizer
 from launcher.model import weights as hf_names
 from parallel.costs import pipeline_items
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What reading a file whose bytes are not what DeepSpeed wrote raises from inside the state
+# dicts (torch.load's own failures are caught whole: its unpickler can raise almost anything).
+_NOT_WHAT_WAS_SAVED = (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError)
 
 # --------------------------------------------------------------------------------------
 # Finding the checkpoint and the run it belongs to
@@ -88,6 +92,57 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
                       "no checkpoints/); pass runs/NAME or runs/NAME/checkpoints/step-NNNNNNNN")
 
 
+class _ShapeMismatch(ValueError):
+    pass
+
+
+def damaged(path: Path, what: str) -> ConfigError:
+    """The one line for a file that passed verification (or has no manifest entry) but cannot
+    be read as what it should be."""
+    return ConfigError("--checkpoint", f"{path}: {what}: the checkpoint is damaged; give another one (a run "
+                       "directory gives its newest one that verifies)")
+
+
+def _why(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"unreadable ({type(err).__name__}{': ' + one_line(first)[:160] if first else ''})"
+
+
+@contextmanager
+def _reading(paths: list[Path]):
+    """Errors from inside state dicts that are not DeepSpeed's (a file swapped for another,
+    rewritten, or a manifest written over damaged files) as one line naming the file(s)."""
+    try:
+        yield
+    except _NOT_WHAT_WAS_SAVED as err:
+        what = str(err) if isinstance(err, _ShapeMismatch) else _why(err)
+        if len(paths) == 1:
+            raise damaged(paths[0], what) from None
+        raise damaged(paths[0].parent, f"{what} in {', '.join(p.name for p in paths)}") from None
+
+
+def _load(path: Path) -> dict:
+    try:
+        loaded = load_mmap(path)
+    except Exception as err:  # noqa: BLE001 - whatever torch.load makes of bytes that are not a checkpoint
+        raise damaged(path, _why(err)) from None
+    if not isinstance(loaded, dict):
+        raise damaged(path, f"holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def _read_state(ckpt: Path) -> tuple[LauncherState, ModelConfig]:
+    try:
+        state = LauncherState.read(ckpt)
+        values = state.fingerprint["model"]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise damaged(ckpt / STATE, _why(err)) from None
+    try:
+        return state, model_config(values, "model")
+    except ConfigError as err:
+        raise damaged(ckpt / STATE, str(err)) from None
+
+
 def _verify(ckpt: Path) -> None:
     entries, problem = read_manifest(ckpt)
     problem = problem or verify_files(ckpt, entries)
@@ -99,7 +154,9 @@ def _verify(ckpt: Path) -> None:
 def _newest_verified(root: Path, none_message: str) -> Path:
     first_problem = None
     for ckpt in published(root):  # newest first
-        if not ((ckpt / MANIFEST).is_file() and (ckpt / STATE).is_file()):
+        missing = [ckpt / name for name in (MANIFEST, STATE) if not (ckpt / name).is_file()]
+        if missing:  # an incomplete save, or a damaged one: said when no other verifies
+            first_problem = first_problem or damaged(missing[0], "missing")
             continue
         try:
             _verify(ckpt)
@@ -159,8 +216,7 @@ class CheckpointReader:
 
     def __init__(self, ckpt: Path):
         self.ckpt = ckpt
-        self.state = LauncherState.read(ckpt)
-        self.model = model_config(self.state.fingerprint["model"], "--checkpoint")
+        self.state, self.model = _read_state(ckpt)
         lay = self.state.layout
         self.tp, self.pp, self.zero_stage = lay.tp, lay.pp, lay.zero_stage
         self.dtype = DTYPES.get(lay.dtype, torch.float32)
@@ -201,18 +257,20 @@ class CheckpointReader:
         group holds piece d of each of the group's parameters, in order (zero_to_fp32.py)."""
         paths = self._zero3_optim_paths(tp_rank)
         world = len(paths)
-        count = zero3_partition_count(optimizer_state(load_mmap(paths[0])), world)
+        with _reading(paths[:1]):
+            count = zero3_partition_count(optimizer_state(_load(paths[0])), world)
         if count != world:
             raise ConfigError("--checkpoint", f"{self.ckpt}: {world} ZeRO 3 files for tp rank {tp_rank}, "
                               f"the optimizer was partitioned {count} ways")
         model_file = self._need(zero3_model_states_file(self.ckpt, tp_rank))
         where = {}
-        for group, shapes in enumerate(param_shapes(load_mmap(model_file))):  # per group: {name: shape}
-            offset = 0
-            for name, shape in shapes.items():
-                piece = math.ceil(math.prod(shape) / world)
-                where[name] = (group, offset, piece, shape)
-                offset += piece
+        with _reading([model_file]):
+            for group, shapes in enumerate(param_shapes(_load(model_file))):  # per group: {name: shape}
+                offset = 0
+                for name, shape in shapes.items():
+                    piece = math.ceil(math.prod(shape) / world)
+                    where[name] = (group, offset, piece, shape)
+                    offset += piece
         return where
 
     def _open(self, index: int) -> list:
@@ -220,15 +278,23 @@ class CheckpointReader:
         item's; pipeline = 1: the module's), or ZeRO 3's flat groups of every dp rank."""
         if self._item is None or self._item[0] != index:
             self._item = None  # unmap the previous item's files first
-            if self.zero_stage == 3:
-                files = [[zero3_flat_groups(optimizer_state(load_mmap(p))) for p in self._zero3_optim_paths(r)]
-                         for r in range(self.tp)]
-            else:
-                files = [load_mmap(p) for p in self._item_paths(index)]
-                if self.pp == 1:
-                    files = [module_weights(f) for f in files]
+            paths = self._paths(index)
+            with _reading(paths):
+                if self.zero_stage == 3:
+                    files = [[zero3_flat_groups(optimizer_state(_load(p))) for p in self._zero3_optim_paths(r)]
+                             for r in range(self.tp)]
+                else:
+                    files = [_load(p) for p in paths]
+                    if self.pp == 1:
+                        files = [module_weights(f) for f in files]
             self._item = (index, files)
         return self._item[1]
+
+    def _paths(self, index: int) -> list[Path]:
+        """The files pipeline item `index` is read from (named when they are not what was saved)."""
+        if self.zero_stage == 3:
+            return [p for r in range(self.tp) for p in self._zero3_optim_paths(r)]
+        return self._item_paths(index)
 
     def _slice(self, ours: str, tp_rank: int) -> tuple[tuple[int, ...], list[torch.Tensor]]:
         """This tp rank's slice: its shape and its contents, row-major, as consecutive pieces
@@ -250,7 +316,21 @@ class CheckpointReader:
         intermediate). `rows`: keep the first rows only (a vocabulary trim; vocabulary rows
         are dim 0, tp rank r holds rows [r*n/tp, (r+1)*n/tp))."""
         dim, dtype = hf_names.tp_dim(ours), dtype or self.dtype
-        slices = [self._slice(ours, r) for r in range(self.tp if dim is not None else 1)]
+        paths = self._paths(item_key(self.model, ours)[0])
+        with _reading(paths):
+            slices = [self._slice(ours, r) for r in range(self.tp if dim is not None else 1)]
+            return self._gather(ours, slices, dim, dtype, rows)
+
+    def _gather(self, ours: str, slices: list, dim: Optional[int], dtype: torch.dtype,
+                rows: Optional[int]) -> torch.Tensor:
+        """The full tensor from each tp rank's (shape, pieces), checked against the model's shape."""
+        expected = hf_names.full_shape(self.model, ours)
+        along = dim if dim is not None else 0
+        got = list(slices[0][0])
+        if len(got) == len(expected):
+            got[along] = sum(shape[along] for shape, _ in slices)
+        if tuple(got) != expected or any(sum(p.numel() for p in pieces) < math.prod(shape) for shape, pieces in slices):
+            raise _ShapeMismatch(f"{ours} has shape {tuple(got)} on disk, the model's is {expected}")
         kept, start = [], 0  # rows of each slice that are kept
         for shape, _ in slices:
             kept.append(shape[0] if rows is None else max(0, min(rows - start, shape[0])))

@@ -70,7 +70,14 @@ class SavedLayout:
         """TypeError on a record that is not a layout (callers treat the checkpoint as unreadable)."""
         fields = dict(record)
         parts = fields.pop("parts", None)
-        return cls(**fields, parts=None if parts is None else tuple(parts))
+        layout = cls(**fields, parts=None if parts is None else tuple(parts))
+        degrees = (layout.tp, layout.pp, layout.dp, *(layout.parts or ()))
+        # a damaged record must not reach range(tp) or a file name: the same refusal as a missing field
+        if (not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in degrees)
+                or min(layout.tp, layout.pp, layout.dp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
+                or layout.dtype not in ("fp32", "bf16", "fp16")):
+            raise TypeError(f"not a layout: {record}")
+        return layout
 
     def describe(self) -> str:
         return f"tensor {self.tp} x pipeline {self.pp} x data {self.dp}, ZeRO {self.zero_stage}, {self.dtype}"
@@ -203,7 +210,10 @@ class LauncherState:
         record = json.loads((ckpt / STATE).read_text())
         if not isinstance(record, dict):
             raise TypeError(f"{ckpt / STATE}: not a JSON object")
-        return cls(**{**record, "layout": SavedLayout.from_json(record.get("layout"))})
+        state = cls(**{**record, "layout": SavedLayout.from_json(record.get("layout"))})
+        if not isinstance(state.fingerprint, dict) or not isinstance(state.fingerprint.get("model"), dict):
+            raise TypeError(f"{ckpt / STATE}: no model in its fingerprint")
+        return state
 
 
 def numpy_state_to_plain(state: dict) -> dict:

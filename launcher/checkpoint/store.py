@@ -105,11 +105,20 @@ def verify_files(ckpt: Path, entries: list[dict], checksums: bool = True) -> Opt
 
 def read_manifest(ckpt: Path) -> tuple[Optional[list[dict]], Optional[str]]:
     try:
-        return json.loads((ckpt / MANIFEST).read_text())["files"], None
+        entries = json.loads((ckpt / MANIFEST).read_text())["files"]
     except FileNotFoundError:
         return None, f"{ckpt / MANIFEST}: missing (incomplete save)"
-    except (ValueError, KeyError) as err:
-        return None, f"{ckpt / MANIFEST}: unreadable ({err})"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{ckpt / MANIFEST}: unreadable ({type(err).__name__}: {str(err)[:160]})"
+    if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
+        return None, f"{ckpt / MANIFEST}: unreadable (not a list of files with their size and xxh3)"
+    return entries, None
+
+
+def _is_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("xxh3"), str)
+            and type(entry.get("size")) is int and not Path(entry["file"]).is_absolute()
+            and ".." not in Path(entry["file"]).parts and "\x00" not in entry["file"])
 
 
 # --------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from parallel.layout import resolve_sequence_parallel
 
 
 def sequence_parallel_on(parallel: ParallelConfig, model: ModelConfig, tp: int) -> bool:
-    """parallel.sequence_parallel resolved for tensor degree tp: `auto` is on when tp > 1 and
-    the sequence splits evenly (true with an uneven split is refused when the config loads)."""
+    """parallel.sequence_parallel resolved for tensor degree tp: `auto` (left unresolved, as the
+    planner sees it) is on when tp > 1 and the sequence splits evenly, the GPU default; a launch
+    first decides it for its device (launcher/planning/effective.py). True with an uneven
+    split is refused when the config loads."""
     return resolve_sequence_parallel(parallel.sequence_parallel, model.seq_len, tp)
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from launcher.config.checks import check_config
 from launcher.config.coerce import build_section, yaml_name
-from launcher.config.resolve import resolve_init_from, resolve_vocab
+from launcher.config.resolve import AUTO_MODEL_KEYS, resolve_init_from, resolve_vocab
 from launcher.config.schema import Config
 from launcher.errors import ConfigError, show_value
 
@@ -61,6 +61,9 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a larger file is the wrong f
 # The configs shipped with the launcher (configs/*.yaml beside the package): `--config NAME`
 # finds them from any directory.
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# What a verb reads without --config; with model.init_from its model shape gives way to the
+# directory's (shape_from_init_from).
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "default.yaml"
 
 
 def shipped_config_names() -> list[str]:
@@ -153,7 +156,23 @@ def config_from_dict(raw: dict) -> Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override, type-check and validate a config (world-size checks come later)."""
     raw = apply_overrides(read_yaml(path), list(overrides))
+    if config_path(path).resolve() == DEFAULT_CONFIG.resolve():
+        shape_from_init_from(raw, overrides)
     return config_from_dict(raw)
+
+
+def shape_from_init_from(raw: dict, overrides: list[str]) -> None:
+    """The default config's model shape is the toy's, a placeholder: with model.init_from its
+    keys give way to the directory's config.json (as if the file left them out), except the
+    ones an override sets, which are compared with the directory's weights as always. Any
+    other config keeps its shape and is refused when it disagrees with the directory."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("init_from") is None:
+        return
+    overridden = {tuple(_parse_override(text)[0]) for text in overrides}
+    for name in AUTO_MODEL_KEYS:
+        if ("model", name) not in overridden:
+            model.pop(name, None)
 
 
 def config_to_dict(cfg: Config) -> dict:

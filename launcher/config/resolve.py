@@ -25,7 +25,7 @@ AUTO_MODEL_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq
 
 def resolve_init_from(cfg: Config, raw: dict) -> None:
     """`model.init_from`: the model keys that are `auto` or left out take the directory's
-    config.json values, a data.tokenizer left out its tokenizer.json. Without init_from,
+    config.json values, a data.tokenizer left out its tokenizer.json (or SentencePiece tokenizer.model). Without init_from,
     `auto` is an error (except model.vocab's, from the tokenizer)."""
     m = cfg.model
     if m.init_from is None:
@@ -45,7 +45,8 @@ def resolve_init_from(cfg: Config, raw: dict) -> None:
             if name == "vocab" and cfg.parallel.tensor != "auto":  # even vocabulary-parallel shards
                 check_positive("parallel.tensor", cfg.parallel.tensor)
                 m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
-    if "tokenizer" not in (raw.get("data") or {}) and (Path(m.init_from) / "tokenizer.json").is_file():
+    if "tokenizer" not in (raw.get("data") or {}) and any(
+            (Path(m.init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         cfg.data.tokenizer = m.init_from
 
 

@@ -107,7 +107,9 @@ class ParallelConfig:
     """Split the residual stream and the norms along the sequence over the tensor group
     between blocks (all-gather / reduce-scatter instead of all-reduce: the same bytes
     forward, and half again backward, which gathers each block input again; those
-    activations stored once, not tensor times). `auto`: on when tensor > 1."""
+    activations stored once, not tensor times). `auto`: decided at launch for the device
+    (launcher/planning/effective.py): on with tensor > 1 on GPUs (NCCL), off on CPU (gloo,
+    where it is slower) unless the layout fits only with it."""
     fused_projections: bool = True
     """q, k, v (and gate, up) as one matmul each. Off only to measure what it buys."""
     collective_timeout_s: float = 1800.0
@@ -196,8 +198,9 @@ class DataConfig:
     """Several prepared directories blended by weight, e.g. [{path: web, weight: 3},
     {path: code, weight: 1}] (instead of `path`); docs/DATA.md."""
     tokenizer: str = "byte"
-    """`byte` (built in), or a Hugging Face tokenizer.json or a directory holding one. Prepared
-    data must have been tokenized by the same tokenizer."""
+    """`byte` (built in), a Hugging Face tokenizer.json, a SentencePiece tokenizer.model, or a
+    directory holding one (tokenizer.json first). Prepared data must have been tokenized by
+    the same tokenizer."""
     val_fraction: float = 0.05
     """Share of each dataset's documents held out for validation (unused with `val_path`)."""
     val_path: Optional[str] = None
@@ -263,7 +266,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     level: Literal["debug", "info", "warning"] = "info"
-    """Console log level (rank 0)."""
+    """Console log level (rank 0); `debug` also shows DeepSpeed's memory reports at start."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
     peak_tflops: Optional[float] = None

@@ -36,6 +36,7 @@ from launcher.data.sources import (
     prepare_embedded,
     source_key,
 )
+from launcher.errors import ConfigError
 
 
 def to_batch(tokens: np.ndarray, starts: np.ndarray, document_attention: bool, eod_mask_loss: bool):
@@ -105,19 +106,23 @@ def open_run_data(data: DataConfig, seq_len: int, seed: int, cache_dir: Path, **
                              source_key(i, data)) for i, s in enumerate(sources)]
     for i, ds in enumerate(datasets):
         check_split_size(ds.train, seq_len, source_key(i, data), f"the training part of {ds.path}")
-    names, weights = [ds.path for ds in datasets], [s.weight for s in sources]
+        same = next((other for other in datasets[:i] if other.key == ds.key), None)
+        if same is not None:
+            raise ConfigError(source_key(i, data), f"{ds.path} is the same dataset as {same.path} (manifest id "
+                              f"{ds.key}): list it once, with the weights added")
+    keys, paths, weights = [ds.key for ds in datasets], [ds.path for ds in datasets], [s.weight for s in sources]
     if data.val_path:
         held = open_dataset(data.val_path, dataset_dir(data.val_path, data.tokenizer, cache_dir), None,
                             "data.val_path")
-        val_streams, val_names, val_weights = [held.train], [data.val_path], [1.0]
+        val_streams, val_keys, val_paths, val_weights = [held.train], [held.key], [data.val_path], [1.0]
     else:
-        val_streams, val_names, val_weights = [ds.val for ds in datasets], names, weights
-    for stream, name in zip(val_streams, val_names):
+        val_streams, val_keys, val_paths, val_weights = [ds.val for ds in datasets], keys, paths, weights
+    for stream, name in zip(val_streams, val_paths):
         check_split_size(stream, seq_len, "data.val_path" if data.val_path else "data.val_fraction",
                          f"{name}" if data.val_path else f"the held-out part of {name}")
     doc_args = dict(document_attention=data.document_attention, eod_mask_loss=data.eod_mask_loss)
-    train = SampleSource([ds.train for ds in datasets], names, weights, seq_len, seed, "train")
-    val = SampleSource(val_streams, val_names, val_weights, seq_len, seed, "val")
+    train = SampleSource([ds.train for ds in datasets], keys, weights, seq_len, seed, "train", paths)
+    val = SampleSource(val_streams, val_keys, val_weights, seq_len, seed, "val", val_paths)
     return RunData(train=GlobalBatches(train, **batch_args, **doc_args),
                    val=GlobalBatches(val, **batch_args, **doc_args),  # a fixed set: always from position 0
                    datasets=datasets)
@@ -133,7 +138,7 @@ def training_batches(cfg, cache_dir: Path, *, global_batch: int, micro_batch: in
 
 def realised_shares(state: dict) -> dict[str, float]:
     """Share of the samples so far that each source gave (logged beside the requested one)."""
-    counts = {name: s["consumed"] for name, s in state["sources"].items()}
+    counts = {s.get("path", name): s["consumed"] for name, s in state["sources"].items()}
     total = sum(counts.values()) or 1
     return {name: c / total for name, c in counts.items()}
 

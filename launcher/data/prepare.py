@@ -34,7 +34,9 @@ from launcher.data.shards import (
     MANIFEST,
     SHARDS,
     TOKENIZER_COPY,
+    check_shards,
     commit_file,
+    dataset_id,
     shard_paths,
     temporary_file,
     token_dtype,
@@ -198,6 +200,7 @@ def _already_prepared(out: Path, manifest: dict, identity: dict, progress: bool)
     if not same_data(manifest, identity):
         raise ConfigError("--out", f"{out} holds a dataset prepared from other inputs or with another tokenizer; "
                           f"use a new --out (or delete {out})")
+    check_shards(out, "--out")  # "already prepared" only when it still is
     if progress:
         print(f"{out}: already prepared ({plural(manifest['documents'], 'document')}, "
               f"{plural(manifest['tokens'], 'token')}); nothing to do")
@@ -207,11 +210,14 @@ def _already_prepared(out: Path, manifest: dict, identity: dict, progress: bool)
 def _write_dataset(out: Path, tok, identity: dict, shards: list[dict], n_bad: int) -> dict:
     """The tokenizer's copy, then the manifest (last: the directory is a dataset)."""
     if tok.name != BYTE:
-        write_atomic(out / TOKENIZER_COPY, Path(tok.file).read_bytes())
+        # a tokenizer.json as given; a SentencePiece model as its conversion (tokenizer.py)
+        copy = Path(tok.file).read_bytes() if Path(tok.file).suffix == ".json" else tok.tokenizer.to_str().encode()
+        write_atomic(out / TOKENIZER_COPY, copy)
     manifest = {"format": FORMAT, "tokenizer": identity["tokenizer"], "dtype": identity["dtype"],
                 "tokens": sum(int(r["tokens"]) for r in shards), "documents": sum(int(r["documents"]) for r in shards),
                 "bad_lines": n_bad, "text_field": identity["text_field"], "sources": identity["sources"],
                 "shards": shards}
+    manifest["id"] = dataset_id(manifest)  # the run's name for this data, wherever it is moved
     write_manifest(out, manifest)
     return manifest
 

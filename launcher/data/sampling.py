@@ -10,7 +10,9 @@ Blending. With several `data.sources`, global sample g comes from source s at th
 own position j_s (`Blend`). The schedule is fixed per block of BLEND_BLOCK samples: each
 source's share of the block from its weight, the order inside the block shuffled. So the
 stream depends only on (data, weights, seq_len, seed), never on the layout, and a position
-is `consumed_samples` plus where each source stood when the weights last changed.
+is `consumed_samples` plus where each source stood when the weights last changed. A prepared
+source is named by its manifest's id, not its path: moved elsewhere, it continues the same
+stream.
 """
 
 from __future__ import annotations
@@ -142,11 +144,19 @@ class Blend:
 
 
 class SampleSource:
-    """Global sample g -> its seq_len + 1 tokens (and document starts), over blended datasets."""
+    """Global sample g -> its seq_len + 1 tokens (and document starts), over blended datasets.
+
+    `names`: each source's identity (a prepared dataset's manifest id, the same wherever the
+    directory is moved), which keys its permutation and its entry in a checkpoint's position;
+    `paths`: the sources as configured, for messages and logged shares."""
 
     def __init__(self, streams: list[TokenStream], names: list[str], weights: list[float], seq_len: int, seed: int,
-                 salt: str):
+                 salt: str, paths: Optional[list[str]] = None):
         self.streams, self.names, self.seq_len, self.seed, self.salt = streams, names, seq_len, seed, salt
+        self.paths = list(paths) if paths is not None else list(names)
+        # The key of each source's permutation: its name, or what the checkpoint being
+        # resumed recorded (one written before manifest ids keyed its sources by path).
+        self.orders = list(names)
         self.windows = [n_windows(s, seq_len) for s in streams]
         self.blend = Blend(weights, seed, salt)
 
@@ -157,7 +167,7 @@ class SampleSource:
         out = np.empty_like(positions)
         for e in np.unique(epochs):
             sel = epochs == e
-            key = permutation_key(self.seed, self.salt, self.names[source], int(e))
+            key = permutation_key(self.seed, self.salt, self.orders[source], int(e))
             out[sel] = feistel_permutation(within[sel], n, key)
         return out
 
@@ -177,8 +187,22 @@ class SampleSource:
         """Where the stream stands: enough to continue it exactly, or to continue every source
         from its own count under new weights."""
         return {"consumed_samples": consumed_samples, "origin": self.blend.origin,
-                "sources": {name: {"weight": float(w), "base": int(b), "consumed": int(c)} for name, w, b, c in
-                            zip(self.names, self.blend.weights, self.blend.base, self.blend.consumed(consumed_samples))}}
+                "sources": {name: {"weight": float(w), "base": int(b), "consumed": int(c), "path": path,
+                                   "order": order}
+                            for name, path, order, w, b, c in zip(self.names, self.paths, self.orders,
+                                                                  self.blend.weights, self.blend.base,
+                                                                  self.blend.consumed(consumed_samples))}}
+
+    def _saved_sources(self, saved: dict) -> dict:
+        """A checkpoint's sources keyed by this run's names. One written before manifest ids
+        named each source by its configured path: matched by path, its permutation (keyed by
+        that path) goes on; a source since moved is then a new one."""
+        by_path = dict(zip(self.paths, self.names))
+        out = {}
+        for key, entry in saved.items():
+            name = key if key in self.names else by_path.get(key, key)
+            out[name] = {**entry, "order": entry.get("order", key), "path": entry.get("path", key)}
+        return out
 
     def load_state_dict(self, state: dict) -> Optional[str]:
         """Continue from `state`. The same sources and weights continue the very same stream;
@@ -189,6 +213,8 @@ class SampleSource:
         if saved is None:  # a single-source position only
             saved = {self.names[0]: {"weight": 1.0, "base": 0, "consumed": consumed}} if len(self.names) == 1 else {}
             state = {**state, "origin": 0}
+        saved = self._saved_sources(saved)
+        self.orders = [saved[n]["order"] if n in saved else n for n in self.names]
         same = list(saved) == self.names and np.allclose([saved[n]["weight"] for n in self.names], self.blend.weights,
                                                          rtol=0, atol=1e-12)
         if same:
@@ -197,7 +223,7 @@ class SampleSource:
             return None
         base = [int(saved.get(n, {}).get("consumed", 0)) for n in self.names]
         self.blend = Blend(self.blend.weights, self.seed, self.salt, origin=consumed, base=base)
-        was = ", ".join(f"{n} {v['weight']:.3g}" for n, v in saved.items())
-        now = ", ".join(f"{n} {w:.3g}" for n, w in zip(self.names, self.blend.weights))
+        was = ", ".join(f"{v['path']} {v['weight']:.3g}" for v in saved.values())
+        now = ", ".join(f"{p} {w:.3g}" for p, w in zip(self.paths, self.blend.weights))
         return (f"data sources or weights changed ({was} -> {now}): each source continues from the samples it had "
                 "given; dropped sources stop")

@@ -24,7 +24,7 @@ import numpy as np
 
 from launcher.config.schema import DataConfig, DataSource
 from launcher.data.prepare import PrepareOptions, prepare
-from launcher.data.shards import Shard, is_prepared, open_shard, read_manifest
+from launcher.data.shards import Shard, dataset_id, is_prepared, open_shard, read_manifest
 from launcher.errors import ConfigError
 from launcher.formats.tokenizer import load_tokenizer
 
@@ -101,17 +101,25 @@ class TokenStream:
 class Dataset:
     """A prepared directory's train and validation streams, and what its manifest says."""
 
-    path: str  # as configured: names the source in logs and checkpoints
+    path: str  # as configured: names the source in logs and messages
     train: TokenStream
     val: TokenStream
     manifest: dict
+
+    @property
+    def key(self) -> str:
+        """What names the source in the sample order and a checkpoint's data position: the
+        manifest's id (launcher/data/shards.py), so that a moved dataset continues the same
+        stream; `embedded` for the shipped corpus (prepared anew into each run's cache)."""
+        return EMBEDDED if self.path == EMBEDDED else dataset_id(self.manifest)
 
 
 def open_dataset(path: str, root: Path, val_fraction: Optional[float], key: str) -> Dataset:
     """Memory-map a prepared dataset; hold out `val_fraction` of its documents (None: none)."""
     manifest = read_manifest(root, key)
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    train, val = split_documents([open_shard(root, record, dtype) for record in manifest["shards"]], val_fraction)
+    train, val = split_documents([open_shard(root, record, dtype, key) for record in manifest["shards"]],
+                                 val_fraction)
     return Dataset(path=path, train=train, val=val, manifest=manifest)
 
 

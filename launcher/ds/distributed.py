@@ -10,7 +10,7 @@ from typing import Optional
 import deepspeed
 import torch.distributed as dist
 
-from launcher.ds.seams import groups_carry_timeout
+from launcher.ds.seams import groups_carry_timeout, skip_shm_build
 from parallel.topology import group_timeout
 
 
@@ -40,6 +40,7 @@ def init_distributed(backend: str, timeout_s: Optional[float] = None) -> None:
                                      dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                                    is_master=False, timeout=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    skip_shm_build()  # else a fresh install waits 27-82 s here, silently, for a C++ build we never use
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
                                timeout=timeout)
     groups_carry_timeout(timeout)

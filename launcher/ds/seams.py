@@ -2,7 +2,7 @@
 
 DeepSpeed has no hook for a few things the launcher needs (PowerSGD as the data-parallel
 reduction, a gradient norm that counts each parameter once, timeouts on its groups, our
-stage boundaries, verified and elastic checkpoint loads, a start without Muon's compile).
+stage boundaries, verified and elastic checkpoint loads, a quiet start without compiles).
 Each replaces, overrides or calls one DeepSpeed name here, and nowhere else in the house.
 
 `SEAMS` lists them with why and what each touches, checked against `TESTED_DEEPSPEED`.
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.comm import comm as ds_comm
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime import bf16_optimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -99,6 +100,10 @@ SEAMS: tuple[Seam, ...] = (
          "its module compiles Muon's kernels at import (~1 s of CPU per process)"),
     Seam("skip_compile_imports", "deepspeed.runtime.zero.muon.original_muon.muon_update", "replaces",
          "imported by every ZeRO 1/2 gradient partition, called only for Muon parameters"),
+    Seam("skip_shm_build", "deepspeed.comm.torch.build_shm_op", "replaces",
+         "on CPU it JIT-compiles a C++ op at start (27-82 s, silent, on a fresh install) for inference only"),
+    Seam("quiet_memory_reports", "deepspeed.runtime.bf16_optimizer.see_memory_usage", "replaces",
+         "its bf16 optimizer prints 16 lines of memory figures at start, forced on (logging.level=debug keeps them)"),
 )
 
 
@@ -146,7 +151,6 @@ def keep_fp32_grad_norm(engine) -> None:
     (`get_global_grad_norm()` stays None), and counts a pipeline-tied weight on both of its
     stages. This replacement counts each parameter once (`mark_grad_norm_owners` in launcher/training/engine.py, skipping
     DeepSpeed's `ds_pipe_replicated` copies), clips by the same rule and keeps the norm."""
-
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
         counted = [p.grad.detach().float().pow(2).sum() for p in params
@@ -165,7 +169,6 @@ def keep_fp32_grad_norm(engine) -> None:
 def dp_parameters(engine) -> list[torch.nn.Parameter]:
     """The parameters whose gradients DeepSpeed averages over data parallel, in a fixed
     order (the same on every data-parallel peer)."""
-
     if isinstance(engine.optimizer, BF16_Optimizer):
         return [p for params in engine.optimizer.bf16_groups for p in params]
     return [p for p in engine.module.parameters() if p.requires_grad]
@@ -174,7 +177,6 @@ def dp_parameters(engine) -> list[torch.nn.Parameter]:
 def dp_gradients(engine) -> list[torch.Tensor]:
     """Where those gradients are at the accumulation boundary: `param.grad`, or with the bf16
     optimizer (bf16 with ZeRO 0/1) its fp32 accumulators, flat per param group."""
-
     opt = engine.optimizer
     if isinstance(opt, BF16_Optimizer):
         return [g.view(p.shape) for params, grads in zip(opt.bf16_groups, opt.fp32_groups_gradients)
@@ -183,7 +185,6 @@ def dp_gradients(engine) -> list[torch.Tensor]:
     if any(g is None for g in grads):
         raise RuntimeError("compression: a parameter got no gradient; every parameter must take part in the step")
     return grads
-
 
 
 def install_dp_reduction(engine, reduce_now: Callable[[], None]) -> None:
@@ -199,7 +200,6 @@ def install_dp_reduction(engine, reduce_now: Callable[[], None]) -> None:
     (`gradient_reduction_w_predivide`, an averaging all-reduce) replaced by the identity:
     the average of equal tensors is the tensor. The equivalence tests (PowerSGD's exact
     warm-up = `none`) guard them."""
-
     zero_reduce = engine.allreduce_gradients if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
 
     def allreduce_gradients(bucket_size=None) -> None:
@@ -232,7 +232,6 @@ def capture_timer_logs(ds_engine, captured_ms: dict) -> None:
 
 def count_dp_bytes(groups: ProcessGroups) -> CollectiveBytes:
     """Start counting this rank's data-parallel collective bytes (logging.comm_bytes)."""
-
     counter = CollectiveBytes(groups.dp_ranks).install()
     backend = ds_comm.cdb
     if backend is not None:  # it picked its all-gather / reduce-scatter before the wrapper existed
@@ -252,7 +251,6 @@ def groups_carry_timeout(timeout: timedelta) -> None:
     So we replace that one method on DeepSpeed's backend object (`deepspeed.comm.comm.cdb`),
     leaving torch.distributed itself untouched; assigning it again on a second call replaces,
     never stacks. (DeepSpeed's `init_device_mesh` path is not covered; we do not use it.)"""
-
     def new_group(ranks, **kwargs):
         kwargs.setdefault("timeout", timeout)
         return dist.new_group(ranks, **kwargs)
@@ -289,7 +287,6 @@ def deepspeed_state_classes() -> list:
     every file is read with `torch.load(weights_only=True)`, which runs no code from the
     file. Found by loading checkpoints of every engine path (ZeRO 0-3, fp32/bf16/fp16,
     pipeline) with weights_only=True; tests/test_checkpoint.py loads each path this way."""
-
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -302,7 +299,6 @@ def load_weights_only(path, map_location=None):
 
 class _ClampedList(list):
     """A list whose out-of-range integer indices give its last element (see `deepspeed_load_checkpoint`)."""
-
     def __getitem__(self, index):
         if isinstance(index, int) and index >= len(self):
             index = len(self) - 1
@@ -333,7 +329,6 @@ class RecordingEngine:
     """DeepSpeed's TorchCheckpointEngine with `save` through `Written`; everything else
     (create, commit, makedirs, load, preserves_storage_sharing: its clone decisions) is
     the wrapped engine's."""
-
     def __init__(self, inner, written):
         self._inner = inner
         self._written = written
@@ -350,7 +345,6 @@ def recording(ds_engine, written):
     """For the length of the block, DeepSpeed's files go through `written`. Another engine
     than DeepSpeed's default (a configured fast or decoupled writer) is left alone: its files
     are then checksummed from disk when the save is finished."""
-
     inner = ds_engine.checkpoint_engine
     if type(inner) is not TorchCheckpointEngine:
         yield
@@ -393,3 +387,14 @@ def skip_compile_imports() -> None:
         if module not in sys.modules:
             sys.modules[module] = types.ModuleType(module, "a stand-in: no launcher optimizer is Muon")
             setattr(sys.modules[module], name, stand_in)
+
+
+def skip_shm_build() -> None:
+    """Its comm backend builds a CPU shared-memory all-reduce at start (C++, JIT) for its inference
+    all-reduce only. (The attribute `deepspeed.comm.torch` is torch itself, star-imported.)"""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def quiet_memory_reports() -> None:
+    """Silence the memory figures DeepSpeed's bf16 optimizer prints (forced) while it builds."""
+    bf16_optimizer.see_memory_usage = lambda message, force=False: None

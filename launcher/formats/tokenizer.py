@@ -1,8 +1,16 @@
-"""Tokenizers: the built-in byte tokenizer, or a Hugging Face `tokenizer.json` (offline).
+"""Tokenizers: the built-in byte tokenizer, a Hugging Face `tokenizer.json`, or a
+SentencePiece `tokenizer.model` (all offline).
 
     load_tokenizer("byte")                         UTF-8 bytes, vocabulary 256, end-of-document = 0 (NUL)
     load_tokenizer("path/tokenizer.json")          any `tokenizers` model (BPE, Unigram, WordPiece)
-    load_tokenizer("path/to/model_dir")            the directory's tokenizer.json (+ tokenizer_config.json)
+    load_tokenizer("path/tokenizer.model")         SentencePiece (BPE or Unigram), converted by `transformers`
+    load_tokenizer("path/to/model_dir")            the directory's tokenizer.json, else its tokenizer.model
+                                                   (+ tokenizer_config.json either way)
+
+A SentencePiece model is converted into a `tokenizers` model by `transformers` (its
+SentencePiece converters, the ones `AutoTokenizer` uses; they need the `sentencepiece`
+package): the ids are SentencePiece's own. `byte_tokenizer_json` is the byte tokenizer as a
+`tokenizers` model, which `export` writes so that `transformers` loads the same ids.
 
 Both give `encode_batch(texts) -> list[np.ndarray]`, `decode(ids)`, `vocab_size`, `eod_id`
 and `sha256`, a fingerprint of the tokenization itself: `prepare` writes it into a prepared
@@ -74,12 +82,21 @@ class HFTokenizer:
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
 def tokenizer_file(spec: str, key: str = "data.tokenizer") -> Path:
+    """The tokenizer.json (else tokenizer.model) that `spec` names or its directory holds."""
     path = Path(spec)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        found = [path / name for name in ("tokenizer.json", SENTENCEPIECE_FILE) if (path / name).is_file()]
+        if not found:
+            raise ConfigError(key, f"{path}: holds no tokenizer.json or {SENTENCEPIECE_FILE}; expected `byte`, a "
+                              "tokenizer file, or a directory holding one")
+        return found[0]
     if not path.is_file():
-        raise ConfigError(key, f"expected `byte`, a tokenizer.json or a directory holding one; not found: {path}")
+        raise ConfigError(key, f"expected `byte`, a tokenizer.json, a SentencePiece .model or a directory holding "
+                          f"one; not found: {path}")
     return path
 
 
@@ -92,16 +109,7 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None, key: str = "data.
             raise ConfigError(key, "the byte tokenizer's end of document is byte 0; an eod token cannot be set")
         return ByteTokenizer()
     file = tokenizer_file(spec, key)
-    try:
-        # lazy: only a tokenizer.json needs the library, not `byte`
-        from tokenizers import Tokenizer as HFCore
-    except ImportError:  # pragma: no cover - a dependency of this package
-        raise ConfigError(key, "the `tokenizers` package is not installed (pip install tokenizers)") from None
-    try:
-        core = HFCore.from_file(str(file))
-    except Exception as err:  # the library raises plain Exception subclasses from Rust
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(key, f"{file}: not a Hugging Face tokenizer.json ({first})") from None
+    core = _from_json(file, key) if file.suffix != ".model" else _from_sentencepiece(file, key)
     token = eod_token or _configured_eos(file.parent) or next(
         (t for t in EOD_CANDIDATES if core.token_to_id(t) is not None), None)
     if token is None:
@@ -111,6 +119,85 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None, key: str = "data.
     if eod_id is None:
         raise ConfigError(key, f"{file}: the end-of-document token {token!r} is not in the vocabulary")
     return HFTokenizer(file, core, eod_id, token)
+
+
+def _from_json(file: Path, key: str):
+    # lazy: only a tokenizer file needs the library, not `byte`
+    from tokenizers import Tokenizer as HFCore
+
+    try:
+        return HFCore.from_file(str(file))
+    except Exception as err:  # the library raises plain Exception subclasses from Rust
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(key, f"{file}: not a Hugging Face tokenizer.json ({first})") from None
+
+
+def _from_sentencepiece(file: Path, key: str):
+    """A SentencePiece model as a `tokenizers.Tokenizer`, converted as `AutoTokenizer` does it
+    (transformers' SentencePiece converters: BPE and Unigram models, byte fallback, the
+    normalizer and the special pieces). Its directory's tokenizer_config.json, if any, is read
+    too; a file of another name is read through a temporary directory that names it
+    tokenizer.model, which is the name `transformers` looks for."""
+    import tempfile
+
+    try:
+        import sentencepiece  # noqa: F401  (the converters parse the model with it)
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as err:  # pragma: no cover - dependencies of this package
+        raise ConfigError(key, f"{file}: reading a SentencePiece model needs {err.name} (pip install "
+                          "'llm-launcher[hf]')") from None
+    hf_logging.set_verbosity_error()  # its notes on legacy behaviour are about its slow tokenizers
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = file.parent
+        if file.name != SENTENCEPIECE_FILE:
+            directory = Path(scratch)
+            (directory / SENTENCEPIECE_FILE).symlink_to(file.absolute())
+        try:
+            converted = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except Exception as err:  # protobuf's DecodeError, the converters' ValueError, ...: a bad file
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(key, f"{file}: not a SentencePiece model that can be converted ({first})") from None
+    core = getattr(converted, "backend_tokenizer", None)
+    if core is None:
+        raise ConfigError(key, f"{file}: transformers read it only as a slow (Python) tokenizer; convert it to a "
+                          "tokenizer.json first")
+    return core
+
+
+def byte_tokenizer_json() -> str:
+    """The byte tokenizer as a `tokenizers` model (the JSON of a tokenizer.json): ids are the
+    UTF-8 bytes, as `ByteTokenizer` gives them. GPT-2's byte-level alphabet spells each byte as
+    one printable character (byte b -> `ByteLevel.alphabet()`'s character for it), a BPE
+    vocabulary of those 256 characters with no merges maps each to its byte value, and the
+    byte-level decoder turns the ids back into bytes and then text. Byte 0 (NUL), the end of
+    document, is `BYTE_EOD_TOKEN` in that alphabet."""
+    from tokenizers import Tokenizer as HFCore
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+    core = HFCore(models.BPE(vocab=vocab, merges=[]))
+    # no regex split: every byte is its own token, spaces included, whatever the text
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return core.to_str()
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable spelling of bytes 0..255 (its `bytes_to_unicode`): printable Latin-1
+    bytes stand for themselves, the others map to U+0100 upwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelled[byte] = chr(byte)
+        else:
+            spelled[byte] = chr(256 + extra)
+            extra += 1
+    return [spelled[byte] for byte in range(256)]
+
+
+BYTE_EOD_TOKEN = chr(256)  # byte 0 in that alphabet
 
 
 def _configured_eos(directory: Path) -> Optional[str]:

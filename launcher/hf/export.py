@@ -30,6 +30,7 @@ from launcher.config.schema import ModelConfig
 from launcher.ds.seams import deepspeed_state_classes
 from launcher.errors import ConfigError
 from launcher.files import shared_dir_mode, shared_file_mode
+from launcher.formats.tokenizer import BYTE_EOD_TOKEN, SENTENCEPIECE_FILE, ByteTokenizer, byte_tokenizer_json
 from launcher.model import weights as hf_names
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -110,8 +111,13 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     directory beside it, moved into place only when complete (an existing `out` is replaced
     then), so a failure leaves nothing behind."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    made = [parent for parent in out.parents if not parent.exists()]  # deepest first: removed on failure
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    except OSError as err:  # a file where a directory must be, no permission
+        _remove_empty(made)
+        raise ConfigError("--out", f"{out}: cannot be written: {err.strerror or err}") from None
     try:
         summary = _write(ckpt, run, partial, dtype, max_shard_bytes)
         os.chmod(partial, shared_dir_mode())  # mkdtemp makes 0700; the directory follows the umask
@@ -121,7 +127,16 @@ def export(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     finally:
         if partial.exists():
             shutil.rmtree(partial)
+            _remove_empty(made)
     return summary
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not made, or not empty: someone else's now
+            pass
 
 
 def _write(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dtype],
@@ -165,16 +180,35 @@ def _write(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    note = (f"tokenizer {tok.name}" if tok is not None else
-            "no tokenizer found (the run's config.yaml): vocabulary not trimmed, no tokenizer files")
-    if tok is not None and getattr(tok, "file", None) is not None:
-        note += " copied"
-        shutil.copyfile(tok.file, out / "tokenizer.json")
-        if (tok.file.parent / "tokenizer_config.json").is_file():
-            shutil.copyfile(tok.file.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+    note = write_tokenizer(tok, out)
     peak = _peak_rss()
     return Summary(params=total, shards=len(shards), bytes=nbytes, seconds=time.perf_counter() - start,
                    peak_rss=peak, rss_growth=peak - rss_before, vocab=vocab, dtype=dtype, tokenizer=note)
+
+
+def write_tokenizer(tok, out: Path) -> str:
+    """The run's tokenizer as files `transformers.AutoTokenizer` loads with the run's ids; what
+    was written, for the summary. A tokenizer.json is copied (with its tokenizer_config.json);
+    a SentencePiece model is copied and its conversion written as tokenizer.json; the byte
+    tokenizer is written as the `tokenizers` model that gives the same ids (`"hello"` -> 104
+    101 108 108 111), its end of document (byte 0) the eos token, matched in text as bytes
+    like any other (split_special_tokens), so that every text gets the run's ids."""
+    if tok is None:
+        return "no tokenizer found (the run's config.yaml): vocabulary not trimmed, no tokenizer files"
+    if isinstance(tok, ByteTokenizer):
+        (out / "tokenizer.json").write_text(byte_tokenizer_json())
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BYTE_EOD_TOKEN,
+                  "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return "byte tokenizer written as tokenizer.json"
+    if tok.file.name == "tokenizer.json":
+        shutil.copyfile(tok.file, out / "tokenizer.json")
+    else:  # SentencePiece: the model and its conversion, so either kind of loader finds its file
+        shutil.copyfile(tok.file, out / SENTENCEPIECE_FILE)
+        tok.tokenizer.save(str(out / "tokenizer.json"))
+    if (tok.file.parent / "tokenizer_config.json").is_file():
+        shutil.copyfile(tok.file.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+    return f"tokenizer {tok.name} copied"
 
 
 def _special_ids(tok) -> tuple[Optional[int], Optional[int]]:

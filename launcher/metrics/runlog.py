@@ -17,6 +17,7 @@ from typing import Optional
 
 from launcher.config.load import dump_config
 from launcher.config.schema import Config
+from launcher.metrics.progress import StepBar, step_bar
 
 
 def _duration(seconds: float) -> str:
@@ -53,6 +54,7 @@ class RunLog:
         self.started = time.time()
         self.tracker = None  # a Tracker (launcher/metrics/tracking.py), set by the caller
         self._first_logged: Optional[tuple[int, float]] = None  # (step, time) for the ETA
+        self.bar: StepBar | None = None  # rank 0's step bar on a terminal (start_progress)
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
             (path / "metrics.jsonl").touch()
@@ -66,11 +68,27 @@ class RunLog:
                 self.tracker.event(record)
 
     def close(self, summary: Optional[dict] = None) -> None:
+        if self.bar:
+            self.bar.close()
         if self.tracker:
             self.tracker.finish(summary or {})
 
+    def start_progress(self, total_steps: int, done: int) -> None:
+        """From here on, a step bar under the console lines (rank 0, on a terminal)."""
+        self.bar = step_bar(total_steps, done, self.is_writer)
+
+    def advance(self) -> None:
+        if self.bar:
+            self.bar.advance()
+
     def info(self, text: str) -> None:
         if self.is_writer:
+            self._print(text)
+
+    def _print(self, text: str) -> None:
+        if self.bar:
+            self.bar.print_above(text)
+        else:
             print(text, flush=True)
 
     def write_config(self, cfg: Config) -> None:
@@ -104,7 +122,7 @@ class RunLog:
         elif record["step"] > self._first_logged[0]:
             per_step = (now - self._first_logged[1]) / (record["step"] - self._first_logged[0])
             parts.append(f"eta {_duration(per_step * (total_steps - record['step']))}")
-        print(" | ".join(parts), flush=True)
+        self._print(" | ".join(parts))
 
     def summary(self, step: int, last: dict, tokens_seen: int) -> None:
         if not last:  # resumed from a checkpoint of the last step, or train.steps=0: nothing to train

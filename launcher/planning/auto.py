@@ -2,7 +2,8 @@
 
 `resolve_auto` replaces the auto keys (tensor, pipeline, micro_batch,
 activation_checkpointing) with the fastest layout that fits the world and device, keeping
-every value the config gives and, on resume, the checkpoint's degrees when they fit;
+every value the config gives and, on resume, the checkpoint's degrees when they fit
+(`choose_auto`: the same, with the choice as data, an `AutoChoice`);
 `check_fits` and `fit_line` refuse (or, with --force, report) a resolved layout whose
 largest rank cannot fit the device; `smallest_world` and `default_world_size` find the
 fewest GPUs a config fits on.
@@ -11,6 +12,7 @@ fewest GPUs a config fits on.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from launcher.config.checks import check_config
@@ -107,25 +109,69 @@ class ResumedDegrees(Protocol):
     pp: int
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `auto` chose, as data (`plan --json` prints it): the keys that were auto with the
+    value each got, the whole layout, and the planner's figures for it on that device."""
+
+    keys: dict  # "parallel.tensor" -> 8, for each key that was auto
+    layout: dict  # tensor, pipeline, data, micro_batch, activation_checkpointing
+    fits: bool
+    peak_gib: float  # the largest rank's estimate
+    memory_gib: float  # per device
+    tokens_per_s: float
+    gpu: str
+    kept_from_checkpoint: Optional[dict] = None  # {"tensor", "pipeline"} a resume kept
+
+    def line(self) -> str:
+        lay = self.layout
+        kept = self.kept_from_checkpoint
+        return (f"auto       {', '.join(self.keys)} -> tensor {lay['tensor']}, pipeline {lay['pipeline']}, "
+                f"micro_batch {lay['micro_batch']}, activation_checkpointing {lay['activation_checkpointing']} "
+                f"(planner: {self.peak_gib:.1f} of {self.memory_gib:.1f} GiB per rank, ~{self.tokens_per_s:,.0f} "
+                f"tokens/s on {self.gpu}"
+                + (f"; tensor {kept['tensor']} x pipeline {kept['pipeline']} kept from the checkpoint being resumed"
+                   if kept else "") + ")")
+
+
+def auto_choice(cfg: Config, best: Estimate, cluster: Cluster, kept: Optional[dict] = None) -> AutoChoice:
+    """The AutoChoice of the config's auto keys when the planner picks `best`."""
+    c, lay = best.candidate, best.candidate.layout
+    layout = {"tensor": lay.tp, "pipeline": lay.pp, "data": lay.dp, "micro_batch": lay.micro_batch,
+              "activation_checkpointing": c.recompute}
+    keys = {f"parallel.{k}": layout[k] for k in AUTO_KEYS if getattr(cfg.parallel, k) == "auto"}
+    return AutoChoice(keys=keys, layout=layout, fits=best.fits, peak_gib=best.peak.total / GIB,
+                      memory_gib=cluster.hardware.memory_gib, tokens_per_s=best.tokens_per_s,
+                      gpu=cluster.hardware.name, kept_from_checkpoint=kept)
+
+
 def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
                  resume: Optional[ResumedDegrees] = None) -> tuple[Config, str]:
+    """`cfg` with its auto parallel keys replaced by the planner's choice, and the line that
+    says so ('' when nothing was auto): `choose_auto`'s choice as a line."""
+    resolved, choice = choose_auto(cfg, world_size, cluster, device, resume)
+    return resolved, choice.line() if choice else ""
+
+
+def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport,
+                resume: Optional[ResumedDegrees] = None) -> tuple[Config, Optional[AutoChoice]]:
     """`cfg` with its auto parallel keys replaced by the planner's choice for this world and
-    device, and the line that says so ('' when nothing was auto). `resume`: the saved layout
+    device, and that choice (None when nothing was auto). `resume`: the saved layout
     of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
     when a layout with it fits (no conversion at load), else the best layout is resharded into."""
     p = cfg.parallel
     auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
     if not auto:
-        return cfg, ""
+        return cfg, None
     dtype = planned_dtype(cfg, device)
-    best, kept = None, ""
+    best, kept = None, None
     if resume is not None and "auto" in (p.tensor, p.pipeline):
         keep = dataclasses.replace(cfg, parallel=dataclasses.replace(
             p, tensor=resume.tp if p.tensor == "auto" else p.tensor,
             pipeline=resume.pp if p.pipeline == "auto" else p.pipeline))
         best = choose(keep, cluster, dtype)
         if best is not None:
-            kept = f"; tensor {resume.tp} x pipeline {resume.pp} kept from the checkpoint being resumed"
+            kept = {"tensor": resume.tp, "pipeline": resume.pp}
     if best is None:
         best = choose(cfg, cluster, dtype)
     if best is None:
@@ -141,14 +187,9 @@ def resolve_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceS
         raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks with zero.stage={cfg.zero.stage}{offload} "
                           f"fits {cluster.hardware.memory_gib:.1f} GiB per device ({cluster.hardware.name}){need}; "
                           "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
-    c, lay = best.candidate, best.candidate.layout
-    resolved = with_candidate(cfg, c)
+    resolved = with_candidate(cfg, best.candidate)
     check_config(resolved)
-    note = (f"auto       {', '.join(auto)} -> tensor {lay.tp}, pipeline {lay.pp}, micro_batch {lay.micro_batch}, "
-            f"activation_checkpointing {c.recompute} (planner: {best.peak.total / GIB:.1f} "
-            f"of {cluster.hardware.memory_gib:.1f} GiB per rank, ~{best.tokens_per_s:,.0f} tokens/s on "
-            f"{cluster.hardware.name}{kept})")
-    return resolved, note
+    return resolved, auto_choice(cfg, best, cluster, kept)
 
 
 def with_candidate(cfg: Config, c: Candidate) -> Config:

@@ -1,6 +1,8 @@
 """The `plan` command's report: `report` gathers, as one dict (what `--json` prints), the
-config's layout and its memory per stage, the rule of thumb, the smallest world it fits, and
-the layouts that fit ranked by estimated speed with why the first ones win; `format_report`
+config's layout and its memory per stage, what `auto` chose (the keys and the planner's
+figures; when nothing fits the config's ZeRO stage and offload setting, what the layouts that
+fit change), the rule of thumb, the smallest world it fits, and the layouts that fit ranked
+by estimated speed with why the first ones win; `format_report`
 renders it as the tables `python -m launcher.plan` prints.
 """
 
@@ -12,10 +14,12 @@ from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.planning.auto import (
+    AutoChoice,
+    auto_choice,
+    choose_auto,
     config_estimate,
     plan_candidates,
     planned_dtype,
-    resolve_auto,
     smallest_world,
     with_candidate,
     workload,
@@ -51,15 +55,14 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     """Everything `python -m launcher.plan` prints, as data."""
     world = cluster.world
     try:
-        resolved, note = resolve_auto(cfg, world, cluster, ASSUMED_GPU)
-    except ConfigError as err:  # nothing fits: show the layout that comes closest
+        resolved, choice = choose_auto(cfg, world, cluster, ASSUMED_GPU)
+    except ConfigError:  # nothing fits: show the layout that comes closest
         dtype = planned_dtype(cfg, ASSUMED_GPU)
         pool = plan_candidates(cfg, cluster, dtype)
         closest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest if pool else None
         if closest is None:
             raise
-        resolved = with_candidate(cfg, closest.candidate)
-        note = f"auto       {err.message.split('; add nodes')[0].removeprefix('auto: ')}; shown: the layout of that ZeRO stage needing the least memory"
+        resolved, choice = with_candidate(cfg, closest.candidate), auto_choice(cfg, closest, cluster)
     plan = make_plan(resolved, world, ASSUMED_GPU)
     own = config_estimate(resolved, plan, cluster)
     work = workload(resolved, plan.dtype)
@@ -79,7 +82,11 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     except ConfigError:
         smallest = None
     why = _why(ranking.estimates, own)
-    return {"config": config_path, "auto": note, "hardware": dataclasses.asdict(cluster.hardware),
+    auto = dataclasses.asdict(choice) if choice else None
+    if choice and not choice.fits:
+        auto.update(_fits_only_with(cfg, ranking.estimates), zero_stage=cfg.zero.stage,
+                    offload_optimizer=cfg.zero.offload_optimizer, world=world)
+    return {"config": config_path, "auto": auto, "hardware": dataclasses.asdict(cluster.hardware),
             "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "efficiency": cluster.efficiency,
             "params": params, "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
             "global_batch": resolved.parallel.global_batch, "seq_len": resolved.model.seq_len,
@@ -88,6 +95,38 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
             "smallest_world": smallest, "considered": ranking.considered,
             "ranked": [e.as_dict() for e in ranking.estimates[:top]], "fitting": len(ranking.estimates),
             "why": why}
+
+
+def _fits_only_with(cfg: Config, fitting: list[Estimate]) -> dict:
+    """When no layout fits with the config's ZeRO stage and offload setting: what the layouts
+    that fit change (`fits_only_with`: override keys, None when none fits) and how many fit."""
+    own_offload = cfg.zero.offload_optimizer
+    stages = sorted({e.candidate.zero for e in fitting if e.candidate.offload == own_offload})
+    if stages:
+        change = "zero.stage=" + " or ".join(map(str, stages))
+    elif fitting:  # every one that fits moves the optimizer to the host
+        change = "zero.offload_optimizer=true"
+    else:
+        change = None
+    return {"fits_only_with": change, "fitting_with_it": len(fitting)}
+
+
+def auto_line(auto: dict) -> str:
+    """The plan's `auto` line from the report's `auto` data."""
+    choice = AutoChoice(**{f.name: auto[f.name] for f in dataclasses.fields(AutoChoice)})
+    if choice.fits:
+        return choice.line()
+    offload = " and optimizer offload" if auto["offload_optimizer"] else ""
+    none_fits = (f"no layout of {auto['world']} ranks with zero.stage={auto['zero_stage']}{offload} fits "
+                 f"{choice.memory_gib:.1f} GiB per device ({choice.gpu}; the smallest needs {choice.peak_gib:.1f} "
+                 "GiB per rank)")
+    if auto["fits_only_with"] is None:
+        return (f"auto       {none_fits}, nor with any ZeRO stage or optimizer offload: add nodes; shown: the "
+                "layout needing the least memory")
+    change = auto["fits_only_with"]
+    change = f"optimizer offload ({change})" if change == "zero.offload_optimizer=true" else change
+    return (f"auto       fits only with {change}: {none_fits}; {auto['fitting_with_it']} layouts fit "
+            f"with it (listed below); shown: the layout of ZeRO {auto['zero_stage']} needing the least memory")
 
 
 def _structure(c: Candidate) -> tuple:
@@ -133,7 +172,7 @@ def _summary_lines(r: dict) -> list[str]:
         f"{r['global_batch']} x {r['seq_len']} tokens",
     ]
     if r["auto"]:
-        lines.append(r["auto"])
+        lines.append(auto_line(r["auto"]))
     lines.append(f"layout     tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}, micro_batch {lay['micro_batch']}, "
                  f"ZeRO {lay['zero']}, recompute {lay['recompute']}, sequence parallel "
                  f"{'on' if lay['sequence_parallel'] else 'off'}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "

@@ -30,6 +30,7 @@ from launcher.ds.seams import (
     dp_parameters,
     install_dp_reduction,
     keep_fp32_grad_norm,
+    quiet_memory_reports,
     skip_compile_imports,
 )
 from launcher.hf.weights import load_hf_weights
@@ -160,6 +161,8 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     mark_grad_norm_owners(model, groups.coord.tp)
     if not cfg.model.compile:
         skip_compile_imports()
+    if cfg.logging.level != "debug":
+        quiet_memory_reports()
     optimizer = build_optimizer(model, cfg.optimizer)
     # DeepSpeed's elastic ZeRO checkpoint (resume on another dp) records the optimizer step
     # from param_groups, where its own FusedAdam keeps it, and refuses to load without it.

@@ -6,6 +6,7 @@ Nothing here starts a process group: a mistake is a ConfigError before any tenso
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -19,15 +20,18 @@ from launcher.checkpoint.store import (
     resume_candidates,
     step_of,
 )
+from launcher.config.derived import run_dir
 from launcher.config.schema import Config
 from launcher.ds.seams import check_deepspeed_version
 from launcher.errors import ConfigError
 from launcher.planning.auto import default_world_size, fit_line, resolve_auto
 from launcher.planning.cluster import assumed_cluster, detect_cluster, gpu_preset
+from launcher.planning.effective import effective_settings
 from launcher.planning.plan import Plan, describe
-from launcher.planning.precision import ASSUMED_GPU, detect_device_support
+from launcher.planning.precision import ASSUMED_GPU, detect_device_support, resolve_dtype
 from launcher.training.launch_env import ProcessEnv, discover, pick_device
 from launcher.training.preflight import preflight
+from parallel.layout import resolve_layout
 
 
 @dataclass
@@ -52,9 +56,10 @@ def prepare_launch(cfg: Config, force: bool) -> Launch:
     cluster = detect_cluster(penv.world_size, penv.local_world_size, device)
     support = detect_device_support()
     cfg, auto_note = resolve_auto(cfg, penv.world_size, cluster, support, resume_layout(cfg))
+    cfg, effective_note = effective_settings(cfg, penv.world_size, cluster, support)
     plan, ds_config = preflight(cfg, penv.world_size, support)
     fit = fit_line(cfg, plan, cluster, force)  # before anything is allocated
-    note = "\n".join(line for line in (auto_note, fit) if line)
+    note = "\n".join(line for line in (auto_note, effective_note, fit) if line)
     return Launch(cfg=cfg, plan=plan, ds_config=ds_config, penv=penv, device=device, backend=backend, note=note)
 
 
@@ -75,10 +80,31 @@ def dry_run(cfg: Config, world_size: int, gpu: str, force: bool) -> str:
     check_deepspeed_version()
     cluster = assumed_cluster(world_size, gpu_preset(gpu))
     cfg, auto_note = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
+    cfg, effective_note = effective_settings(cfg, world_size, cluster, ASSUMED_GPU)
     plan, _ = preflight(cfg, world_size, ASSUMED_GPU)
     fit = fit_line(cfg, plan, cluster, force)
-    lines = (auto_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit, resume_line(cfg))
+    lines = (auto_note, effective_note, describe(cfg, plan, device=ASSUMED_GPU.name), fit, resume_line(cfg))
     return "\n".join(line for line in lines if line)
+
+
+def resolved_config(cfg: Config, world_size: int, gpu: str) -> Config:
+    """What a launch of `world_size` ranks of that GPU runs, with nothing left to decide
+    (--print-config): `auto` resolved as --dry-run resolves it, precision.dtype and
+    parallel.data spelled out, the run and checkpoint directories absolute, and
+    checkpoint.resume: auto as `required` when there is a checkpoint to resume (the same
+    search, newest first), else `none`."""
+    cluster = assumed_cluster(world_size, gpu_preset(gpu))
+    cfg, _ = resolve_auto(cfg, world_size, cluster, ASSUMED_GPU, resume_layout(cfg))
+    cfg, _ = effective_settings(cfg, world_size, cluster, ASSUMED_GPU)
+    resume = cfg.checkpoint.resume
+    if resume == "auto":
+        resume = "required" if resume_candidates(checkpoint_root(cfg), None) else "none"
+    return dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(cfg.parallel, data=resolve_layout(cfg.parallel, world_size).dp),
+        precision=dataclasses.replace(cfg.precision, dtype=resolve_dtype(cfg, ASSUMED_GPU)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(checkpoint_root(cfg).absolute()), resume=resume),
+        run=dataclasses.replace(cfg.run, dir=str(run_dir(cfg).absolute())))
 
 
 def resume_line(cfg: Config) -> str:

@@ -75,6 +75,8 @@ def train_loop(run: Run, stop: StopSignal) -> int:
     pending, last = PendingSave(lambda: None, background=False), {}
     if cfg.train.steps == 0 and run.resume_from is None:  # a conversion: the starting weights as step 0
         pending = save_checkpoint(run, background=False)
+    first = run.step + 1  # this attempt's first step is logged: the run shows it trains without waiting log_every
+    run.log.start_progress(cfg.train.steps, run.step)
     while run.step < cfg.train.steps:
         run.step += 1
         lr = engine.ds.get_lr()[0]  # the rate this step's update uses
@@ -88,9 +90,10 @@ def train_loop(run: Run, stop: StopSignal) -> int:
         if run.dp_bytes:
             extra.update(step_bytes(run))
         run.tokens_seen += lay.global_batch * cfg.model.seq_len
-        if is_record_step(cfg, run.step):
+        if is_record_step(cfg, run.step, first):
             last = step_record(run, loss, lr, grad_norm, step_time, extra)
             run.log.log(last, cfg.train.steps)
+        run.log.advance()
         stopping = stop.agreed(run.device)
         every = cfg.checkpoint.every
         if stopping or run.step == cfg.train.steps or (every and run.step % every == 0):
@@ -111,10 +114,11 @@ def train_loop(run: Run, stop: StopSignal) -> int:
     return 0
 
 
-def is_record_step(cfg: Config, step: int) -> bool:
-    """Log steps, validation steps (their record carries val_loss) and the last step."""
+def is_record_step(cfg: Config, step: int, first: int = 1) -> bool:
+    """Log steps, validation steps (their record carries val_loss), the attempt's `first`
+    step and the last step."""
     every_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
-    return step % cfg.train.log_every == 0 or bool(every_eval) or step == cfg.train.steps
+    return step % cfg.train.log_every == 0 or bool(every_eval) or step in (first, cfg.train.steps)
 
 
 def validation_loss(run: Run) -> float:
