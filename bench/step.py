@@ -46,6 +46,15 @@ VARIANTS = ["baseline", "fused_projections", "sequence_parallel", "none", "selec
 REFERENCE_TARGET = 0.97
 
 
+def zero_note(cfg, world: int) -> str:
+    """What the launch makes of zero.stage at this world (ZeRO at dp 1 runs as ZeRO 0)."""
+    from launcher.planning.effective import skip_zero_at_one_rank
+    from launcher.planning.precision import detect_device_support
+
+    ran, _ = skip_zero_at_one_rank(cfg, world, detect_device_support())
+    return f" (runs as ZeRO {ran.zero.stage} at dp 1)" if ran.zero.stage != cfg.zero.stage else ""
+
+
 def baseline_switches(cfg, tp: int, cuda: bool) -> dict[str, str]:
     """The baseline's value of every switch, as an override would spell it (`auto` as the
     launch decides it on this device)."""
@@ -224,7 +233,7 @@ def main() -> None:
     shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown  # no machine paths in reports
     print(f"config: {shown}; overrides: {' '.join(overrides)}")
     print(f"world: {world} process(es): tensor {p.tensor} x pipeline {p.pipeline} x data {world // (p.tensor * p.pipeline)}"
-          f"{' (torchrun)' if world > 1 else ''}; zero.stage {cfg.zero.stage}")
+          f"{' (torchrun)' if world > 1 else ''}; zero.stage {cfg.zero.stage}{zero_note(cfg, world)}")
     print(f"dtype: {dtype}")
     print(f"model: {m.layers} layers, hidden {m.hidden}, seq {m.seq_len}, vocab {m.vocab}; global batch "
           f"{p.global_batch}, micro batch {p.micro_batch}; {fpt / 1e6:.4g} MFLOP per token (6N + attention)")
