@@ -1,5 +1,5 @@
 """A fast default and a first step in seconds: `sequence_parallel: auto` decided for the device,
-ZeRO skipped at dp 1 (and its checkpoints still resume on other data degrees), no C++ build
+fp32 ZeRO 1/2 skipped at dp 1 (and its checkpoints still resume on other data degrees), no C++ build
 at start, step 1 logged, a step bar on a terminal, DeepSpeed's memory reports quiet unless
 logging.level=debug (launcher/planning/effective.py, launcher/ds/seams.py, launcher/metrics)."""
 
@@ -47,25 +47,35 @@ def test_sequence_parallel_auto_is_on_with_nccl_and_off_with_gloo_unless_needed_
 
 @pytest.mark.parametrize("overrides, world, device, skipped", [
     (["parallel.tensor=1", "parallel.pipeline=1"], 1, CPU_SUPPORT, True),  # fp32
-    (["parallel.tensor=1", "parallel.pipeline=2"], 2, ASSUMED_GPU, True),  # bf16 under the pipeline's fp32 grads
-    (["parallel.tensor=1", "parallel.pipeline=1"], 1, ASSUMED_GPU, False),  # bf16: ZeRO's fp32 accumulation
+    (["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=2"], 1, CPU_SUPPORT, True),  # fp32 ZeRO 2
+    (["parallel.tensor=1", "parallel.pipeline=2"], 2, CPU_SUPPORT, True),  # fp32 under a pipeline
+    # bf16: DeepSpeed's bf16 optimizer either way (at ZeRO 0 it cannot load its pipeline checkpoint)
+    (["parallel.tensor=1", "parallel.pipeline=2"], 2, ASSUMED_GPU, False),
+    (["parallel.tensor=1", "parallel.pipeline=1"], 1, ASSUMED_GPU, False),
+    (["parallel.tensor=1", "parallel.pipeline=1", "zero.stage=3"], 1, CPU_SUPPORT, False),  # another format
     (["parallel.tensor=1", "parallel.pipeline=1"], 2, CPU_SUPPORT, False),  # dp 2: something to shard
     (["parallel.tensor=1", "parallel.pipeline=1", "zero.offload_optimizer=true"], 1, CPU_SUPPORT, False),
     (["parallel.tensor=1", "parallel.pipeline=1", "deepspeed.zero_optimization.reduce_bucket_size=1000000"], 1,
      CPU_SUPPORT, False),
-], ids=["fp32", "bf16-pipeline", "bf16-no-pipeline", "dp2", "offload", "deepspeed-block"])
+], ids=["fp32", "fp32-zero2", "fp32-pipeline", "bf16-pipeline", "bf16-no-pipeline", "zero3", "dp2", "offload",
+        "deepspeed-block"])
 def test_zero_is_skipped_at_dp1_where_it_does_no_job(overrides, world, device, skipped):
     cfg, note = _effective(overrides, world=world, device=device)
-    assert cfg.zero.stage == (0 if skipped else 1)
-    assert ("zero       stage 1 skipped at dp 1" in note) == skipped
+    given = load_config(str(DEFAULT_CONFIG), overrides).zero.stage
+    assert cfg.zero.stage == (0 if skipped else given)
+    assert (f"zero       stage {given} skipped at dp 1" in note) == skipped
 
 
 def test_dry_run_and_print_config_show_the_resolved_values(capsys):
     from launcher.train import main
 
-    assert main(["--dry-run", "--world-size", "2", "parallel.tensor=1", "parallel.pipeline=2"]) == 0
+    assert main(["--dry-run", "--world-size", "2", "parallel.tensor=1", "parallel.pipeline=2",
+                 "precision.dtype=fp32"]) == 0
     out = capsys.readouterr().out
-    assert "zero       stage 1 skipped at dp 1" in out and "ZeRO 0" in out  # the dry run assumes a GPU
+    assert "zero       stage 1 skipped at dp 1" in out and "ZeRO 0" in out
+    assert main(["--dry-run", "--world-size", "2", "parallel.tensor=1", "parallel.pipeline=2"]) == 0
+    out = capsys.readouterr().out  # the dry run assumes a GPU: bf16, ZeRO kept
+    assert "skipped at dp 1" not in out and "ZeRO 1" in out
     assert main(["--dry-run", "--world-size", "8"]) == 0
     assert "parallel.sequence_parallel -> on (NCCL" in capsys.readouterr().out
     assert main(["--print-config", "--world-size", "8"]) == 0  # decided as the dry run decides it
@@ -112,7 +122,7 @@ def test_no_cpp_build_at_start_and_step_one_is_logged(bf16_pipeline):
     assert "built successfully" not in result.stdout
     assert [m["step"] for m in read_metrics(root / "run")] == [1, 3]  # the first step, then the last
     assert any(line.startswith("step 1/3 | loss") for line in result.stdout.splitlines())
-    assert "zero       stage 1 skipped at dp 1" in result.stdout and "ZeRO 0" in result.stdout
+    assert "skipped at dp 1" not in result.stdout and "ZeRO 1" in result.stdout  # bf16 keeps ZeRO
 
 
 def test_deepspeed_memory_reports_are_quiet_unless_debug(bf16_pipeline, tmp_path):

@@ -74,18 +74,18 @@ def _fits(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSupport)
 
 
 def skip_zero_at_one_rank(cfg: Config, world_size: int, device: DeviceSupport) -> tuple[Config, str]:
-    """ZeRO 1-3 at dp 1 has nothing to shard but still wraps the optimizer (flat buffers, an
-    extra copy of every gradient and weight per step: bench/step.py measured 0.89x plain
-    PyTorch with it, 1.06x without), so it runs as ZeRO 0, except where ZeRO does a job
-    there: bf16 without a pipeline (ZeRO's optimizer accumulates its gradients in fp32,
-    launcher/ds/config.py), optimizer offload, or a `deepspeed.zero_optimization` block.
-    A checkpoint written so resumes on another data degree with ZeRO by resharding."""
+    """ZeRO 1 or 2 at dp 1 has nothing to shard but still wraps the optimizer (flat buffers,
+    an extra copy of every gradient and weight per step: bench/step.py measured 0.89x plain
+    PyTorch with it, 1.06x without), so an fp32 run there runs as ZeRO 0. Kept: bf16 and
+    fp16 (their optimizers are DeepSpeed's mixed-precision wrappers either way, and its bf16
+    optimizer at ZeRO 0 cannot load its own pipeline checkpoint: KeyError in
+    `_load_legacy_checkpoint`), ZeRO 3 (another checkpoint format, chosen on purpose),
+    optimizer offload, and a `deepspeed.zero_optimization` block. A checkpoint written so
+    resumes on another data degree with ZeRO by resharding."""
     z, p = cfg.zero, cfg.parallel
-    if z.stage == 0 or z.offload_optimizer or "zero_optimization" in cfg.deepspeed:
+    if z.stage not in (1, 2) or z.offload_optimizer or "zero_optimization" in cfg.deepspeed:
         return cfg, ""
-    if resolve_layout(p, world_size).dp != 1:
-        return cfg, ""
-    if resolve_dtype(cfg, device) == "bf16" and p.pipeline == 1:
+    if resolve_layout(p, world_size).dp != 1 or resolve_dtype(cfg, device) != "fp32":
         return cfg, ""
     skipped = dataclasses.replace(cfg, zero=dataclasses.replace(z, stage=0))
     return skipped, (f"zero       stage {z.stage} skipped at dp 1 (nothing to shard): runs as ZeRO 0; "
