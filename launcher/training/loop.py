@@ -69,8 +69,6 @@ def train(cfg: Config, plan, ds_config: dict, penv, device, backend: str) -> int
 
 def train_loop(run: Run, stop: StopSignal) -> int:
     """The step loop: batches -> engine.train_step -> record -> checkpoint. Exit code."""
-
-
     cfg, lay, engine = run.cfg, run.plan.layout, run.engine
     pending, last = PendingSave(lambda: None, background=False), {}
     if cfg.train.steps == 0 and run.resume_from is None:  # a conversion: the starting weights as step 0
