@@ -31,11 +31,19 @@ class ItemCost:
     act_bytes: int  # activations kept for backward, one micro-batch, one tp rank
 
 
+def _moe(model: ModelShape):
+    """model.moe, or None (dense; the shapes tests build may not have the attribute)."""
+    return getattr(model, "moe", None)
+
+
 def pipeline_items(model: ModelShape) -> list[tuple[str, str]]:
-    """(name, kind) of every pipeline item, in forward order."""
+    """(name, kind) of every pipeline item, in forward order. An MoE layer's feed-forward
+    item keeps the name mlp.{i} (its weights are layers.{i}.mlp.*) with kind `moe`."""
+    moe = _moe(model)
+    first_moe = model.layers if moe is None else moe.first_dense
     items = [("embed", "embed")]
     for layer in range(model.layers):
-        items += [(f"attn.{layer}", "attn"), (f"mlp.{layer}", "mlp")]
+        items += [(f"attn.{layer}", "attn"), (f"mlp.{layer}", "moe" if layer >= first_moe else "mlp")]
     items += [("norm", "norm"), ("head", "head")]
     return items
 
@@ -107,13 +115,37 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
     if kind == "attn":
         qkvo = e * bs * (2 * h + 2 * kv_dim) // tp
         return norm + qkvo + (0 if recompute == "selective" else lse)
-    if kind == "mlp":
-        return norm + 4 * e * bs * model.ffn // tp
+    if kind in ("mlp", "moe"):
+        return norm + (4 * e * bs * model.ffn // tp if kind == "mlp" else moe_activation_bytes(model, micro_batch, e))
     if kind == "norm":
         return 4 * brh + e * brh + 4 * b * r
     if kind == "head":
         return e * brh + loss
     raise ValueError(kind)
+
+
+def moe_activation_bytes(model: ModelShape, micro_batch: int, dtype_bytes: int) -> int:
+    """An MoE item's activations past its norm (launcher/model/moe.py, dropless, tp 1), with
+    n = b s tokens, k = top_k, E experts, f = expert ffn, S f the shared width: the router
+    logits and fp32 scores and probabilities (e n E + 8 n E), the chosen experts and their
+    sort (int64: 8 n k x 4), the tokens gathered in expert order (e n k h), each assignment's
+    gate|up, silu and product (4 e n k f) and expert output (e n k h, plus its fp32 weighted
+    copy 4 n k h), the shared experts' 4 e n S f."""
+    moe, n, e, h = model.moe, micro_batch * model.seq_len, dtype_bytes, model.hidden
+    k, experts = moe.top_k, moe.experts
+    router = e * n * experts + 8 * n * experts
+    routed = 32 * n * k + 2 * e * n * k * h + 4 * n * k * h + 4 * e * n * k * moe.ffn
+    return router + routed + 4 * e * n * moe.shared_experts * moe.ffn
+
+
+def moe_params(model: ModelShape) -> tuple[int, int]:
+    """(total, active per token) matmul parameters of one MoE item: the router, every routed
+    expert (top_k of them active) and the shared experts."""
+    moe, h = model.moe, model.hidden
+    expert = 3 * h * moe.ffn
+    shared = moe.shared_experts * expert
+    router = moe.experts * h
+    return router + moe.experts * expert + shared, router + moe.top_k * expert + shared
 
 
 def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
@@ -128,7 +160,7 @@ def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes
     mlp_matmul = 3 * h * model.ffn  # gate, up, down
     head_matmul = model.vocab * h
     act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode, sequence_parallel)
-           for kind in ("embed", "attn", "mlp", "norm", "head")}
+           for kind in ("embed", "attn", "mlp", "norm", "head") + (("moe",) if _moe(model) else ())}
 
     table = {
         "embed": (model.vocab * h, model.vocab * h // tp, 0),
@@ -137,11 +169,25 @@ def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes
         "norm": (h, h, 0),
         "head": (head_matmul, head_matmul // tp, 6 * head_matmul),
     }
+    if _moe(model) is not None:  # tp 1 (launcher/config/checks.py): FLOPs from the active parameters
+        total, active = moe_params(model)
+        table["moe"] = (total + h, total + h, 6 * active)
     if model.tie_embeddings:  # the head reuses the embedding's weight (counted once, in embed)
         table["head"] = (0, 0, 6 * head_matmul)
     return [ItemCost(name, kind, *table[kind], act_bytes=act[kind]) for name, kind in pipeline_items(model)]
 
 
 def flops_per_token(model: ModelShape) -> int:
-    """Training FLOPs per token (forward + backward), for throughput and MFU."""
+    """Training FLOPs per token (forward + backward), for throughput and MFU: with MoE, of
+    the parameters a token is active on (the router, top_k routed and the shared experts)."""
     return sum(c.flops_per_token for c in item_costs(model))
+
+
+def parameter_counts(model: ModelShape) -> tuple[int, int]:
+    """(total, active per token) parameters of the model; equal for a dense model."""
+    costs = item_costs(model)
+    total = sum(c.params for c in costs)
+    if _moe(model) is None:
+        return total, total
+    moe_total, moe_active = moe_params(model)
+    return total, total - sum(1 for c in costs if c.kind == "moe") * (moe_total - moe_active)

@@ -27,7 +27,7 @@ GB = 1024**3
 
 # Class names of the model's pipeline items (launcher/model/), matched by `type:<regex>`
 # exactly as DeepSpeed's PipelineModule matches LayerSpec type names.
-ITEM_CLASS_NAMES = {"embed": "Embedding", "attn": "Attention", "mlp": "MLP", "norm": "FinalNorm", "head": "Head"}
+ITEM_CLASS_NAMES = {"embed": "Embedding", "attn": "Attention", "mlp": "MLP", "moe": "MoE", "norm": "FinalNorm", "head": "Head"}
 
 
 class PartitionError(ValueError):

@@ -69,12 +69,12 @@ RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least reco
 # parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
 # Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
 # sequence parallelism (H floats each) are left out.
-TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "norm": (0, 0), "head": (0, 1)}
+TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (1, 1), "norm": (0, 0), "head": (0, 1)}
 # With it: embed reduce-scatters forward (its gradient all-gathered back); a block
 # all-gathers its input and reduce-scatters its output forward; backward all-gathers the
 # output gradient, all-gathers the saved input shard again and reduce-scatters the input
 # gradient; the head all-gathers its input forward, and backward as a block input.
-SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "norm": (0, 0), "head": (0.5, 1)}
+SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "moe": (1, 1.5), "norm": (0, 0), "head": (0.5, 1)}
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,24 @@ class ModelShape(Protocol):
     seq_len: int
     tie_embeddings: bool
 
+    # Optional: `moe` (a MoEShape, or None for a dense model); read with getattr, so a shape
+    # without the attribute is dense.
+
     @property
     def n_kv_heads(self) -> int: ...
 
     @property
     def head_dim(self) -> int: ...
+
+
+class MoEShape(Protocol):
+    """model.moe: the Mixture-of-Experts feed-forward blocks."""
+
+    experts: int
+    top_k: int
+    shared_experts: int
+    ffn: int
+    first_dense: int
 
 
 class ParallelDegrees(Protocol):

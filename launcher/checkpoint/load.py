@@ -22,7 +22,9 @@ from launcher.checkpoint.state import (
     same_layout,
     set_rng_state,
 )
+from launcher.checkpoint.store import MOE_STATE
 from launcher.ds.seams import deepspeed_load_checkpoint, load_weights_only
+from launcher.errors import ConfigError
 
 
 def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, tp_rank: int,
@@ -60,6 +62,18 @@ def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank
         for group, lr in zip(ds_engine.optimizer.param_groups, ds_engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
     return resharded, _load_rank_state(ckpt, same_layout(saved.layout, current), rank, compressor, device)
+
+
+def load_moe_state(ckpt: Path, moe_state, device: Optional[torch.device] = None) -> None:
+    """The MoE balancing biases (launcher/model/moe.py MoEState): one file for every layout."""
+    path = ckpt / MOE_STATE
+    if not path.is_file():
+        raise ConfigError("checkpoint.resume", f"{ckpt}: no {MOE_STATE} (the MoE balancing state); saved by a "
+                          "model without model.moe?")
+    try:
+        moe_state.load_state_dict(load_weights_only(path, map_location=device))
+    except (ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise ConfigError("checkpoint.resume", f"{path}: {err}") from None
 
 
 def _load_rank_state(ckpt: Path, same: bool, rank: int, compressor, device: Optional[torch.device]) -> list[str]:

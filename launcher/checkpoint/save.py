@@ -25,6 +25,7 @@ import torch.distributed as dist
 from launcher.checkpoint.state import LauncherState, rng_state
 from launcher.checkpoint.store import (
     MANIFEST,
+    MOE_STATE,
     PARTIAL,
     PARTS,
     STATE,
@@ -97,7 +98,7 @@ class PendingSave:
 
 
 def save(ds_engine, root: Path, state: LauncherState, ranks: RankInfo, options: SaveOptions, verified: Verified,
-         compressor=None) -> PendingSave:
+         compressor=None, moe_state=None) -> PendingSave:
     """Collective: write this step's checkpoint and publish it atomically.
 
     The first half (DeepSpeed's files, RNG states, our state) runs here on every rank; each
@@ -128,6 +129,8 @@ def save(ds_engine, root: Path, state: LauncherState, ranks: RankInfo, options: 
         if compressor is not None:
             (partial / "compression").mkdir(exist_ok=True)
             written.torch_save(compressor.state_dict(), partial / "compression" / f"rank-{rank:05d}.pt")
+        if moe_state is not None and rank == 0:  # the same on every rank, and on every layout
+            written.torch_save(moe_state.state_dict(), partial / MOE_STATE)
     finally:
         torch.serialization.set_crc32_options(torch_crc)
     (partial / PARTS).mkdir(exist_ok=True)

@@ -54,6 +54,7 @@ from launcher.errors import ConfigError
 
 MANIFEST = "manifest.json"
 STATE = "launcher_state.json"
+MOE_STATE = "moe_balance.pt"  # MoE balancing biases (launcher/model/moe.py): one file, any layout
 PARTIAL = ".partial"
 PARTS = ".parts"  # per-rank checksum shares while a save is being finished; never published
 TAG_RE = re.compile(r"^step-(\d{8})$")

@@ -37,6 +37,9 @@ LIMITS = {
     "model.ffn": (1 << 20, "8x the largest hidden size in use"),
     "model.vocab": (1 << 22, "the largest vocabularies in use have 256K entries"),
     "model.seq_len": (1 << 24, "16M tokens per sequence"),
+    "model.moe.experts": (1 << 12, "the largest published MoE models route over 256-384 experts"),
+    "model.moe.shared_experts": (1 << 6, "DeepSeek's models use 1 or 2"),
+    "model.moe.ffn": (1 << 20, "8x the largest hidden size in use"),
     "parallel.pipeline": (256, "the largest published pipelines have 64-128 stages"),
     "parallel.global_batch": (1 << 24, "16M sequences per optimizer step"),
 }
@@ -55,6 +58,7 @@ def check_config(cfg: Config) -> None:
     """Every check that needs no world size, in this order (the first failure is reported)."""
     _check_sizes(cfg)
     _check_model(cfg.model)
+    _check_moe(cfg)
     _check_parallel(cfg)
     _check_precision_zero(cfg)
     _check_optimizer(cfg)
@@ -70,10 +74,16 @@ def _check_sizes(cfg: Config) -> None:
     `LIMITS`, the model's and the parallel section's, at most its bound."""
     for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
         check_positive(f"model.{name}", getattr(cfg.model, name))
+    if cfg.model.moe is not None:
+        for name in ("experts", "top_k", "ffn"):
+            check_positive(f"model.moe.{name}", getattr(cfg.model.moe, name))
     for key in LIMITS:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) != "auto":
-            _at_most(key, getattr(getattr(cfg, section), name))
+        *path, name = key.split(".")
+        section = cfg
+        for part in path:  # model.moe is null for a dense model
+            section = getattr(section, part) if section is not None else None
+        if section is not None and getattr(section, name) != "auto":
+            _at_most(key, getattr(section, name))
 
 
 def _at_most(key: str, value: int) -> None:
@@ -104,6 +114,32 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError("model.heads", f"head_dim=hidden/heads={m.head_dim} must be even for RoPE")
     if m.heads % m.n_kv_heads:
         raise ConfigError("model.kv_heads", f"heads={m.heads} is not divisible by kv_heads={show_value(m.n_kv_heads)}")
+
+
+def _check_moe(cfg: Config) -> None:
+    """model.moe's keys, and what expert parallelism supports today."""
+    moe, p = cfg.model.moe, cfg.parallel
+    if p.expert != "auto":
+        check_positive("parallel.expert", p.expert)
+        if p.expert > 1:
+            raise ConfigError("parallel.expert", f"{show_value(p.expert)}: expert parallelism is not built yet "
+                              "(every data-parallel rank holds every expert); use 1 or auto")
+    if moe is None:
+        return
+    for name in ("shared_experts", "first_dense", "aux_loss_coef", "bias_rate"):
+        check_positive(f"model.moe.{name}", getattr(moe, name), allow_zero=True)
+    if moe.top_k > moe.experts:
+        raise ConfigError("model.moe.top_k", f"{moe.top_k} is more than model.moe.experts={moe.experts}")
+    if moe.first_dense > cfg.model.layers:
+        raise ConfigError("model.moe.first_dense", f"{moe.first_dense} is more than model.layers={cfg.model.layers}")
+    if moe.capacity_factor is not None:
+        check_positive("model.moe.capacity_factor", moe.capacity_factor)
+        if moe.capacity_factor > moe.experts:
+            raise ConfigError("model.moe.capacity_factor", f"{moe.capacity_factor:g} is more than "
+                              f"model.moe.experts={moe.experts}: past that no token can be dropped (use null)")
+    if p.tensor != "auto" and p.tensor > 1:
+        raise ConfigError("parallel.tensor", f"{p.tensor} with model.moe: MoE layers are not tensor-parallel yet "
+                          "(use parallel.tensor=1; pipeline and data parallelism compose)")
 
 
 def _check_parallel(cfg: Config) -> None:

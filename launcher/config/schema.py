@@ -27,6 +27,38 @@ class RopeScaling:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of Experts in place of the dense feed-forward block (docs/MOE.md): a router
+    picks `top_k` of `experts` small SwiGLU experts per token, `shared_experts` see every token."""
+
+    experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to (1 to experts)."""
+    shared_experts: int = 0
+    """Experts every token goes through, each of width `ffn` (0: none, as Mixtral)."""
+    ffn: int = 344
+    """Each expert's hidden size (fine-grained experts are small: DeepSeekMoE uses 1408)."""
+    first_dense: int = 0
+    """The first N layers keep the dense feed-forward block of width model.ffn."""
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """`softmax` (Mixtral: softmax over all experts, the top-k weights renormalised to sum 1)
+    or `sigmoid` (DeepSeek-V3: a sigmoid score per expert, the top-k scores normalised to sum 1)."""
+    balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
+    """`aux_loss` (Switch/GShard: coefficient x experts x sum_e load_e x mean score_e, added to the
+    loss) or `bias` (DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias added to the
+    scores for the choice only, moved by bias_rate towards even load after every step)."""
+    aux_loss_coef: float = 0.01
+    """`aux_loss` only: its weight against the language-model loss (>= 0)."""
+    bias_rate: float = 0.001
+    """`bias` only: how far each expert's bias moves per optimizer step (>= 0)."""
+    capacity_factor: Optional[float] = None
+    """null: dropless (every token reaches its top_k experts). A number > 0: an expert takes at
+    most ceil(capacity_factor x tokens x top_k / experts) tokens of a micro-batch, the rest of
+    its assignments are dropped (counted and logged)."""
+
+
+@dataclass
 class ModelConfig:
     init_from: Optional[str] = None
     """A Hugging Face Llama directory (config.json, *.safetensors) whose weights start the
@@ -63,6 +95,8 @@ class ModelConfig:
     """Share the input embedding with the output head (DeepSpeed TiedLayerSpec across stages). (auto)"""
     init_std: float = 0.02
     """Std of the normal init (> 0); output projections use init_std / sqrt(2 * layers)."""
+    moe: Union[None, MoEConfig] = None  # None first: null is a dense model
+    """Mixture of Experts (docs/MOE.md); absent or null: every layer dense."""
     compile: bool = False
     """Run each transformer block's local compute (norms, attention core, projections)
     through torch.compile (inductor: CUDA, or CPU with a C++ compiler); the tensor-parallel
@@ -85,6 +119,9 @@ class ParallelConfig:
     chosen at launch by the planner (python -m launcher.plan) for the world and device."""
     pipeline: Union[int, Literal["auto"]] = 1
     """Pipeline-parallel degree (pp). Outermost axis. `auto`: chosen by the planner."""
+    expert: Union[int, Literal["auto"]] = 1
+    """Expert-parallel degree (model.moe): experts sharded over this many data-parallel ranks.
+    Only 1 today (every data-parallel rank holds every expert); `auto` = 1."""
     data: Union[int, Literal["auto"]] = "auto"
     """Data-parallel degree (dp); `auto` = world_size / (tensor * pipeline)."""
     micro_batch: Union[int, Literal["auto"]] = 1

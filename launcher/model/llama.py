@@ -15,6 +15,7 @@ from torch import nn
 from launcher.config.schema import ModelConfig
 from launcher.model.attention import Attention, KVCache
 from launcher.model.documents import split_segments
+from launcher.model.moe import MoE, MoEState
 from launcher.model.layers import (
     MLP,
     BlockOptions,
@@ -34,9 +35,10 @@ if TYPE_CHECKING:  # annotations only
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
-                options: BlockOptions = BlockOptions()) -> list[LayerSpec]:
+                options: BlockOptions = BlockOptions(), moe_state: Optional[MoEState] = None) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order).
-    `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard)."""
+    `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard).
+    `moe_state`: the balancing state every MoE item of this process shares (launcher/model/moe.py)."""
     # lazy: DeepSpeed is imported after launcher/ds has chosen its accelerator
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -48,6 +50,8 @@ def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
         elif kind in ("attn", "mlp"):
             layer = int(name.split(".")[1])
             specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer, options))
+        elif kind == "moe":
+            specs.append(LayerSpec(MoE, cfg, tp, seed, int(name.split(".")[1]), options, moe_state))
         elif kind == "norm":
             specs.append(LayerSpec(FinalNorm, cfg, tp))
         elif cfg.tie_embeddings:

@@ -38,6 +38,15 @@ TABLE = [
     Weight("layers.{i}.mlp.w_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", 0),  # (ffn, hidden)
     Weight("layers.{i}.mlp.w_up.weight", "model.layers.{i}.mlp.up_proj.weight", 0),  # (ffn, hidden)
     Weight("layers.{i}.mlp.w_down.weight", "model.layers.{i}.mlp.down_proj.weight", 1),  # (hidden, ffn)
+    # MoE layers (model.moe; launcher/model/moe.py): experts stacked along dim 0. No Hugging
+    # Face name: Mixtral keeps one tensor per expert (export and import refuse MoE for now).
+    Weight("layers.{i}.mlp.router.weight", "", None),  # (experts, hidden)
+    Weight("layers.{i}.mlp.experts.w_gate", "", None),  # (experts, moe.ffn, hidden)
+    Weight("layers.{i}.mlp.experts.w_up", "", None),  # (experts, moe.ffn, hidden)
+    Weight("layers.{i}.mlp.experts.w_down", "", None),  # (experts, hidden, moe.ffn)
+    Weight("layers.{i}.mlp.shared.w_gate", "", None),  # (shared_experts * moe.ffn, hidden)
+    Weight("layers.{i}.mlp.shared.w_up", "", None),  # (shared_experts * moe.ffn, hidden)
+    Weight("layers.{i}.mlp.shared.w_down", "", None),  # (hidden, shared_experts * moe.ffn)
     Weight("norm.weight", "model.norm.weight", None),  # (hidden,)
     Weight("head.weight", "lm_head.weight", 0),  # (vocab, hidden); absent when tied
 ]
@@ -48,7 +57,7 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _BY_OURS = [(_pattern(w.ours), w) for w in TABLE]
-_BY_HF = [(_pattern(w.hf), w) for w in TABLE]
+_BY_HF = [(_pattern(w.hf), w) for w in TABLE if w.hf]
 
 
 def _lookup(name: str, patterns) -> tuple[Weight, Optional[str]]:

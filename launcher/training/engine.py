@@ -36,6 +36,7 @@ from launcher.ds.seams import (
 from launcher.hf.weights import load_hf_weights
 from launcher.model.layers import BlockOptions
 from launcher.model.llama import LlamaModel, LossFn, layer_specs
+from launcher.model.moe import MoEState
 from launcher.planning.plan import Plan
 from launcher.training.optim import build_optimizer, build_scheduler
 from parallel.compression import PowerSGDReducer
@@ -70,6 +71,7 @@ class TrainEngine:
     device: torch.device
     pipeline: bool
     compressor: Optional[PowerSGDReducer] = None  # PowerSGD's state, saved in checkpoints
+    moe_state: Optional[MoEState] = None  # MoE balancing biases and counters, saved in checkpoints
 
     @property
     def reads_data(self) -> bool:
@@ -89,6 +91,12 @@ class TrainEngine:
             loss = self._dp_mean(torch.stack(losses).mean())
         grad_norm = self.ds.get_global_grad_norm()
         return float(loss), (float(grad_norm) if grad_norm is not None else None)
+
+    def moe_after_step(self) -> dict:
+        """Collective (every rank), after each optimizer step of an MoE model: the step's
+        expert counts summed over all ranks, the balancing biases moved, the figures per MoE
+        layer for metrics.jsonl ({} for a dense model)."""
+        return self.moe_state.after_step() if self.moe_state is not None else {}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Optional[list]) -> float:
@@ -143,7 +151,11 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
                            recompute=recompute_mode(cfg.parallel.activation_checkpointing))
     full_recompute = options.recompute == "full"
     # seed None: no random draw for weights that init_from is about to overwrite
-    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options)
+    moe_state = MoEState.build(cfg.model, device)
+    if moe_state is not None:  # the aux loss's gradient is scaled as DeepSpeed scales the loss
+        moe_state.aux_grad_scale = 1.0 / plan.layout.grad_accum
+    specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options,
+                        moe_state=moe_state)
     loss_fn = LossFn(tp)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     pipeline = plan.layout.pp > 1
@@ -179,7 +191,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
         compressor = build_compressor(engine, cfg, groups.dp_group, pipeline)
     train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
-                               compressor=compressor)
+                               compressor=compressor, moe_state=moe_state)
     if cfg.logging.time_breakdown:
         train_engine.capture_timer_logs()
     return train_engine

@@ -85,6 +85,7 @@ def train_loop(run: Run, stop: StopSignal) -> int:
         loss, grad_norm = engine.train_step(batches)
         step_time = time.perf_counter() - start
         extra = engine.time_breakdown_ms()  # this step's forward/backward/optimizer split
+        extra.update(engine.moe_after_step())  # every step: the balancing bias moves after each
         if run.dp_bytes:
             extra.update(step_bytes(run))
         run.tokens_seen += lay.global_batch * cfg.model.seq_len
@@ -174,7 +175,8 @@ def save_checkpoint(run: Run, background: bool):
     options = SaveOptions(keep_last=cfg.checkpoint.keep_last, background=background,
                           timeout_s=cfg.parallel.collective_timeout_s)
     start = time.perf_counter()
-    pending = save(run.engine.ds, run.ckpt_root, state, ranks, options, run.verified, compressor=run.engine.compressor)
+    pending = save(run.engine.ds, run.ckpt_root, state, ranks, options, run.verified, compressor=run.engine.compressor,
+                   moe_state=run.engine.moe_state)
     run.log.event({"event": "checkpoint", "step": run.step, "path": str(run.ckpt_root / tag_for(run.step)),
                    "save_s": time.perf_counter() - start, "background": background})
     return pending

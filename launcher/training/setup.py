@@ -21,7 +21,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint.load import load
+from launcher.checkpoint.load import load, load_moe_state
 from launcher.checkpoint.state import (
     LauncherState,
     SavedLayout,
@@ -170,6 +170,8 @@ def resume(run: Run) -> None:
     current = SavedLayout.of_run(run.cfg, run.plan)
     resharded, notices = load(run.engine.ds, run.resume_from, saved, current, rank=run.penv.rank,
                               tp_rank=run.groups.coord.tp, compressor=run.engine.compressor, device=run.device)
+    if run.engine.moe_state is not None:
+        load_moe_state(run.resume_from, run.engine.moe_state, run.device)
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
     how = f"layout {current.describe()}"  # one line: which checkpoint, verified, its step, the layout change
     if resharded:

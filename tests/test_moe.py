@@ -1,0 +1,116 @@
+"""The MoE layer (launcher/model/moe.py) against a naive per-token reference, in fp32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.config.schema import ModelConfig, MoEConfig
+from launcher.model.moe import MoE, MoEState, aux_loss, route
+from parallel.tensor_parallel import NO_TP
+
+
+def _model(**moe) -> ModelConfig:
+    return ModelConfig(layers=2, hidden=16, heads=2, ffn=24, vocab=64, seq_len=8,
+                       moe=MoEConfig(**{"experts": 6, "top_k": 2, "ffn": 8, **moe}))
+
+
+def _reference(layer: MoE, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """Token by token: each token's top_k experts by (score + bias), weighted by its
+    normalised scores; every expert's tokens in sequence order up to its capacity."""
+    moe = layer.moe
+    tokens = layer.norm(x).reshape(-1, x.shape[-1])
+    capacity = math.inf if moe.capacity_factor is None else math.ceil(
+        moe.capacity_factor * tokens.shape[0] * moe.top_k / moe.experts)
+    taken = [0] * moe.experts
+    out = torch.zeros_like(tokens)
+    w = layer.experts
+    for t, h in enumerate(tokens):
+        logits = layer.router.weight @ h
+        scores = logits.softmax(-1) if moe.router == "softmax" else logits.sigmoid()
+        choice = scores + (bias if bias is not None else 0)
+        chosen = sorted(range(moe.experts), key=lambda e: -choice[e].item())[:moe.top_k]
+        total = sum(scores[e] for e in chosen)
+        for e in chosen:
+            taken[e] += 1
+            if taken[e] <= capacity:
+                y = F.silu(w.w_gate[e] @ h) * (w.w_up[e] @ h)
+                out[t] += scores[e] / total * (w.w_down[e] @ y)
+        if layer.shared is not None:
+            s = layer.shared
+            out[t] += s.w_down @ (F.silu(s.w_gate @ h) * (s.w_up @ h))
+    return x + out.view_as(x)
+
+
+@pytest.mark.parametrize("moe", [
+    {},  # Mixtral: softmax, no shared experts, dropless
+    {"router": "sigmoid", "shared_experts": 2, "balance": "bias"},  # DeepSeek-V3
+    {"capacity_factor": 1.0},  # tokens past capacity dropped
+    {"top_k": 6, "shared_experts": 1},  # every expert chosen
+])
+def test_layer_equals_per_token_reference(moe):
+    cfg = _model(**moe)
+    state = MoEState.build(cfg)
+    state.bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    layer = MoE(cfg, NO_TP, seed=7, layer=1, state=state).train()
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(0))
+    bias = state.bias[state.row(1)] if cfg.moe.balance == "bias" else None
+    with torch.no_grad():
+        expected = _reference(layer, x, bias)
+    got = layer(x)
+    assert (got - expected).abs().max().item() < 1e-6
+    figures = state.after_step()
+    assert figures["moe.1.load_max_over_mean"] >= 1.0
+    dropped = figures["moe.1.dropped_fraction"]
+    assert (dropped > 0) == (cfg.moe.capacity_factor is not None)
+
+
+def test_capacity_drops_are_counted_exactly():
+    cfg = _model(capacity_factor=0.5, experts=4, top_k=1)
+    state = MoEState.build(cfg)
+    layer = MoE(cfg, NO_TP, seed=1, layer=0, state=state).train()
+    with torch.no_grad():  # every token to expert 2: capacity ceil(0.5 * 24 / 4) = 3 of 24 kept
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0
+    x = torch.rand(3, 8, 16) + 0.1
+    layer(x)
+    figures = state.after_step()
+    assert figures["moe.0.dropped_fraction"] == pytest.approx(21 / 24)
+    assert figures["moe.0.load_max_over_mean"] == pytest.approx(4.0)
+
+
+def test_aux_loss_enters_backward_scaled_like_the_loss():
+    """The layer's gradients equal those of (loss + aux) x scale computed in one graph."""
+    cfg = _model(aux_loss_coef=0.5, shared_experts=1)
+    state = MoEState.build(cfg)
+    state.aux_grad_scale = 0.25
+    layer = MoE(cfg, NO_TP, seed=2, layer=0, state=state).train()
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    (layer(x).square().mean() * 0.25).backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    h = layer.norm(x).reshape(-1, 16)
+    routing = route(F.linear(h, layer.router.weight), cfg.moe)
+    state.aux_grad_scale = 1.0
+    layer.moe = MoEConfig(**{**cfg.moe.__dict__, "balance": "none"})
+    total = layer(x).square().mean() + aux_loss(routing, cfg.moe.experts, cfg.moe.aux_loss_coef)
+    (total * 0.25).backward()
+    for name, param in layer.named_parameters():
+        assert torch.allclose(param.grad, got[name], atol=1e-7), name
+    assert got["router.weight"].abs().sum() > 0
+
+
+def test_bias_moves_against_the_load_identically_from_counts():
+    cfg = _model(balance="bias", bias_rate=0.1, experts=4, top_k=1)
+    state = MoEState.build(cfg)
+    state.counts[0] = torch.tensor([10.0, 0.0, 2.0, 4.0])  # mean 4
+    figures = state.after_step()
+    assert state.bias[0].tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.0])
+    assert figures["moe.0.bias_spread"] == pytest.approx(0.2)
+    saved = state.state_dict()
+    other = MoEState.build(cfg)
+    other.load_state_dict(saved)
+    assert torch.equal(other.bias, state.bias)
