@@ -5,9 +5,10 @@ Kept from the file (its `auto` keys as the planner resolves them for the fewest 
 it fits on): pipeline degree (up to 8), tensor degree as far as the 8 processes allow
 (a divisor of the file's), ZeRO stage, activation checkpointing, tied embeddings, the GQA
 ratio, the partition method, RoPE theta, norm epsilon, optimizer, compression, and the
-precision when this CPU supports it (else fp32). Shrunk: layers (one per stage, at least
-two), width (8 per head), vocabulary (the byte tokenizer's 256), sequence length, batch,
-steps and schedule.
+precision when this CPU supports it (else fp32), MoE's router, balancing and shared experts
+(one at most). Shrunk: layers (one per stage, at least two), width (8 per head), vocabulary
+(the byte tokenizer's 256), sequence length, batch, steps and schedule; an MoE model to 4
+experts of ffn 16, top 2 at most, one dense first layer at most.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def shrink(path) -> Shrunk:
     heads = kv_heads * ratio
     hidden = heads * HEAD_DIM
     ffn = max(2 * tp, round(hidden * m.ffn / m.hidden / (2 * tp)) * 2 * tp)  # the file's ffn/hidden ratio
-    layers = max(pp, 2)
+    first_dense = min(m.moe.first_dense, 1) if m.moe is not None else 0
+    layers = max(pp, 2, first_dense + 1)  # an MoE model keeps at least one MoE layer
     micro_batches = max(pp, 2)  # per data-parallel rank: enough to fill the pipeline
     dtype = cfg.precision.dtype
     if dtype in ("bf16", "fp16"):
@@ -83,6 +85,10 @@ def shrink(path) -> Shrunk:
         "schedule.warmup_steps": 1, "checkpoint.every": 2, "checkpoint.keep_last": 2,
         "compression.warmup_steps": 1,
     }
+    if m.moe is not None:  # fewer, smaller experts; the router, balance and shared experts kept
+        overrides.update({"model.moe.experts": 4, "model.moe.top_k": min(m.moe.top_k, 2),
+                          "model.moe.shared_experts": min(m.moe.shared_experts, 1), "model.moe.ffn": 2 * HEAD_DIM,
+                          "model.moe.first_dense": first_dense})
     return Shrunk(overrides=[f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}"
                              for k, v in overrides.items()],
                   nproc=tp * pp * dp, tp=tp, pp=pp, dp=dp, dtype=dtype)

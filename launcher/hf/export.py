@@ -146,6 +146,9 @@ def _write(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     start, rss_before = time.perf_counter(), _peak_rss()
     reader = CheckpointReader(ckpt)
     model = reader.model
+    if model.moe is not None:
+        raise ConfigError("--checkpoint", f"{ckpt}: an MoE model (model.moe): export to Hugging Face (Mixtral) is "
+                          "not built yet; launcher.generate reads the checkpoint itself")
     dtype = dtype or reader.dtype
     tok = run_tokenizer(run, reader.state)
     vocab = trimmed_vocab(model, reader.state, tok)

@@ -102,6 +102,13 @@ def weights(model: ModelConfig) -> list[tuple[str, str]]:
 def full_shape(model: ModelConfig, ours: str, vocab: Optional[int] = None) -> tuple[int, ...]:
     """Shape of the full tensor; `vocab` (default model.vocab) for the embedding and head rows."""
     h, kv_dim = model.hidden, model.n_kv_heads * model.head_dim
+    if ".mlp.router." in ours or ".mlp.experts." in ours or ".mlp.shared." in ours:
+        moe = model.moe
+        e, f, width = moe.experts, moe.ffn, moe.shared_experts * moe.ffn
+        leaf = ours.split(".mlp.", 1)[1]
+        return {"router.weight": (e, h), "experts.w_gate": (e, f, h), "experts.w_up": (e, f, h),
+                "experts.w_down": (e, h, f), "shared.w_gate": (width, h), "shared.w_up": (width, h),
+                "shared.w_down": (h, width)}[leaf]
     leaf = ours.split(".")[-2]
     shapes = {"embed": (vocab or model.vocab, h), "head": (vocab or model.vocab, h), "norm": (h,),
               "wq": (h, h), "wk": (kv_dim, h), "wv": (kv_dim, h), "wo": (h, h),

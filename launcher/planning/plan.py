@@ -15,7 +15,7 @@ from launcher.config.derived import sequence_parallel_on
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.planning.precision import DeviceSupport, resolve_dtype
-from parallel.costs import ItemCost, item_costs, recompute_mode
+from parallel.costs import ItemCost, item_costs, parameter_counts, recompute_mode
 from parallel.layout import Layout, resolve_layout
 from parallel.memory import dtype_bytes, state_bytes
 from parallel.partition import (
@@ -62,6 +62,18 @@ def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
     return Plan(layout=layout, dtype=dtype, costs=costs, parts=parts, memory=memory)
 
 
+def moe_line(m) -> str:
+    """The MoE part of the model (model.moe): total and active parameters, the experts."""
+    total, active = parameter_counts(m)
+    e = m.moe
+    balance = {"aux_loss": f"aux loss x {e.aux_loss_coef:g}", "bias": f"bias, rate {e.bias_rate:g}",
+               "none": "none"}[e.balance]
+    drops = "dropless" if e.capacity_factor is None else f"capacity factor {e.capacity_factor:g}"
+    return (f"moe        {total / 1e9:.3f}B params, {active / 1e9:.3f}B active per token: layers "
+            f"{e.first_dense}-{m.layers - 1} route to {e.top_k} of {e.experts} experts (ffn {e.ffn}) + "
+            f"{e.shared_experts} shared, {e.router} router, balance {balance}, {drops}, expert parallel 1")
+
+
 def describe(cfg: Config, plan: Plan, device: str) -> str:
     """The lines printed before training (and by --dry-run)."""
     m, lay = cfg.model, plan.layout
@@ -77,6 +89,7 @@ def describe(cfg: Config, plan: Plan, device: str) -> str:
         f"= global_batch {lay.global_batch} sequences = {tokens:,} tokens/step",
         f"model      {params / 1e9:.3f}B params: {m.layers} layers, hidden {m.hidden}, heads {m.heads} ({kv}), "
         f"ffn {m.ffn}, vocab {m.vocab}, seq {m.seq_len}, tied {'yes' if m.tie_embeddings else 'no'}",
+        *([moe_line(m)] if m.moe is not None else []),
         f"engine     device {device}, precision {plan.dtype}, ZeRO {cfg.zero.stage}, optimizer {cfg.optimizer.name}, "
         f"recompute {recompute_mode(cfg.parallel.activation_checkpointing)}, sequence parallel "
         f"{'on' if sequence_parallel_on(cfg.parallel, cfg.model, lay.tp) else 'off'}",

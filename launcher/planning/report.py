@@ -27,7 +27,7 @@ from launcher.planning.auto import (
 from launcher.planning.cluster import nominal_gb
 from launcher.planning.plan import make_plan
 from launcher.planning.precision import ASSUMED_GPU
-from parallel.costs import RECOMPUTE_MODES, item_costs
+from parallel.costs import RECOMPUTE_MODES, item_costs, parameter_counts
 from parallel.hardware import GIB, PRESETS
 from parallel.memory import dtype_bytes
 from parallel.planner import (
@@ -88,7 +88,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
                     offload_optimizer=cfg.zero.offload_optimizer, world=world)
     return {"config": config_path, "auto": auto, "hardware": dataclasses.asdict(cluster.hardware),
             "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "efficiency": cluster.efficiency,
-            "params": params, "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
+            "params": params, "active_params": parameter_counts(resolved.model)[1], "dtype": plan.dtype, "optimizer": resolved.optimizer.name,
             "global_batch": resolved.parallel.global_batch, "seq_len": resolved.model.seq_len,
             "layout": own.as_dict(), "activations_per_micro_batch_stage0": stage0,
             "nominal_gb": nominal_gb(cluster.hardware), "rule_of_thumb_gpus": rule_of_thumb_gpus(params, nominal_gb(cluster.hardware)),
@@ -161,6 +161,11 @@ def _gib(value: float) -> float:
     return value / GIB
 
 
+def _active(r: dict) -> str:
+    """', 2.8B active per token' for an MoE model (FLOPs and MFU count these)."""
+    return "" if r["active_params"] == r["params"] else f" ({r['active_params'] / 1e9:.3f}B active per token)"
+
+
 def _summary_lines(r: dict) -> list[str]:
     """The cluster, the model, the auto note and the config's layout, one line each."""
     hw, lay = r["hardware"], r["layout"]
@@ -168,7 +173,7 @@ def _summary_lines(r: dict) -> list[str]:
         f"plan       {r['config']} on {r['nodes']} x {r['gpus_per_node']} {hw['name']} ({hw['memory_gib']:g} GiB, "
         f"{hw['peak_tflops']:g} TFLOP/s, NVLink {hw['intra_node_gbps']:g} GB/s, network {hw['inter_node_gbps']:g} "
         f"GB/s per GPU; {100 * r['efficiency']:.0f}% of peak assumed for matmuls)",
-        f"model      {r['params'] / 1e9:.3f}B params, {r['dtype']}, {r['optimizer']}, global batch "
+        f"model      {r['params'] / 1e9:.3f}B params{_active(r)}, {r['dtype']}, {r['optimizer']}, global batch "
         f"{r['global_batch']} x {r['seq_len']} tokens",
     ]
     if r["auto"]:
