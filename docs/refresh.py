@@ -47,7 +47,8 @@ MARKER = re.compile(
     r"(<!-- (generated|measured): (?P<name>[\w-]+) \(python docs/refresh.py[^)]*\) -->\n)(?P<body>.*?)(<!-- end \2 -->)",
     re.S)
 DOCUMENTS = ["README.md", "docs/SCALING.md", "docs/BENCHMARKS.md"]
-SHIPPED = ["default", "llama_1b", "llama_7b", "llama_13b", "llama_70b", "llama3_8b"]
+SHIPPED = ["default", "llama_1b", "llama_7b", "llama_13b", "llama_70b", "llama3_8b", "mixtral_8x7b",
+           "deepseek_moe_16b"]
 
 
 def command_output(args: list[str], expect_rc: int = 0) -> str:
@@ -93,7 +94,10 @@ def _auto_layout(cfg, gpus: int) -> str:
 def _shape(m) -> str:
     kv = f", GQA {m.heads}/{m.kv_heads}" if m.kv_heads and m.kv_heads != m.heads else ""
     vocab = "byte vocab 256" if m.vocab == 256 else f"vocab {m.vocab}"
-    return f"{m.layers} layers, hidden {m.hidden}, {m.heads} heads{kv}, {vocab}, seq {m.seq_len}"
+    moe = (f", MoE: top {m.moe.top_k} of {m.moe.experts} experts" + (f" + {m.moe.shared_experts} shared"
+                                                                       if m.moe.shared_experts else "")
+           if m.moe is not None else "")
+    return f"{m.layers} layers, hidden {m.hidden}, {m.heads} heads{kv}, {vocab}, seq {m.seq_len}{moe}"
 
 
 def configs_table() -> str:
@@ -124,6 +128,11 @@ def partition_table() -> str:
 
 def scaling_table() -> str:
     return command_output([str(REPO / "bench" / "scaling.py"), "--gpu", "h100"]) + "\n"
+
+
+def moe_scaling_table() -> str:
+    return command_output([str(REPO / "bench" / "scaling.py"), "--gpu", "h100", "--configs", "mixtral_8x7b",
+                           "deepseek_moe_16b"]) + "\n"
 
 
 def quickstart() -> str:
@@ -171,7 +180,7 @@ def timed_lines(args: list[str], env: dict[str, str], marker: str) -> tuple[str,
 
 
 GENERATED: dict[str, Callable[[], str]] = {
-    "dry-run-70b": dry_run_70b, "config-error": config_error, "configs-table": configs_table,
+    "dry-run-70b": dry_run_70b, "config-error": config_error, "configs-table": configs_table, "moe-scaling-table": moe_scaling_table,
     "partition-table": partition_table, "scaling-table": scaling_table,
 }
 MEASURED: dict[str, Callable[[], str]] = {"quickstart": quickstart}

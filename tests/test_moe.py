@@ -82,6 +82,17 @@ def test_capacity_drops_are_counted_exactly():
     assert figures["moe.0.load_max_over_mean"] == pytest.approx(4.0)
 
 
+def test_evaluation_is_dropless():
+    """Capacity drops tokens in training only: in eval a token's output is its own."""
+    cfg = _model(capacity_factor=0.5)
+    layer = MoE(cfg, NO_TP, seed=4, layer=0).eval()
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+    dropless = MoE(_model(), NO_TP, seed=4, layer=0).eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), dropless(x))
+        assert not torch.equal(layer.train()(x), dropless(x))
+
+
 def test_aux_loss_enters_backward_scaled_like_the_loss():
     """The layer's gradients equal those of (loss + aux) x scale computed in one graph."""
     cfg = _model(aux_loss_coef=0.5, shared_experts=1)

@@ -222,6 +222,7 @@ class CheckpointReader:
         self.dtype = DTYPES.get(lay.dtype, torch.float32)
         self._item: Optional[tuple[int, list]] = None  # (item index, each tp rank's open files)
         self._zero3_index: list[dict] = []  # ZeRO 3: per tp rank, name -> where its pieces are
+        self._stacked: Optional[tuple[str, torch.dtype, torch.Tensor]] = None  # the last stacked expert tensor read
         if self.zero_stage == 3:
             self._zero3_index = [self._zero3_layout(r) for r in range(self.tp)]
         else:
@@ -316,6 +317,11 @@ class CheckpointReader:
         intermediate). `rows`: keep the first rows only (a vocabulary trim; vocabulary rows
         are dim 0, tp rank r holds rows [r*n/tp, (r+1)*n/tp))."""
         dim, dtype = hf_names.tp_dim(ours), dtype or self.dtype
+        row = hf_names.stacked_expert(ours)
+        if row is not None:  # one expert of a stacked tensor (Mixtral's names): read the stack once
+            if self._stacked is None or self._stacked[:2] != (row[0], dtype):
+                self._stacked = (row[0], dtype, self.tensor(row[0], dtype))
+            return self._stacked[2][row[1]].clone()
         paths = self._paths(item_key(self.model, ours)[0])
         with _reading(paths):
             slices = [self._slice(ours, r) for r in range(self.tp if dim is not None else 1)]
@@ -350,7 +356,7 @@ class CheckpointReader:
         return out
 
     def close(self) -> None:
-        self._item = None
+        self._item = self._stacked = None
 
 
 def _copy_rows(dest: torch.Tensor, shape: tuple[int, ...], pieces: list[torch.Tensor], rows: int) -> None:

@@ -126,9 +126,6 @@ def _check_moe(cfg: Config) -> None:
                               "(every data-parallel rank holds every expert); use 1 or auto")
     if moe is None:
         return
-    if cfg.model.init_from:
-        raise ConfigError("model.init_from", "with model.moe: importing Hugging Face MoE weights (Mixtral) is not "
-                          "built yet; start from random weights or a launcher checkpoint")
     for name in ("shared_experts", "first_dense", "aux_loss_coef", "bias_rate"):
         check_positive(f"model.moe.{name}", getattr(moe, name), allow_zero=True)
     if moe.top_k > moe.experts:

@@ -45,9 +45,30 @@ def resolve_init_from(cfg: Config, raw: dict) -> None:
             if name == "vocab" and cfg.parallel.tensor != "auto":  # even vocabulary-parallel shards
                 check_positive("parallel.tensor", cfg.parallel.tensor)
                 m.vocab = -(-m.vocab // cfg.parallel.tensor) * cfg.parallel.tensor
+    _resolve_moe(m, values, "moe" in given)
     if "tokenizer" not in (raw.get("data") or {}) and any(
             (Path(m.init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         cfg.data.tokenizer = m.init_from
+
+
+def _resolve_moe(m: ModelConfig, values: dict, given: bool) -> None:
+    """model.moe from a Mixtral config.json when left out; when given, its shape (experts,
+    top_k, ffn, no shared experts, no dense first layers, softmax router) must be the
+    directory's; balancing and capacity are the run's own choice."""
+    theirs = values["moe"]
+    if not given:
+        m.moe = None if theirs is None else coerce_value(theirs, typing.get_type_hints(ModelConfig)["moe"], "model.moe")
+        return
+    if m.moe is not None and theirs is None:
+        raise ConfigError("model.moe", f"{m.init_from} is a dense Llama: model.moe must be left out (or null)")
+    if m.moe is None:
+        if theirs is not None:
+            raise ConfigError("model.moe", f"null, but {m.init_from} is a Mixture of Experts (Mixtral)")
+        return
+    for name in ("experts", "top_k", "ffn", "shared_experts", "first_dense", "router"):
+        if getattr(m.moe, name) != theirs[name]:
+            raise ConfigError(f"model.moe.{name}", f"{getattr(m.moe, name)!r}, but {m.init_from}'s config.json "
+                              f"gives {theirs[name]!r} (leave model.moe out to take the directory's)")
 
 
 def resolve_vocab(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""A Hugging Face Llama directory's config.json -> our model keys (`hf_model_values`), for
+"""A Hugging Face Llama or Mixtral directory's config.json -> our model keys (`hf_model_values`), for
 `model.init_from`'s `auto` keys and `launcher.generate --hf`.
 
 An architecture launcher.model does not compute (another model_type or activation, biases,
@@ -79,8 +79,9 @@ def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
     raw = read_hf_config(directory, key)
     path = Path(directory) / CONFIG
     model_type = raw.get("model_type")
-    if model_type != "llama":
-        raise ConfigError(key, f"{path}: model_type {model_type!r}, expected 'llama' (LlamaForCausalLM)")
+    if model_type not in ("llama", "mixtral"):
+        raise ConfigError(key, f"{path}: model_type {model_type!r}, expected 'llama' (LlamaForCausalLM) or "
+                          "'mixtral' (MixtralForCausalLM)")
     for field, allowed in (("hidden_act", ("silu", "swish")), ("attention_bias", (False, None)),
                            ("mlp_bias", (False, None))):
         if raw.get(field) not in allowed:
@@ -116,4 +117,26 @@ def hf_model_values(directory: Path, key: str = "model.init_from") -> dict:
     if head_dim is not None and (type(head_dim) is not int or head_dim * values["heads"] != values["hidden"]):
         raise ConfigError(key, f"{path}: head_dim={head_dim!r} is not hidden_size / num_attention_heads "
                           f"({values['hidden']} / {values['heads']}), which launcher.model assumes")
+    values["moe"] = _mixtral_moe(raw, path, key, values["ffn"]) if model_type == "mixtral" else None
     return values
+
+
+def _mixtral_moe(raw: dict, path: Path, key: str, ffn: int) -> dict:
+    """model.moe of a Mixtral config.json: softmax router, top-k renormalised, no shared
+    experts, every layer MoE, each expert of ffn intermediate_size."""
+    moe = {}
+    for ours, theirs in (("experts", "num_local_experts"), ("top_k", "num_experts_per_tok")):
+        value = raw.get(theirs)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(key, f"{path}: {theirs}={value!r}, expected a positive integer")
+        moe[ours] = value
+    if moe["top_k"] > moe["experts"]:
+        raise ConfigError(key, f"{path}: num_experts_per_tok={moe['top_k']} is more than num_local_experts="
+                          f"{moe['experts']}")
+    if raw.get("sliding_window") is not None:
+        raise ConfigError(key, f"{path}: sliding_window={raw['sliding_window']!r} is not supported "
+                          "(launcher.model attends to the whole sequence)")
+    coef = raw.get("router_aux_loss_coef", 0.02)
+    coef = float(coef) if isinstance(coef, (int, float)) and not isinstance(coef, bool) and coef >= 0 else 0.02
+    return {**moe, "shared_experts": 0, "ffn": ffn, "first_dense": 0, "router": "softmax", "balance": "aux_loss",
+            "aux_loss_coef": coef}

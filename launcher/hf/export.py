@@ -46,16 +46,39 @@ def hf_config(model: ModelConfig, vocab: int, dtype: torch.dtype, bos: Optional[
     """config.json; max_position_embeddings is `max_positions` (the context of the model a run
     started from), else model.seq_len."""
     name = HF_DTYPE_NAMES[dtype]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.hidden,
-            "intermediate_size": model.ffn, "num_hidden_layers": model.layers,
-            "num_attention_heads": model.heads, "num_key_value_heads": model.n_kv_heads,
-            "head_dim": model.head_dim, "vocab_size": vocab, "max_position_embeddings": max_positions or model.seq_len,
-            "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
-            "rope_scaling": dataclasses.asdict(model.rope_scaling) if model.rope_scaling else None,
-            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "initializer_range": model.init_std, "pretraining_tp": 1, "use_cache": True,
-            "tie_word_embeddings": model.tie_embeddings, "torch_dtype": name, "dtype": name,
-            "bos_token_id": bos, "eos_token_id": eos}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.hidden,
+              "intermediate_size": model.ffn, "num_hidden_layers": model.layers,
+              "num_attention_heads": model.heads, "num_key_value_heads": model.n_kv_heads,
+              "head_dim": model.head_dim, "vocab_size": vocab, "max_position_embeddings": max_positions or model.seq_len,
+              "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
+              "rope_scaling": dataclasses.asdict(model.rope_scaling) if model.rope_scaling else None,
+              "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+              "initializer_range": model.init_std, "pretraining_tp": 1, "use_cache": True,
+              "tie_word_embeddings": model.tie_embeddings, "torch_dtype": name, "dtype": name,
+              "bos_token_id": bos, "eos_token_id": eos}
+    if model.moe is not None:  # Mixtral (check_exportable): every layer's experts of ffn moe.ffn
+        for llama_only in ("mlp_bias", "pretraining_tp"):
+            del config[llama_only]
+        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "intermediate_size": model.moe.ffn, "num_local_experts": model.moe.experts,
+                       "num_experts_per_tok": model.moe.top_k, "router_aux_loss_coef": model.moe.aux_loss_coef,
+                       "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None})
+    return config
+
+
+def check_exportable(ckpt: Path, model: ModelConfig) -> None:
+    """An MoE model is written as Mixtral, which has no shared experts, no dense first layers
+    and a softmax router; other MoE shapes map to no transformers architecture exactly."""
+    moe = model.moe
+    if moe is None:
+        return
+    why = ("shared experts (model.moe.shared_experts)" if moe.shared_experts else
+           "dense first layers (model.moe.first_dense)" if moe.first_dense else
+           "a sigmoid router (model.moe.router)" if moe.router != "softmax" else None)
+    if why:
+        raise ConfigError("--checkpoint", f"{ckpt}: an MoE model with {why}: Mixtral (MixtralForCausalLM) has none, "
+                          "and no other transformers architecture maps exactly; launcher.generate reads the "
+                          "checkpoint itself")
 
 
 def plan_shards(entries: list[tuple[str, str, tuple[int, ...]]], itemsize: int,
@@ -146,9 +169,7 @@ def _write(ckpt: Path, run: Optional[Path], out: Path, dtype: Optional[torch.dty
     start, rss_before = time.perf_counter(), _peak_rss()
     reader = CheckpointReader(ckpt)
     model = reader.model
-    if model.moe is not None:
-        raise ConfigError("--checkpoint", f"{ckpt}: an MoE model (model.moe): export to Hugging Face (Mixtral) is "
-                          "not built yet; launcher.generate reads the checkpoint itself")
+    check_exportable(ckpt, model)
     dtype = dtype or reader.dtype
     tok = run_tokenizer(run, reader.state)
     vocab = trimmed_vocab(model, reader.state, tok)

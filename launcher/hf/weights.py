@@ -136,6 +136,20 @@ def weights_source(directory: str) -> dict:
             "max_position_embeddings": config.get("max_position_embeddings")}
 
 
+def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: Path, key: str) -> torch.Tensor:
+    rows = []
+    for ours in hf_names.expert_rows(param.logical_name, param.shape[0]):
+        hf = hf_names.to_hf(ours)
+        if hf not in weights.shapes:
+            raise ConfigError(key, f"{directory}: no tensor {hf} (the config needs it)")
+        rows.append(weights.slice(hf, None, 0, 0))
+    stacked = torch.stack(rows)
+    if tuple(stacked.shape) != tuple(param.shape):
+        raise ConfigError(key, f"{param.logical_name}: experts of shape {tuple(stacked.shape[1:])} in {directory}, "
+                          f"the parameter's are {tuple(param.shape[1:])}")
+    return stacked
+
+
 @torch.no_grad()
 def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_size: int,
                     key: str = "model.init_from") -> int:
@@ -145,6 +159,10 @@ def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_s
     weights = HFWeights(directory, key)
     copied = 0
     for param in module.parameters():
+        if ".mlp.experts." in param.logical_name:  # stacked experts: one tensor per expert in the files
+            param.copy_(_stacked_experts(weights, param, directory, key))
+            copied += param.numel()
+            continue
         hf = hf_names.to_hf(param.logical_name)
         dim = param.tp_shard_dim if tp_size > 1 else None
         start = tp_rank * param.shape[dim] if dim is not None else 0

@@ -9,7 +9,7 @@ SwiGLU over their concatenated hidden units). Routing runs in fp32 whatever the 
 
 Dispatch is dropless by default: the tokens are sorted by expert (a stable sort, so each
 expert sees its tokens in sequence order) and each expert runs on its contiguous slice. With
-`capacity_factor`, an expert keeps its first ceil(cf x tokens x top_k / experts) assignments of
+`capacity_factor` (in training only), an expert keeps its first ceil(cf x tokens x top_k / experts) assignments of
 the micro-batch and drops the rest (their weight is not renormalised over the survivors).
 
 Balancing never travels between pipeline stages:
@@ -269,8 +269,10 @@ class MoE(nn.Module):
         if self.state is not None and self.moe.balance == "bias":
             bias = self.state.bias[self.state.row(self.layer)]
         routing = route(F.linear(tokens, self.router.weight), self.moe, bias)
-        out, counts, dropped = dispatch(tokens, routing, self._expert, self.moe.experts,
-                                        expert_capacity(self.moe, tokens.shape[0]))
+        # capacity applies in training only: evaluation and generation run dropless, as
+        # Mixtral and DeepSeek serve (a token's output must not depend on its batch)
+        capacity = expert_capacity(self.moe, tokens.shape[0]) if self.training else None
+        out, counts, dropped = dispatch(tokens, routing, self._expert, self.moe.experts, capacity)
         if self.shared is not None:
             out = out + swiglu(tokens, self.shared.w_gate, self.shared.w_up, self.shared.w_down)
         out = x + out.view_as(x)

@@ -38,12 +38,20 @@ TABLE = [
     Weight("layers.{i}.mlp.w_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", 0),  # (ffn, hidden)
     Weight("layers.{i}.mlp.w_up.weight", "model.layers.{i}.mlp.up_proj.weight", 0),  # (ffn, hidden)
     Weight("layers.{i}.mlp.w_down.weight", "model.layers.{i}.mlp.down_proj.weight", 1),  # (hidden, ffn)
-    # MoE layers (model.moe; launcher/model/moe.py): experts stacked along dim 0. No Hugging
-    # Face name: Mixtral keeps one tensor per expert (export and import refuse MoE for now).
-    Weight("layers.{i}.mlp.router.weight", "", None),  # (experts, hidden)
-    Weight("layers.{i}.mlp.experts.w_gate", "", None),  # (experts, moe.ffn, hidden)
-    Weight("layers.{i}.mlp.experts.w_up", "", None),  # (experts, moe.ffn, hidden)
-    Weight("layers.{i}.mlp.experts.w_down", "", None),  # (experts, hidden, moe.ffn)
+    # MoE layers (model.moe; launcher/model/moe.py), as Mixtral names them. Our experts are
+    # stacked along dim 0 (experts.w_gate: (experts, moe.ffn, hidden)); Mixtral keeps one tensor
+    # per expert {j}: `experts.{j}.w_gate` is our stacked tensor's row j (`stacked_expert`).
+    Weight("layers.{i}.mlp.router.weight", "model.layers.{i}.block_sparse_moe.gate.weight", None),  # (experts, hidden)
+    Weight("layers.{i}.mlp.experts.{j}.w_gate", "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+           None),  # (moe.ffn, hidden)
+    Weight("layers.{i}.mlp.experts.{j}.w_down", "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
+           None),  # (hidden, moe.ffn)
+    Weight("layers.{i}.mlp.experts.{j}.w_up", "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+           None),  # (moe.ffn, hidden)
+    Weight("layers.{i}.mlp.experts.w_gate", "", None),  # the stacked tensors themselves
+    Weight("layers.{i}.mlp.experts.w_up", "", None),
+    Weight("layers.{i}.mlp.experts.w_down", "", None),
+    # DeepSeekMoE's shared experts: no transformers architecture holds them (refused on export)
     Weight("layers.{i}.mlp.shared.w_gate", "", None),  # (shared_experts * moe.ffn, hidden)
     Weight("layers.{i}.mlp.shared.w_up", "", None),  # (shared_experts * moe.ffn, hidden)
     Weight("layers.{i}.mlp.shared.w_down", "", None),  # (hidden, shared_experts * moe.ffn)
@@ -53,31 +61,51 @@ TABLE = [
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+    escaped = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{j}"), r"(?P<j>\d+)")
+    return re.compile("^" + escaped + "$")
 
 
 _BY_OURS = [(_pattern(w.ours), w) for w in TABLE]
 _BY_HF = [(_pattern(w.hf), w) for w in TABLE if w.hf]
 
 
-def _lookup(name: str, patterns) -> tuple[Weight, Optional[str]]:
+def _lookup(name: str, patterns) -> tuple[Weight, dict]:
     for pattern, weight in patterns:
         match = pattern.match(name)
         if match:
-            return weight, (match.group(1) if match.groups() else None)
+            return weight, match.groupdict()
     raise KeyError(f"{name}: not a Llama weight name (launcher/model/weights.py TABLE)")
 
 
 def to_hf(ours: str) -> str:
     """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    weight, i = _lookup(ours, _BY_OURS)
-    return weight.hf.format(i=i)
+    weight, index = _lookup(ours, _BY_OURS)
+    if not weight.hf:
+        raise KeyError(f"{ours}: no Hugging Face name (launcher/model/weights.py TABLE)")
+    return weight.hf.format(**index)
 
 
 def from_hf(hf: str) -> str:
     """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'."""
-    weight, i = _lookup(hf, _BY_HF)
-    return weight.ours.format(i=i)
+    weight, index = _lookup(hf, _BY_HF)
+    return weight.ours.format(**index)
+
+
+_EXPERT_ROW = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w_gate|w_up|w_down)$")
+
+
+def stacked_expert(ours: str) -> Optional[tuple[str, int]]:
+    """'layers.3.mlp.experts.5.w_up' -> ('layers.3.mlp.experts.w_up', 5): one expert's row of
+    the stacked tensor; None for any other name."""
+    match = _EXPERT_ROW.match(ours)
+    return (f"{match.group(1)}.{match.group(3)}", int(match.group(2))) if match else None
+
+
+def expert_rows(stacked: str, experts: int) -> list[str]:
+    """'layers.3.mlp.experts.w_up' -> ['layers.3.mlp.experts.0.w_up', ...]: the per-expert
+    names Mixtral's files use, in row order."""
+    head, leaf = stacked.rsplit(".", 1)
+    return [f"{head}.{j}.{leaf}" for j in range(experts)]
 
 
 def tp_dim(ours: str) -> Optional[int]:
@@ -93,15 +121,32 @@ def weights(model: ModelConfig) -> list[tuple[str, str]]:
         if w.ours == "embed.weight":
             out.append((w.ours, w.hf))
             for i in range(model.layers):
-                out += [(t.ours.format(i=i), t.hf.format(i=i)) for t in TABLE if "{i}" in t.ours]
+                out += _layer_weights(model, i)
         elif not (w.ours == "head.weight" and model.tie_embeddings):
             out.append((w.ours, w.hf))
+    return out
+
+
+def _layer_weights(model: ModelConfig, i: int) -> list[tuple[str, str]]:
+    """(ours, hf) of layer i: attention, then the dense MLP's or the MoE's (per expert)."""
+    moe = model.moe is not None and i >= model.moe.first_dense
+    out = []
+    for t in TABLE:
+        if "{i}" not in t.ours or not t.hf:
+            continue
+        is_moe = ".router." in t.ours or ".experts." in t.ours
+        if ".mlp." not in t.ours or t.ours.endswith("mlp.norm.weight") or is_moe == moe:
+            experts = range(model.moe.experts) if "{j}" in t.ours else [None]
+            out += [(t.ours.format(i=i, j=j), t.hf.format(i=i, j=j)) for j in experts]
     return out
 
 
 def full_shape(model: ModelConfig, ours: str, vocab: Optional[int] = None) -> tuple[int, ...]:
     """Shape of the full tensor; `vocab` (default model.vocab) for the embedding and head rows."""
     h, kv_dim = model.hidden, model.n_kv_heads * model.head_dim
+    row = stacked_expert(ours)
+    if row is not None:  # one expert of a stacked tensor
+        return full_shape(model, row[0])[1:]
     if ".mlp.router." in ours or ".mlp.experts." in ours or ".mlp.shared." in ours:
         moe = model.moe
         e, f, width = moe.experts, moe.ffn, moe.shared_experts * moe.ffn
