@@ -116,7 +116,7 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
         qkvo = e * bs * (2 * h + 2 * kv_dim) // tp
         return norm + qkvo + (0 if recompute == "selective" else lse)
     if kind in ("mlp", "moe"):
-        return norm + (4 * e * bs * model.ffn // tp if kind == "mlp" else moe_activation_bytes(model, micro_batch, e))
+        return norm + (4 * e * bs * model.ffn // tp if kind == "mlp" else moe_activation_bytes(model, micro_batch, e) // tp)
     if kind == "norm":
         return 4 * brh + e * brh + 4 * b * r
     if kind == "head":
@@ -125,7 +125,8 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
 
 
 def moe_activation_bytes(model: ModelShape, micro_batch: int, dtype_bytes: int) -> int:
-    """An MoE item's activations past its norm (launcher/model/moe.py, dropless, tp 1), with
+    """An MoE item's activations past its norm (launcher/model/moe.py, dropless; with tp each
+    rank routes 1/tp of the tokens: the caller divides), with
     n = b s tokens, k = top_k, E experts, f = expert ffn, S f the shared width: the router
     logits and fp32 scores and probabilities (e n E + 8 n E), the chosen experts and their
     sort (int64: 8 n k x 4), the tokens gathered in expert order (e n k h), each assignment's
@@ -169,7 +170,7 @@ def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes
         "norm": (h, h, 0),
         "head": (head_matmul, head_matmul // tp, 6 * head_matmul),
     }
-    if _moe(model) is not None:  # tp 1 (launcher/config/checks.py): FLOPs from the active parameters
+    if _moe(model) is not None:  # experts whole on every tp rank; FLOPs from the active parameters
         total, active = moe_params(model)
         table["moe"] = (total + h, total + h, 6 * active)
     if model.tie_embeddings:  # the head reuses the embedding's weight (counted once, in embed)

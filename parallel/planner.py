@@ -69,12 +69,15 @@ RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least reco
 # parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
 # Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
 # sequence parallelism (H floats each) are left out.
-TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (1, 1), "norm": (0, 0), "head": (0, 1)}
+# An MoE item (launcher/model/moe.py) splits its tokens over tp: it all-gathers its output
+# forward and its input gradient backward, half an all-reduce each; its expert gradients are
+# all-reduced over tp per micro-batch (`stage_costs`).
+TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (0.5, 0.5), "norm": (0, 0), "head": (0, 1)}
 # With it: embed reduce-scatters forward (its gradient all-gathered back); a block
 # all-gathers its input and reduce-scatters its output forward; backward all-gathers the
 # output gradient, all-gathers the saved input shard again and reduce-scatters the input
 # gradient; the head all-gathers its input forward, and backward as a block input.
-SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "moe": (1, 1.5), "norm": (0, 0), "head": (0.5, 1)}
+SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "moe": (0, 0), "norm": (0, 0), "head": (0.5, 1)}
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
         items = costs[parts[s]:parts[s + 1]]
         flops = 0.0
         reduces = 0.0
+        moe_grads = sum(it.params_per_rank * e for it in items if it.kind == "moe")  # all-reduced over tp
         for it in items:
             flops += it.flops_per_token
             if c.recompute == "full":
@@ -272,7 +276,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
             fwd, bwd = collectives[it.kind]
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
         compute = flops * tokens_mb / (lay.tp * flops_rate)
-        return compute, _ring(lay.tp, act, tp_bw) * reduces
+        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw)
 
     per_stage = [stage_costs(s) for s in range(lay.pp)]
     compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])

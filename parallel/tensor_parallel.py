@@ -130,12 +130,14 @@ def block_output(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return _ReduceScatterSequence.apply(y, tp) if tp.splits_sequence else _ReduceFromTP.apply(y, tp)
 
 
-def sum_grad_over_tp(param: nn.Parameter, tp: TensorParallel) -> None:
+def sum_grad_over_tp(param: nn.Parameter, tp: TensorParallel, always: bool = False) -> None:
     """With sequence parallelism a replicated weight applied to sequence shards (the norms)
     gets a partial gradient on each tp rank: sum it over tp as it is produced (a hook on the
-    parameter, before accumulation, so gradient accumulation stays exact)."""
-    if tp.splits_sequence:
+    parameter, before accumulation, so gradient accumulation stays exact). `always`: a
+    weight applied to sequence shards whether or not the residual stream is split (MoE)."""
+    if tp.splits_sequence or (always and tp.size > 1):
         param.register_hook(lambda grad: _all_reduce(grad.contiguous(), tp))
+
 
 
 class _ColumnParallel(torch.autograd.Function):

@@ -24,6 +24,10 @@ BENCHES = sorted(path for path in (REPO / "bench").glob("*.py") if not path.name
 # figure line it must print (or several, all of which must match). A new bench script fails
 # below until it has an entry.
 SMOKE = {
+    # a 2-layer model of hidden 64, one repeat: the table and the dispatch share
+    "moe.py": (["--hidden", "64", "--layers", "2", "--expert-ffn", "32", "--seq", "32", "--batch", "2",
+                "--repeats", "1"],
+               [r"^\| moe \| [\d.]+M \| [\d,]+ \| \d\.\d{3} \|$", r"^dispatch share of one dropless MoE .*: \d+%$"]),
     # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
     "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
                    r"^per-worker ratio, --workers \d+: \d+\.\d{2}$"),

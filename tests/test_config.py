@@ -227,7 +227,7 @@ def test_config_names_a_shipped_config_from_any_directory(tmp_path, monkeypatch)
     assert config_path("llama_7b") == REPO / "configs" / "llama_7b.yaml"
     assert load_config("llama_7b").model.layers == 32
     with pytest.raises(ConfigError, match=r"^--config: file not found: llama_9b \(or the name of a shipped config: "
-                                          r"default, .*llama_7b\)$"):
+                                          r"deepseek_moe_16b, default, .*llama_7b, mixtral_8x7b\)$"):
         config_path("llama_9b")
     with pytest.raises(ConfigError, match=r"is a directory, not a YAML file"):
         config_path(REPO / "configs")

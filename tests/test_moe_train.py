@@ -8,7 +8,7 @@ from launch import losses, python_cmd, read_metrics, run_cli, torchrun_cmd, trai
 # A small MoE: the first layer dense, two MoE layers (4 experts, top 2, one shared expert).
 MOE = ["model.layers=3", "model.hidden=32", "model.heads=2", "model.ffn=64", "model.seq_len=32",
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.ffn=16", "model.moe.shared_experts=1",
-       "model.moe.first_dense=1", "parallel.tensor=1", "parallel.global_batch=4", "parallel.micro_batch=1",
+       "model.moe.first_dense=1", "parallel.global_batch=4", "parallel.micro_batch=1",
        "precision.dtype=fp32", "train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
 BIAS = ["model.moe.router=sigmoid", "model.moe.balance=bias", "model.moe.bias_rate=0.01"]
 
@@ -17,19 +17,21 @@ BIAS = ["model.moe.router=sigmoid", "model.moe.balance=bias", "model.moe.bias_ra
 def single(tmp_path_factory):
     """One process, 6 steps: the reference."""
     run = tmp_path_factory.mktemp("moe_single")
-    return train(python_cmd(), run, *MOE, "parallel.pipeline=1", "train.steps=6", "checkpoint.every=0")
+    return train(python_cmd(), run, *MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=6",
+                 "checkpoint.every=0")
 
 
 @pytest.fixture(scope="module")
 def pp2_dp2(tmp_path_factory):
-    """pipeline 2 x data 2 with ZeRO 1, 6 steps, checkpoints at steps 3 and 6."""
-    run = tmp_path_factory.mktemp("moe_pp2dp2")
-    metrics = train(torchrun_cmd(4), run, *MOE, "train.steps=6", "parallel.pipeline=2", "zero.stage=1",
-                    "checkpoint.every=3", "checkpoint.keep_last=2")
+    """tensor 2 (each tp rank routes half the tokens) x pipeline 2 x data 2 with ZeRO 1, 6
+    steps, checkpoints at steps 3 and 6."""
+    run = tmp_path_factory.mktemp("moe_tp2pp2dp2")
+    metrics = train(torchrun_cmd(8), run, *MOE, "train.steps=6", "parallel.tensor=2", "parallel.pipeline=2",
+                    "zero.stage=1", "parallel.sequence_parallel=false", "checkpoint.every=3", "checkpoint.keep_last=2")
     return run, metrics
 
 
-def test_pipeline_data_zero1_match_single_process(single, pp2_dp2):
+def test_tensor_pipeline_data_zero1_match_single_process(single, pp2_dp2):
     _, metrics = pp2_dp2
     assert losses(metrics) == pytest.approx(losses(single), abs=1e-5)
     for got, expected in zip(metrics, single):  # the routing figures, summed over every rank
@@ -39,12 +41,12 @@ def test_pipeline_data_zero1_match_single_process(single, pp2_dp2):
 
 
 def test_resume_on_another_layout_continues_the_single_run(single, pp2_dp2, tmp_path):
-    """pp 2 x dp 2 with ZeRO 1 at step 3 -> one process: steps 4-6 as the single run's."""
+    """tp 2 x pp 2 x dp 2 with ZeRO 1 at step 3 -> one process: steps 4-6 as the single run's."""
     saved, _ = pp2_dp2
     checkpoint = next((saved / "checkpoints").glob("step-00000003"))
     resumed = tmp_path / "resumed"
-    result = run_cli(python_cmd(), resumed, *MOE, "parallel.pipeline=1", "train.steps=6", "checkpoint.every=0",
-                     f"checkpoint.resume={checkpoint}")
+    result = run_cli(python_cmd(), resumed, *MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=6",
+                     "checkpoint.every=0", f"checkpoint.resume={checkpoint}")
     assert "resharded" in result.stdout + result.stderr
     metrics = read_metrics(resumed)
     assert [m["step"] for m in metrics] == [4, 5, 6]
@@ -52,19 +54,21 @@ def test_resume_on_another_layout_continues_the_single_run(single, pp2_dp2, tmp_
 
 
 def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):
-    """balance=bias: the biases move from counts summed over all ranks, identically, so two
-    stages (with full recomputation, whose replayed forward must not count twice) give one
-    process's losses; the biases are checkpointed: two stages at step 2 -> one process."""
-    one = train(python_cmd(), tmp_path / "one", *MOE, *BIAS, "parallel.pipeline=1", "train.steps=4",
-                "checkpoint.every=0")
-    two = train(torchrun_cmd(2), tmp_path / "two", *MOE, *BIAS, "train.steps=4", "parallel.pipeline=2",
-                "checkpoint.every=2", "parallel.activation_checkpointing=full")
+    """balance=bias: the biases move from counts summed over all ranks, identically, so
+    tp 2 with sequence parallelism x two stages (with full recomputation, whose replayed
+    forward must not count twice) give one process's losses; the biases are checkpointed:
+    that layout at step 2 -> one process."""
+    one = train(python_cmd(), tmp_path / "one", *MOE, *BIAS, "parallel.tensor=1", "parallel.pipeline=1",
+                "train.steps=4", "checkpoint.every=0")
+    two = train(torchrun_cmd(4), tmp_path / "two", *MOE, *BIAS, "train.steps=4", "parallel.tensor=2",
+                "parallel.sequence_parallel=true", "parallel.pipeline=2", "checkpoint.every=2",
+                "parallel.activation_checkpointing=full")
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     for got, expected in zip(two, one):
         assert got["moe.2.bias_spread"] == pytest.approx(expected["moe.2.bias_spread"], abs=1e-7)
     assert one[-1]["moe.2.bias_spread"] > 0
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000002"
-    resumed = train(python_cmd(), tmp_path / "resumed", *MOE, *BIAS, "parallel.pipeline=1", "train.steps=4",
-                    "checkpoint.every=0", f"checkpoint.resume={checkpoint}")
+    resumed = train(python_cmd(), tmp_path / "resumed", *MOE, *BIAS, "parallel.tensor=1", "parallel.pipeline=1",
+                    "train.steps=4", "checkpoint.every=0", f"checkpoint.resume={checkpoint}")
     assert losses(resumed) == pytest.approx(losses(one)[2:], abs=1e-5)
     assert resumed[-1]["moe.2.bias_spread"] == pytest.approx(one[-1]["moe.2.bias_spread"], abs=1e-7)

@@ -137,9 +137,12 @@ def _check_moe(cfg: Config) -> None:
         if moe.capacity_factor > moe.experts:
             raise ConfigError("model.moe.capacity_factor", f"{moe.capacity_factor:g} is more than "
                               f"model.moe.experts={moe.experts}: past that no token can be dropped (use null)")
-    if p.tensor != "auto" and p.tensor > 1:
-        raise ConfigError("parallel.tensor", f"{p.tensor} with model.moe: MoE layers are not tensor-parallel yet "
-                          "(use parallel.tensor=1; pipeline and data parallelism compose)")
+    if cfg.precision.dtype == "fp16" and moe.balance == "aux_loss":
+        raise ConfigError("precision.dtype", "fp16 with model.moe.balance=aux_loss: the aux loss's gradient does not "
+                          "carry fp16's dynamic loss scale; use bf16 or fp32, or balance=bias")
+    if p.tensor != "auto" and p.tensor > 1 and cfg.model.seq_len != "auto" and cfg.model.seq_len % p.tensor:
+        raise ConfigError("parallel.tensor", f"{p.tensor} with model.moe: model.seq_len={cfg.model.seq_len} is not "
+                          "divisible by it (each tensor rank routes seq_len / tensor positions)")
 
 
 def _check_parallel(cfg: Config) -> None:

@@ -41,7 +41,8 @@ from torch import nn
 from launcher.config.schema import ModelConfig, MoEConfig
 from launcher.model.documents import Segments, carry_segments
 from launcher.model.layers import BlockOptions, RMSNorm, _maybe_compile, _recomputed
-from parallel.tensor_parallel import NO_TP, TensorParallel, init_shard, scaled_init_std
+from parallel.tensor_parallel import NO_TP, TensorParallel, init_shard, scaled_init_std, sum_grad_over_tp
+from parallel.token_split import gather_sequence, shard_sequence
 
 
 def moe_layers(model: ModelConfig) -> list[int]:
@@ -74,12 +75,18 @@ def route(logits: torch.Tensor, moe: MoEConfig, bias: Optional[torch.Tensor] = N
     return Routing(experts, weights, probs)
 
 
-def aux_loss(routing: Routing, experts: int, coef: float) -> torch.Tensor:
+def aux_loss(routing: Routing, experts: int, coef: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
     """coef x E x sum_e f_e P_e: f_e the share of assignments routed to e (no gradient), P_e
-    the mean probability of e over the tokens (the gradient flows through it)."""
+    the mean probability of e over the tokens (the gradient flows through it). With tp the
+    micro-batch's tokens are split over the tp ranks: f_e is summed over them (one small
+    all-reduce) and each rank returns its tokens' part of the sum over P_e, so the parts add
+    up to the micro-batch's loss and each part's gradient is that loss's on those tokens."""
     counts = torch.bincount(routing.experts.reshape(-1), minlength=experts).float()
-    share = counts / routing.experts.numel()
-    return coef * experts * (share * routing.probs.mean(0)).sum()
+    tokens = routing.probs.shape[0] * tp.size
+    if tp.size > 1:
+        dist.all_reduce(counts, group=tp.group)
+    share = counts / (tokens * routing.experts.shape[1])
+    return coef * experts * (share * routing.probs.sum(0) / tokens).sum()
 
 
 class _AuxLossGrad(torch.autograd.Function):
@@ -143,13 +150,16 @@ class MoEState:
         self.dropped, self.aux, self.micro = (torch.zeros(n, dtype=torch.float64, device=self.bias.device)
                                               for _ in range(3))
 
-    def record(self, layer: int, counts: torch.Tensor, dropped: torch.Tensor, aux: Optional[torch.Tensor]) -> None:
+    def record(self, layer: int, counts: torch.Tensor, dropped: torch.Tensor, aux: Optional[torch.Tensor],
+               share: float = 1.0) -> None:
+        """One micro-batch's figures on this rank; `share`: the part of the micro-batch's
+        tokens it routed (1 / tp: the tp ranks split them)."""
         r = self.row(layer)
         self.counts[r] += counts.to(self.counts)
         self.dropped[r] += dropped.to(self.dropped)
         if aux is not None:
             self.aux[r] += aux.detach().to(self.aux)
-        self.micro[r] += 1
+        self.micro[r] += share
 
     def after_step(self, group=None) -> dict:
         """Collective over `group` (every rank of the run: each layer lives on one pipeline
@@ -244,9 +254,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: Optional[int], layer: int,
                  options: BlockOptions = BlockOptions(), state: Optional[MoEState] = None):
         super().__init__()
-        assert tp.size == 1, "MoE layers are not tensor-parallel (launcher/config/checks.py refuses it)"
         moe, h = cfg.moe, cfg.hidden
-        self.moe, self.layer, self.options, self.state = moe, layer, options, state
+        self.moe, self.layer, self.options, self.state, self.tp = moe, layer, options, state, tp
         p = f"layers.{layer}.mlp"
         self.norm = RMSNorm(h, cfg.norm_eps, f"{p}.norm.weight", NO_TP)
         out_std = scaled_init_std(cfg.init_std, cfg.layers)
@@ -258,11 +267,21 @@ class MoE(nn.Module):
         self.shared = _holder(seed, f"{p}.shared", w_gate=((width, h), cfg.init_std),
                               w_up=((width, h), cfg.init_std), w_down=((h, width), out_std)) if width else None
         self._normed = _maybe_compile(self.norm.forward, options)
+        for param in self.parameters():  # each tp rank routes its own tokens: partial gradients
+            sum_grad_over_tp(param, tp, always=True)
 
     def forward(self, x):
         return carry_segments(self._moe, x)
 
     def _moe(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """With tp the experts are whole on every tp rank and the tokens are split: with
+        sequence parallelism the residual stream already is, else each rank takes its T/tp
+        positions here and the outputs are gathered again (one all-gather)."""
+        if self.tp.splits_sequence:
+            return self._local(x)
+        return gather_sequence(self._local(shard_sequence(x, self.tp)), self.tp)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
         h = _recomputed(self._normed, x) if self.options.recompute == "selective" else self._normed(x)
         tokens = h.reshape(-1, h.shape[-1])
         bias = None
@@ -278,11 +297,11 @@ class MoE(nn.Module):
         out = x + out.view_as(x)
         aux = None
         if self.moe.balance == "aux_loss" and self.training and torch.is_grad_enabled():
-            aux = aux_loss(routing, self.moe.experts, self.moe.aux_loss_coef)
+            aux = aux_loss(routing, self.moe.experts, self.moe.aux_loss_coef, self.tp)
             scale = self.state.aux_grad_scale if self.state is not None else 1.0
             out = _AuxLossGrad.apply(out, aux, scale)
         if self.state is not None and self.training and not _in_backward():
-            self.state.record(self.layer, counts, dropped, aux)
+            self.state.record(self.layer, counts, dropped, aux, share=1.0 / self.tp.size)
         return out
 
     def _expert(self, e: int, tokens: torch.Tensor) -> torch.Tensor:

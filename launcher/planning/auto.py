@@ -60,8 +60,7 @@ def workload(cfg: Config, dtype: str) -> Workload:
 
 def _pinned(cfg: Config) -> Pinned:
     p = cfg.parallel
-    auto_tp = 1 if cfg.model.moe is not None else None  # MoE layers are not tensor-parallel yet
-    return Pinned(tp=auto_tp if p.tensor == "auto" else p.tensor,
+    return Pinned(tp=None if p.tensor == "auto" else p.tensor,
                   pp=None if p.pipeline == "auto" else p.pipeline,
                   micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
                   recompute=(None if p.activation_checkpointing == "auto"

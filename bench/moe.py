@@ -1,0 +1,128 @@
+"""MoE against dense, side by side: tokens/s of an MoE model against a dense model with the
+same active parameters, and what the dropless dispatch costs.
+
+    python bench/moe.py [--hidden 256] [--layers 4] [--experts 8] [--top-k 2] [--expert-ffn 256]
+                        [--shared 0] [--seq 256] [--batch 4] [--repeats 5]
+
+One process, the device at hand (CUDA when visible, else CPU), fp32, forward + backward of
+the launcher's own model (launcher.model: LlamaModel from layer_specs, as training builds it
+at pipeline 1, tensor 1) on the same random batch:
+
+    dense   model.ffn = top_k x expert_ffn + shared x expert_ffn: the FFN matmuls one token
+            goes through in the MoE (the router's E x H is the only extra active weight)
+    moe     the MoE, dropless
+    moe cf1 the MoE with capacity_factor 1.0 (tokens past an expert's even share dropped)
+
+Runs alternate (dense, moe, moe cf1, then again) so machine noise hits all; a row's figure
+is the median over repeats. `dispatch share` is the part of one MoE layer's forward +
+backward spent outside the experts' own matmuls (routing, sort, gather, weighted scatter):
+1 - (the experts alone on the same token counts) / (the whole layer). Expert parallelism is
+not built yet, so there is no all-to-all to measure against the planner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.config.schema import ModelConfig, MoEConfig  # noqa: E402
+from launcher.ds import choose_deepspeed_accelerator  # noqa: E402
+from launcher.model.llama import LlamaModel, layer_specs  # noqa: E402
+from launcher.model.moe import MoE, MoEState, route, swiglu  # noqa: E402
+from parallel.tensor_parallel import NO_TP  # noqa: E402
+
+
+def _model(cfg: ModelConfig, device) -> LlamaModel:
+    return LlamaModel(layer_specs(cfg, NO_TP, seed=0, moe_state=MoEState.build(cfg, device))).to(device).train()
+
+
+def _time(fn, device, reps: int = 3) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def _step(model, ids):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(ids).float().square().mean().backward()
+    return run
+
+
+def _dispatch_share(cfg: ModelConfig, ids_shape, device) -> float:
+    """One MoE layer: the whole layer's forward + backward against its experts' matmuls alone."""
+    layer = MoE(cfg, NO_TP, seed=0, layer=cfg.moe.first_dense).to(device).train()
+    x = torch.randn(*ids_shape, cfg.hidden, device=device, requires_grad=True)
+
+    def whole():
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+
+    with torch.no_grad():
+        h = layer.norm(x).reshape(-1, cfg.hidden)
+        counts = torch.bincount(route(h @ layer.router.weight.T, cfg.moe).experts.reshape(-1),
+                                minlength=cfg.moe.experts).tolist()
+    chunks = [torch.randn(n, cfg.hidden, device=device) for n in counts]
+    w = layer.experts
+
+    def experts_only():
+        layer.zero_grad(set_to_none=True)
+        sum(swiglu(c, w.w_gate[e], w.w_up[e], w.w_down[e]).square().sum() for e, c in enumerate(chunks) if len(c)
+            ).backward()
+
+    return 1.0 - _time(experts_only, device) / _time(whole, device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("hidden", 256), ("layers", 4), ("experts", 8), ("top-k", 2), ("expert-ffn", 256),
+                          ("shared", 0), ("seq", 256), ("batch", 4), ("repeats", 5)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args(argv)
+    choose_deepspeed_accelerator()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    shape = dict(layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64), vocab=256,
+                 seq_len=args.seq)
+    active_ffn = (args.top_k + args.shared) * args.expert_ffn
+    moe = MoEConfig(experts=args.experts, top_k=args.top_k, shared_experts=args.shared, ffn=args.expert_ffn)
+    configs = {"dense": ModelConfig(**shape, ffn=active_ffn),
+               "moe": ModelConfig(**shape, ffn=active_ffn, moe=moe),
+               "moe cf1": ModelConfig(**shape, ffn=active_ffn, moe=MoEConfig(**{**moe.__dict__, "capacity_factor": 1.0}))}
+    models = {name: _model(cfg, device) for name, cfg in configs.items()}
+    ids = torch.randint(0, 256, (args.batch, args.seq), device=device)
+    tokens = args.batch * args.seq
+    times = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            times[name].append(_time(_step(model, ids), device))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"device {device}, fp32, {args.layers} layers, hidden {args.hidden}, {args.batch} x {args.seq} tokens; "
+          f"MoE top {args.top_k} of {args.experts} experts of ffn {args.expert_ffn} + {args.shared} shared; dense ffn "
+          f"{active_ffn} (the same active FFN parameters); median of {args.repeats} alternating repeats")
+    print("| model | params | tokens/s (fwd+bwd) | vs dense |")
+    print("|---|---|---|---|")
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {params / 1e6:.2f}M | {tokens / median[name]:,.0f} | {median['dense'] / median[name]:.3f} |")
+    share = _dispatch_share(configs["moe"], (args.batch, args.seq), device)
+    print(f"dispatch share of one dropless MoE layer's forward + backward (routing, sort, gather, scatter): "
+          f"{100 * share:.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
