@@ -2,7 +2,8 @@
 
 Reads metrics.jsonl (after a restart, the records of the attempt that came later count) and writes PNGs:
 loss.png (train and validation), lr.png, throughput.png (tokens/s) and, when the run
-recorded it, mfu.png; each marks the steps where the run resumed from a checkpoint.
+recorded them, mfu.png and expert_load.png (an MoE model's busiest expert over the mean,
+per MoE layer); each marks the steps where the run resumed from a checkpoint.
 With --compare the runs are overlaid (default output: <first run>/report-compare).
 """
 

@@ -2,8 +2,11 @@
 ZeRO 1 gives the single process's per-step losses, the balancing state (the aux loss's
 gradient, the bias and its updates) included, and a checkpoint resumes on another layout."""
 
+import subprocess
+import sys
+
 import pytest
-from launch import losses, python_cmd, read_metrics, run_cli, torchrun_cmd, train
+from launch import WORKDIR, base_env, losses, python_cmd, read_metrics, run_cli, torchrun_cmd, train
 
 # A small MoE: the first layer dense, two MoE layers (4 experts, top 2, one shared expert).
 MOE = ["model.layers=3", "model.hidden=32", "model.heads=2", "model.ffn=64", "model.seq_len=32",
@@ -38,6 +41,19 @@ def test_tensor_pipeline_data_zero1_match_single_process(single, pp2_dp2):
         for key in ("moe.1.load_max_over_mean", "moe.2.aux_loss", "moe.2.dropped_fraction"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), key
     assert single[-1]["moe.1.load_max_over_mean"] >= 1.0
+
+
+def test_report_draws_expert_load_per_layer(pp2_dp2, tmp_path):
+    run, _ = pp2_dp2
+    result = subprocess.run([sys.executable, "-m", "launcher.report", str(run), "--out", str(tmp_path / "report")],
+                            cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report" / "expert_load.png").stat().st_size > 0
+    from launcher.metrics.plots import build_figures
+
+    lines = build_figures([run])["expert_load.png"].axes[0].get_lines()
+    assert {line.get_label() for line in lines} == {"layer 1", "layer 2"}
+    assert all(min(line.get_ydata()) >= 1.0 for line in lines)
 
 
 def test_resume_on_another_layout_continues_the_single_run(single, pp2_dp2, tmp_path):

@@ -1,10 +1,13 @@
 """Figures of one or several runs from their metrics.jsonl: loss (train and validation), lr,
-throughput and, when recorded, MFU; each marks the steps where a run resumed from a checkpoint.
+throughput and, when recorded, MFU and an MoE model's expert load (the busiest expert's
+tokens over the mean, one line per MoE layer); each marks the steps where a run resumed
+from a checkpoint.
 `python -m launcher.report` writes them as PNG files.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -28,10 +31,22 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[int]]:
     return records, [step for step in starts if step > 0]  # an attempt from a checkpoint
 
 
+EXPERT_LOAD = re.compile(r"^moe\.(\d+)\.load_max_over_mean$")
+
+
+def _panels(runs: dict) -> list:
+    """PANELS, and expert_load.png with a series per MoE layer when the runs recorded one."""
+    layers = sorted({int(m.group(1)) for records, _ in runs.values() for r in records for k in r
+                     for m in [EXPERT_LOAD.match(k)] if m})
+    load = [("expert_load.png", "expert load (max / mean tokens)",
+             [(f"moe.{i}.load_max_over_mean", f"layer {i}") for i in layers])] if layers else []
+    return PANELS + load
+
+
 def build_figures(run_dirs: list[Path]) -> dict[str, plt.Figure]:
     runs = {d: load_run(d) for d in run_dirs}
     figures = {}
-    for filename, ylabel, series in PANELS:
+    for filename, ylabel, series in _panels(runs):
         if not any(key in r for records, _ in runs.values() for r in records for key, _ in series):
             continue  # e.g. no MFU on CPU runs
         fig, ax = plt.subplots(figsize=(8, 4.5))

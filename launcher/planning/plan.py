@@ -69,7 +69,10 @@ def moe_line(m) -> str:
     balance = {"aux_loss": f"aux loss x {e.aux_loss_coef:g}", "bias": f"bias, rate {e.bias_rate:g}",
                "none": "none"}[e.balance]
     drops = "dropless" if e.capacity_factor is None else f"capacity factor {e.capacity_factor:g}"
-    return (f"moe        {total / 1e9:.3f}B params, {active / 1e9:.3f}B active per token: layers "
+    def size(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    return (f"moe        {size(total)} params, {size(active)} active per token: layers "
             f"{e.first_dense}-{m.layers - 1} route to {e.top_k} of {e.experts} experts (ffn {e.ffn}) + "
             f"{e.shared_experts} shared, {e.router} router, balance {balance}, {drops}, expert parallel 1")
 
