@@ -102,7 +102,7 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
     kv_dim = model.n_kv_heads * model.head_dim
     r = s // tp if sequence_parallel and tp > 1 else s  # residual-stream positions on this rank
     bs, brh = b * s, b * r * h
-    if recompute == "selective" and kind in ("attn", "mlp"):
+    if recompute == "selective" and kind in ("attn", "mlp", "moe"):
         norm = 2 * e * brh  # the checkpoint's input and the norm's output
     else:
         norm = 4 * brh + 2 * e * brh + 4 * b * r  # fp32 input, 1/rms, x_hat, x_hat * g

@@ -314,15 +314,16 @@ def _saved_bytes(model, ids, persistent) -> int:
     return sum(seen.values())
 
 
-def _activations(rank, world_size, dtype_name, recompute, micro_batch, sequence_parallel=False):
-    """(measured, predicted) bytes saved for backward by one micro-batch on this tp rank."""
+def _activations(rank, world_size, dtype_name, recompute, micro_batch, sequence_parallel=False, extra=()):
+    """(measured, predicted) bytes saved for backward by one micro-batch on this tp rank;
+    `extra`: overrides of the default config (an MoE model)."""
     from launcher.cli import DEFAULT_CONFIG
     from launcher.model.attention import Attention
     from launcher.model.layers import BlockOptions
     from launcher.model.llama import LlamaModel, LossFn, layer_specs
     from parallel.tensor_parallel import TensorParallel
 
-    cfg = load_config(str(DEFAULT_CONFIG), [f"parallel.tensor={world_size}", "parallel.pipeline=1"])
+    cfg = load_config(str(DEFAULT_CONFIG), [f"parallel.tensor={world_size}", "parallel.pipeline=1", *extra])
     tp = TensorParallel(torch.distributed.group.WORLD if world_size > 1 else None, rank, world_size,
                         sequence_parallel=sequence_parallel)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -365,6 +366,23 @@ def test_activation_bytes_saved_for_backward_match_the_formula(dtype, recompute)
     measured, predicted = _activations(0, 1, dtype, recompute, 2)
     print(f"\ntp 1 {dtype} recompute {recompute}: saved {measured:,} bytes, formula {predicted:,}")
     assert abs(measured - predicted) <= 0.10 * predicted
+
+
+MOE = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.ffn=64", "model.moe.shared_experts=1",
+       "model.moe.first_dense=1", "model.moe.balance=bias")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_moe_activation_bytes_saved_for_backward_match_the_formula(dtype, recompute):
+    """The three MoE items against the same model dense: what the MoE adds, measured and by formula."""
+    measured, predicted = _activations(0, 1, dtype, recompute, 2, extra=MOE)
+    dense, dense_predicted = _activations(0, 1, dtype, recompute, 2)
+    added, added_predicted = measured - dense, predicted - dense_predicted
+    print(f"\nMoE tp 1 {dtype} recompute {recompute}: saved {measured:,} bytes, formula {predicted:,}; "
+          f"over the dense model {added:,}, formula {added_predicted:,}")
+    assert abs(measured - predicted) <= 0.10 * predicted
+    assert added > 0 and abs(added - added_predicted) <= 0.15 * added
 
 
 def test_activation_bytes_saved_for_backward_match_the_formula_at_tp2():
