@@ -20,9 +20,10 @@ def _model(**moe) -> ModelConfig:
 
 def _reference(layer: MoE, x: torch.Tensor, bias=None) -> torch.Tensor:
     """Token by token: each token's top_k experts by (score + bias), weighted by its
-    normalised scores; every expert's tokens in sequence order up to its capacity."""
+    normalised scores; every expert's tokens in position-major order (position 0 of every
+    sequence, then 1, ...) up to its capacity."""
     moe = layer.moe
-    tokens = layer.norm(x).reshape(-1, x.shape[-1])
+    tokens = layer.norm(x).transpose(0, 1).reshape(-1, x.shape[-1])
     capacity = math.inf if moe.capacity_factor is None else math.ceil(
         moe.capacity_factor * tokens.shape[0] * moe.top_k / moe.experts)
     taken = [0] * moe.experts
@@ -42,7 +43,7 @@ def _reference(layer: MoE, x: torch.Tensor, bias=None) -> torch.Tensor:
         if layer.shared is not None:
             s = layer.shared
             out[t] += s.w_down @ (F.silu(s.w_gate @ h) * (s.w_up @ h))
-    return x + out.view_as(x)
+    return x + out.view(x.shape[1], x.shape[0], -1).transpose(0, 1)
 
 
 @pytest.mark.parametrize("moe", [
@@ -125,3 +126,25 @@ def test_bias_moves_against_the_load_identically_from_counts():
     other = MoEState.build(cfg)
     other.load_state_dict(saved)
     assert torch.equal(other.bias, state.bias)
+
+
+def test_experts_backward_equals_autograd_with_empty_experts():
+    """The hand-written backward of the experts (one autograd node) against autograd through
+    a plain per-expert loop, with an expert that gets no token."""
+    from launcher.model.moe import _Experts, swiglu
+
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(4, 8, 16, generator=gen), torch.randn(4, 8, 16, generator=gen),
+               torch.randn(4, 16, 8, generator=gen)]
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 16, generator=gen)
+    grad = torch.randn(10, 16, generator=gen)
+    ours = [t.clone().requires_grad_() for t in (x, *weights)]
+    _Experts.apply(ours[0], counts, *ours[1:]).backward(grad)
+    plain = [t.clone().requires_grad_() for t in (x, *weights)]
+    chunks = plain[0].split(counts)
+    torch.cat([swiglu(c, plain[1][e], plain[2][e], plain[3][e]) for e, c in enumerate(chunks)]).backward(grad)
+    for a, b in zip(ours, plain):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours[1].grad[1], torch.zeros(8, 16))  # the expert without tokens
+

@@ -13,7 +13,8 @@ MOE = ["model.layers=3", "model.hidden=32", "model.heads=2", "model.ffn=64", "mo
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.ffn=16", "model.moe.shared_experts=1",
        "model.moe.first_dense=1", "parallel.global_batch=4", "parallel.micro_batch=1",
        "precision.dtype=fp32", "train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
-BIAS = ["model.moe.router=sigmoid", "model.moe.balance=bias", "model.moe.bias_rate=0.01"]
+BIAS = ["model.moe.router=sigmoid", "model.moe.balance=bias", "model.moe.bias_rate=0.01",
+        "model.moe.capacity_factor=1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,11 @@ def test_resume_on_another_layout_continues_the_single_run(single, pp2_dp2, tmp_
 
 
 def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):
-    """balance=bias: the biases move from counts summed over all ranks, identically, so
-    tp 2 with sequence parallelism x two stages (with full recomputation, whose replayed
-    forward must not count twice) give one process's losses; the biases are checkpointed:
-    that layout at step 2 -> one process."""
+    """balance=bias with a capacity: the biases move from counts summed over all ranks,
+    identically, and each tp rank's capacity counts the assignments of the positions before
+    its own, so tp 2 with sequence parallelism x two stages (with full recomputation, whose
+    replayed forward must not count twice) give one process's losses and drops; the biases
+    are checkpointed: that layout at step 2 -> one process."""
     one = train(python_cmd(), tmp_path / "one", *MOE, *BIAS, "parallel.tensor=1", "parallel.pipeline=1",
                 "train.steps=4", "checkpoint.every=0")
     two = train(torchrun_cmd(4), tmp_path / "two", *MOE, *BIAS, "train.steps=4", "parallel.tensor=2",
@@ -81,8 +83,9 @@ def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):
                 "parallel.activation_checkpointing=full")
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     for got, expected in zip(two, one):
-        assert got["moe.2.bias_spread"] == pytest.approx(expected["moe.2.bias_spread"], abs=1e-7)
-    assert one[-1]["moe.2.bias_spread"] > 0
+        for key in ("moe.2.bias_spread", "moe.1.dropped_fraction", "moe.2.dropped_fraction"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-7), key
+    assert one[-1]["moe.2.bias_spread"] > 0 and max(m["moe.1.dropped_fraction"] for m in one) > 0
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000002"
     resumed = train(python_cmd(), tmp_path / "resumed", *MOE, *BIAS, "parallel.tensor=1", "parallel.pipeline=1",
                     "train.steps=4", "checkpoint.every=0", f"checkpoint.resume={checkpoint}")

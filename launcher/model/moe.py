@@ -9,8 +9,9 @@ SwiGLU over their concatenated hidden units). Routing runs in fp32 whatever the 
 
 Dispatch is dropless by default: the tokens are sorted by expert (a stable sort, so each
 expert sees its tokens in sequence order) and each expert runs on its contiguous slice. With
-`capacity_factor` (in training only), an expert keeps its first ceil(cf x tokens x top_k / experts) assignments of
-the micro-batch and drops the rest (their weight is not renormalised over the survivors).
+`capacity_factor` (in training only), an expert keeps its first ceil(cf x tokens x top_k /
+experts) assignments of the micro-batch, in position-major order, and drops the rest (their
+weight is not renormalised over the survivors); the same on any layout.
 
 Balancing never travels between pipeline stages:
 - `aux_loss`: the Switch/GShard loss coef x E x sum_e f_e P_e (f_e: the share of this
@@ -109,6 +110,50 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
+class _Experts(torch.autograd.Function):
+    """Every expert's SwiGLU on its contiguous slice of the sorted tokens, as ONE autograd
+    node whose backward returns whole (E, ..) gradients of the stacked weights (zero rows for
+    experts without tokens). Written by hand because with one node per expert the graph's
+    shape, and so the order in which parameter gradients become ready, would depend on the
+    routing: tp ranks routing different tokens would then run their gradient hooks' all-reduces
+    (and ZeRO its buckets) in different orders. Here the order is the same on every rank."""
+
+    @staticmethod
+    def forward(ctx, x, counts: list, w_gate, w_up, w_down):
+        gates, ups, outs = [], [], []
+        for e, chunk in enumerate(x.split(counts)):
+            gates.append(F.linear(chunk, w_gate[e]))
+            ups.append(F.linear(chunk, w_up[e]))
+            outs.append(F.linear(F.silu(gates[-1]) * ups[-1], w_down[e]))
+        ctx.counts = counts
+        gate, up = torch.cat(gates), torch.cat(ups)
+        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        grads = [torch.zeros_like(w) for w in (w_gate, w_up, w_down)]
+        grad_x = torch.empty_like(x)
+        at = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            rows = slice(at, at + n)
+            at += n
+            g, u, gy, xe = gate[rows], up[rows], grad_y[rows], x[rows]
+            sig = torch.sigmoid(g)
+            act = g * sig  # silu(g)
+            grads[2][e] = gy.t() @ (act * u)  # w_down: (H, f)
+            grad_a = gy @ w_down[e]  # (n, f)
+            grad_u = grad_a * act
+            grad_g = grad_a * u * sig * (1 + g * (1 - sig))  # silu'(g)
+            grads[0][e] = grad_g.t() @ xe
+            grads[1][e] = grad_u.t() @ xe
+            grad_x[rows] = grad_g @ w_gate[e] + grad_u @ w_up[e]
+        return grad_x, None, *grads
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: a recomputed forward (activation
     checkpointing replays the item's forward inside backward) must not count its tokens twice.
@@ -199,12 +244,13 @@ class MoEState:
         self.bias.copy_(saved["bias"])
 
 
-def dispatch(h: torch.Tensor, routing: Routing, expert_fn, experts: int,
-             capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sum_k weight_tk * expert_fn(e_tk, h_t) for the N tokens h (N, H): tokens sorted by expert
-    (stable: sequence order within each), one call of expert_fn(e, tokens) per expert that
-    has tokens. With `capacity`, each expert keeps its first `capacity` assignments.
-    Returns (out (N, H), counts per expert before drops (E,), dropped assignments ())."""
+def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, experts: int, capacity: Optional[int] = None,
+             earlier: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
+    `weights` (w_gate, w_up, w_down): tokens sorted by expert (stable: token order within
+    each), each expert run on its contiguous slice (`_Experts`). With `capacity`, each expert keeps its first `capacity` assignments, counting
+    `earlier` (E,) assignments made before these tokens (by the tp ranks holding earlier
+    positions). Returns (out (N, H), counts per expert before drops (E,), dropped ())."""
     top_k = routing.experts.shape[1]
     flat = routing.experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -213,19 +259,29 @@ def dispatch(h: torch.Tensor, routing: Routing, expert_fn, experts: int,
     weight = routing.weights.reshape(-1)[order]
     dropped = torch.zeros((), dtype=torch.int64, device=h.device)
     if capacity is not None:
+        earlier = torch.zeros_like(counts) if earlier is None else earlier
         starts = torch.cumsum(counts, 0) - counts
-        position = torch.arange(flat.numel(), device=h.device) - starts.repeat_interleave(counts)
+        position = torch.arange(flat.numel(), device=h.device) - (starts - earlier).repeat_interleave(counts)
         keep = position < capacity
         dropped = (~keep).sum()
         token, weight = token[keep], weight[keep]
-        kept_counts = counts.clamp(max=capacity)
+        kept_counts = torch.minimum((capacity - earlier).clamp(min=0), counts)
     else:
         kept_counts = counts
-    sorted_h = h[token]
-    outputs = [expert_fn(e, chunk) for e, chunk in enumerate(sorted_h.split(kept_counts.tolist())) if chunk.shape[0]]
-    y = torch.cat(outputs) if outputs else sorted_h.new_zeros(0, h.shape[1])
+    y = _Experts.apply(h[token], kept_counts.tolist(), *weights)
     out = torch.zeros_like(h).index_add_(0, token, (y.float() * weight[:, None]).to(h.dtype))
     return out, counts, dropped
+
+
+def _earlier_assignments(routing: Routing, experts: int, tp: TensorParallel) -> Optional[torch.Tensor]:
+    """Per expert, the assignments the lower tp ranks (earlier positions) made in this
+    micro-batch: one all-gather of E counts, so capacity drops do not depend on tp."""
+    if tp.size == 1:
+        return None
+    counts = torch.bincount(routing.experts.reshape(-1), minlength=experts)
+    every = [torch.empty_like(counts) for _ in range(tp.size)]
+    dist.all_gather(every, counts, group=tp.group)
+    return sum(every[:tp.rank], torch.zeros_like(counts))
 
 
 def expert_capacity(moe: MoEConfig, tokens: int) -> Optional[int]:
@@ -282,19 +338,25 @@ class MoE(nn.Module):
         return gather_sequence(self._local(shard_sequence(x, self.tp)), self.tp)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's positions (B, T/tp, H), routed as tokens in position-major order (every
+        sequence's position 0, then 1, ...): the order in which a capacity keeps assignments,
+        which the tp ranks' contiguous position blocks continue exactly."""
         h = _recomputed(self._normed, x) if self.options.recompute == "selective" else self._normed(x)
-        tokens = h.reshape(-1, h.shape[-1])
+        tokens = h.transpose(0, 1).reshape(-1, h.shape[-1])
         bias = None
         if self.state is not None and self.moe.balance == "bias":
             bias = self.state.bias[self.state.row(self.layer)]
         routing = route(F.linear(tokens, self.router.weight), self.moe, bias)
         # capacity applies in training only: evaluation and generation run dropless, as
         # Mixtral and DeepSeek serve (a token's output must not depend on its batch)
-        capacity = expert_capacity(self.moe, tokens.shape[0]) if self.training else None
-        out, counts, dropped = dispatch(tokens, routing, self._expert, self.moe.experts, capacity)
+        capacity = expert_capacity(self.moe, tokens.shape[0] * self.tp.size) if self.training else None
+        earlier = _earlier_assignments(routing, self.moe.experts, self.tp) if capacity is not None else None
+        w = self.experts
+        out, counts, dropped = dispatch(tokens, routing, (w.w_gate, w.w_up, w.w_down), self.moe.experts, capacity,
+                                        earlier)
         if self.shared is not None:
             out = out + swiglu(tokens, self.shared.w_gate, self.shared.w_up, self.shared.w_down)
-        out = x + out.view_as(x)
+        out = x + out.view(h.shape[1], h.shape[0], -1).transpose(0, 1)
         aux = None
         if self.moe.balance == "aux_loss" and self.training and torch.is_grad_enabled():
             aux = aux_loss(routing, self.moe.experts, self.moe.aux_loss_coef, self.tp)
@@ -303,7 +365,3 @@ class MoE(nn.Module):
         if self.state is not None and self.training and not _in_backward():
             self.state.record(self.layer, counts, dropped, aux, share=1.0 / self.tp.size)
         return out
-
-    def _expert(self, e: int, tokens: torch.Tensor) -> torch.Tensor:
-        w = self.experts
-        return swiglu(tokens, w.w_gate[e], w.w_up[e], w.w_down[e])
