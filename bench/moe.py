@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launcher.config.schema import ModelConfig, MoEConfig  # noqa: E402
 from launcher.ds import choose_deepspeed_accelerator  # noqa: E402
 from launcher.model.llama import LlamaModel, layer_specs  # noqa: E402
-from launcher.model.moe import MoE, MoEState, route, swiglu  # noqa: E402
+from launcher.model.experts import swiglu  # noqa: E402
+from launcher.model.moe import MoE, MoEState, route  # noqa: E402
 from parallel.tensor_parallel import NO_TP  # noqa: E402
 
 

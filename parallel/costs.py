@@ -126,27 +126,47 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
 
 def moe_activation_bytes(model: ModelShape, micro_batch: int, dtype_bytes: int) -> int:
     """An MoE item's activations past its norm (launcher/model/moe.py, dropless; with tp each
-    rank routes 1/tp of the tokens: the caller divides), with
-    n = b s tokens, k = top_k, E experts, f = expert ffn, S f the shared width: the router
-    logits and fp32 scores and probabilities (e n E + 8 n E), the chosen experts and their
-    sort (int64: 8 n k x 4), the tokens gathered in expert order (e n k h), each assignment's
-    gate|up, silu and product (4 e n k f) and expert output (e n k h, plus its fp32 weighted
-    copy 4 n k h), the shared experts' 4 e n S f."""
+    rank routes 1/tp of the tokens: the caller divides), as autograd keeps them, with n = b s
+    tokens, k = top_k, E experts, f = expert ffn, S f the shared width: the fp32 routing
+    scores and top-k sums (4 n E + 4 n), the chosen experts, their sort and the kept
+    positions (int64) with their fp32 weights (32 n k), the tokens gathered in expert order and
+    the experts' output (2 e n k h, the one autograd node of the experts keeps its input and
+    gate and up: 2 e n k f), the output's fp32 copy that the weights multiply (4 n k h), and
+    the shared experts' 4 e n S f."""
     moe, n, e, h = model.moe, micro_batch * model.seq_len, dtype_bytes, model.hidden
-    k, experts = moe.top_k, moe.experts
-    router = e * n * experts + 8 * n * experts
-    routed = 32 * n * k + 2 * e * n * k * h + 4 * n * k * h + 4 * e * n * k * moe.ffn
+    k = moe.top_k
+    router = 4 * n * moe.experts + 4 * n
+    routed = 32 * n * k + 2 * e * n * k * h + 4 * n * k * h + 2 * e * n * k * moe.ffn
     return router + routed + 4 * e * n * moe.shared_experts * moe.ffn
 
 
-def moe_params(model: ModelShape) -> tuple[int, int]:
-    """(total, active per token) matmul parameters of one MoE item: the router, every routed
-    expert (top_k of them active) and the shared experts."""
+def moe_params(model: ModelShape, tp: int = 1) -> tuple[int, int, int]:
+    """(total, active per token, on one tp rank) matmul parameters of one MoE item: the
+    router, every routed expert (top_k of them active; E/tp of them on a tp rank: expert
+    parallelism over the tp ranks) and the shared experts."""
     moe, h = model.moe, model.hidden
     expert = 3 * h * moe.ffn
     shared = moe.shared_experts * expert
     router = moe.experts * h
-    return router + moe.experts * expert + shared, router + moe.top_k * expert + shared
+    return (router + moe.experts * expert + shared, router + moe.top_k * expert + shared,
+            router + moe.experts // tp * expert + shared)
+
+
+def replicated_moe_params(model: ModelShape) -> int:
+    """An MoE item's weights that every tp rank holds whole: router, shared experts, norm."""
+    moe = model.moe
+    return moe.experts * model.hidden + 3 * model.hidden * moe.ffn * moe.shared_experts + model.hidden
+
+
+def moe_all_to_all_bytes(model: ModelShape, tp: int, tokens: int, dtype_bytes: int, full_recompute: bool) -> float:
+    """Bytes one rank sends to other ranks in one MoE item's all-to-alls per micro-batch of
+    `tokens` (expert parallelism over tp): its tokens / tp x top_k assignments of `hidden`
+    values, (tp - 1) / tp of them off-rank, there and back in forward and again in backward
+    (forward twice with full recomputation)."""
+    if tp <= 1:
+        return 0.0
+    payload = tokens / tp * model.moe.top_k * model.hidden * dtype_bytes * (tp - 1) / tp
+    return (6 if full_recompute else 4) * payload
 
 
 def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
@@ -170,9 +190,9 @@ def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes
         "norm": (h, h, 0),
         "head": (head_matmul, head_matmul // tp, 6 * head_matmul),
     }
-    if _moe(model) is not None:  # experts whole on every tp rank; FLOPs from the active parameters
-        total, active = moe_params(model)
-        table["moe"] = (total + h, total + h, 6 * active)
+    if _moe(model) is not None:  # the experts split over tp; FLOPs from the active parameters
+        total, active, per_rank = moe_params(model, tp)
+        table["moe"] = (total + h, per_rank + h, 6 * active)
     if model.tie_embeddings:  # the head reuses the embedding's weight (counted once, in embed)
         table["head"] = (0, 0, 6 * head_matmul)
     return [ItemCost(name, kind, *table[kind], act_bytes=act[kind]) for name, kind in pipeline_items(model)]
@@ -190,5 +210,5 @@ def parameter_counts(model: ModelShape) -> tuple[int, int]:
     total = sum(c.params for c in costs)
     if _moe(model) is None:
         return total, total
-    moe_total, moe_active = moe_params(model)
+    moe_total, moe_active, _ = moe_params(model)
     return total, total - sum(1 for c in costs if c.kind == "moe") * (moe_total - moe_active)

@@ -15,25 +15,22 @@ Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp
                      selective the attention core's forward (4*s*h per token per layer:
                      the scores and the weighted sum; the norms' recompute is negligible)
         tp         = collectives of b*s*h (x dtype), ring: 2(tp-1)/tp of it per rank for an
-                     all-reduce, (tp-1)/tp for an all-gather or a reduce-scatter, over
-                     NVLink (or the network when tp spans nodes). Per layer, without
-                     sequence parallelism: 2 forward and 2 backward all-reduces (one per
-                     column-parallel block input, q|k|v and gate|up fused; one per
-                     row-parallel output). With it each becomes a reduce-scatter + an
-                     all-gather (the same bytes), and backward gathers each block input's
-                     saved shard again: 1.5 all-reduces' worth per block in backward. Full
-                     recomputation repeats the forward ones; selective recomputes inside
-                     the blocks, between collectives (parallel/comm_bytes.py counts them)
+                     all-reduce, (tp-1)/tp for an all-gather or a reduce-scatter, over NVLink
+                     (or the network when tp spans nodes). Per layer, without sequence
+                     parallelism: 2 forward and 2 backward all-reduces (one per column-parallel
+                     block input, one per row-parallel output). With it each becomes a
+                     reduce-scatter + an all-gather, and backward gathers each block input's
+                     shard again: 1.5 all-reduces' worth per block. Full recomputation repeats
+                     the forward ones (parallel/comm_bytes.py counts them). An MoE item: the
+                     all-to-alls of its tokens (parallel.costs.moe_all_to_all_bytes)
         pipeline   = one activation forward and one gradient backward per micro-batch
                      (b*s/tp*h per rank with sequence parallelism: each sends its shard)
     pipeline       (m + p - 1) x t_mb           (1F1B: bubble (p-1)/(m+p-1))
-    data parallel  gradient reduction after the last micro-batch, not overlapped (DeepSpeed's
-                   pipeline engine and ZeRO 1/2 with overlap_comm off reduce at the end):
-                   all-reduce 2(dp-1)/dp x gradient bytes (ZeRO 0); reduce-scatter + the
-                   all-gather of updated weights (ZeRO 1/2); + two weight all-gathers per
-                   step (three under full recomputation) (ZeRO 3). Gradients travel in fp32
-                   for bf16 (the launcher's communication_data_type), 2 bytes under fp16/bf16
-                   compression, PowerSGD's rank-r factors under powersgd.
+    data parallel  gradient reduction after the last micro-batch, not overlapped: all-reduce
+                   2(dp-1)/dp x gradient bytes (ZeRO 0); reduce-scatter + the all-gather of
+                   updated weights (ZeRO 1/2); + two weight all-gathers per step (three under
+                   full recomputation) (ZeRO 3). Gradients travel in fp32 for bf16, 2 bytes
+                   under fp16/bf16 compression, PowerSGD's rank-r factors under powersgd.
     optimizer      state bytes read and written once, at HBM bandwidth
     offload        gradients down and weights up over PCIe, Adam on the host's memory
                    bandwidth shared by the node's GPUs
@@ -48,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
+from parallel.costs import moe_all_to_all_bytes, replicated_moe_params
 from parallel.hardware import GB, GIB, Hardware
 from parallel.layout import Layout, resolve_sequence_parallel
 from parallel.memory import (
@@ -69,9 +67,7 @@ RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least reco
 # parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
 # Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
 # sequence parallelism (H floats each) are left out.
-# An MoE item (launcher/model/moe.py) splits its tokens over tp: it all-gathers its output
-# forward and its input gradient backward, half an all-reduce each; its expert gradients are
-# all-reduced over tp per micro-batch (`stage_costs`).
+# MoE: all-gathers of its output and input gradient; all-to-alls in `stage_costs`.
 TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (0.5, 0.5), "norm": (0, 0), "head": (0, 1)}
 # With it: embed reduce-scatters forward (its gradient all-gathered back); a block
 # all-gathers its input and reduce-scatters its output forward; backward all-gathers the
@@ -266,7 +262,10 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
         items = costs[parts[s]:parts[s + 1]]
         flops = 0.0
         reduces = 0.0
-        moe_grads = sum(it.params_per_rank * e for it in items if it.kind == "moe")  # all-reduced over tp
+        moe_items = [it for it in items if it.kind == "moe"]
+        moe_grads = sum(replicated_moe_params(model) * e for _ in moe_items)  # all-reduced over tp
+        a2a = len(moe_items) * moe_all_to_all_bytes(model, lay.tp, tokens_mb, e, c.recompute == "full") / (
+            tp_bw * GB) if moe_items else 0.0
         for it in items:
             flops += it.flops_per_token
             if c.recompute == "full":
@@ -276,7 +275,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
             fwd, bwd = collectives[it.kind]
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
         compute = flops * tokens_mb / (lay.tp * flops_rate)
-        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw)
+        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw) + a2a
 
     per_stage = [stage_costs(s) for s in range(lay.pp)]
     compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])
@@ -310,8 +309,9 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
     """Every layout the launcher can run on this cluster; a value in `pinned` fixes that axis."""
     m, world = work.model, cluster.world
     tp, pp, micro_batch, zero = pinned.tp, pinned.pp, pinned.micro_batch, pinned.zero
+    experts = getattr(getattr(m, "moe", None), "experts", 0)  # MoE experts are split over tp (dense: 0)
     tps = [tp] if tp is not None else [t for t in _powers_of_two(cluster.gpus_per_node)
-                                       if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t)]
+                                       if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t or experts % t)]
     out = []
     for t in tps:
         if world % t:

@@ -52,11 +52,11 @@ def test_import_logits_equal_transformers(mixtral):
 
 
 def test_train_from_mixtral_export_and_generate(mixtral, tmp_path):
-    """init_from in pp 2, 2 steps, export: transformers' logits equal ours from the checkpoint;
+    """init_from in tp 2 (the experts split over the tp ranks) x pp 2, 2 steps, export: transformers' logits equal ours from the checkpoint;
     generate --hf reads the export."""
     run = tmp_path / "run"
-    train(torchrun_cmd(2), run, f"model.init_from={mixtral}", "data.tokenizer=byte", "model.seq_len=32",
-          "parallel.tensor=1", "parallel.pipeline=2", "parallel.global_batch=4", "precision.dtype=fp32",
+    train(torchrun_cmd(4), run, f"model.init_from={mixtral}", "data.tokenizer=byte", "model.seq_len=32",
+          "parallel.tensor=2", "parallel.pipeline=2", "parallel.global_batch=4", "precision.dtype=fp32",
           "train.steps=2", "schedule.warmup_steps=1", "train.eval_every=0", "train.log_every=1")
     out = tmp_path / "hf"
     export = subprocess.run([sys.executable, "-m", "launcher.export", "--checkpoint", str(run), "--out", str(out)],

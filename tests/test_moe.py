@@ -131,7 +131,7 @@ def test_bias_moves_against_the_load_identically_from_counts():
 def test_experts_backward_equals_autograd_with_empty_experts():
     """The hand-written backward of the experts (one autograd node) against autograd through
     a plain per-expert loop, with an expert that gets no token."""
-    from launcher.model.moe import _Experts, swiglu
+    from launcher.model.experts import _Experts, swiglu
 
     gen = torch.Generator().manual_seed(5)
     weights = [torch.randn(4, 8, 16, generator=gen), torch.randn(4, 8, 16, generator=gen),

@@ -375,14 +375,15 @@ MOE = ("model.moe.experts=4", "model.moe.top_k=2", "model.moe.ffn=64", "model.mo
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_moe_activation_bytes_saved_for_backward_match_the_formula(dtype, recompute):
-    """The three MoE items against the same model dense: what the MoE adds, measured and by formula."""
+    """The three MoE items against the same model dense: what the MoE changes (its experts are
+    smaller than the dense FFN: in fp32 it saves less), measured and by formula."""
     measured, predicted = _activations(0, 1, dtype, recompute, 2, extra=MOE)
     dense, dense_predicted = _activations(0, 1, dtype, recompute, 2)
     added, added_predicted = measured - dense, predicted - dense_predicted
     print(f"\nMoE tp 1 {dtype} recompute {recompute}: saved {measured:,} bytes, formula {predicted:,}; "
           f"over the dense model {added:,}, formula {added_predicted:,}")
     assert abs(measured - predicted) <= 0.10 * predicted
-    assert added > 0 and abs(added - added_predicted) <= 0.15 * added
+    assert added != 0 and abs(added - added_predicted) <= 0.05 * abs(added)
 
 
 def test_activation_bytes_saved_for_backward_match_the_formula_at_tp2():

@@ -119,9 +119,9 @@ class ParallelConfig:
     chosen at launch by the planner (python -m launcher.plan) for the world and device."""
     pipeline: Union[int, Literal["auto"]] = 1
     """Pipeline-parallel degree (pp). Outermost axis. `auto`: chosen by the planner."""
-    expert: Union[int, Literal["auto"]] = 1
-    """Expert-parallel degree (model.moe): experts sharded over this many data-parallel ranks.
-    Only 1 today (every data-parallel rank holds every expert); `auto` = 1."""
+    expert: Union[int, Literal["auto"]] = "auto"
+    """Expert-parallel degree (model.moe): the experts are split over the tensor ranks, so it
+    equals `tensor` (auto; 1 is accepted at tensor 1). docs/MOE.md has the rank layout."""
     data: Union[int, Literal["auto"]] = "auto"
     """Data-parallel degree (dp); `auto` = world_size / (tensor * pipeline)."""
     micro_batch: Union[int, Literal["auto"]] = 1

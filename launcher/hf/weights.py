@@ -136,9 +136,12 @@ def weights_source(directory: str) -> dict:
             "max_position_embeddings": config.get("max_position_embeddings")}
 
 
-def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: Path, key: str) -> torch.Tensor:
+def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: Path, key: str, tp_rank: int,
+                     tp_size: int) -> torch.Tensor:
+    """This tp rank's experts (rows tp_rank * E/tp onwards of the stack), one file tensor each."""
     rows = []
-    for ours in hf_names.expert_rows(param.logical_name, param.shape[0]):
+    local = param.shape[0]
+    for ours in hf_names.expert_rows(param.logical_name, local * tp_size)[tp_rank * local:(tp_rank + 1) * local]:
         hf = hf_names.to_hf(ours)
         if hf not in weights.shapes:
             raise ConfigError(key, f"{directory}: no tensor {hf} (the config needs it)")
@@ -160,7 +163,7 @@ def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_s
     copied = 0
     for param in module.parameters():
         if ".mlp.experts." in param.logical_name:  # stacked experts: one tensor per expert in the files
-            param.copy_(_stacked_experts(weights, param, directory, key))
+            param.copy_(_stacked_experts(weights, param, directory, key, tp_rank, tp_size))
             copied += param.numel()
             continue
         hf = hf_names.to_hf(param.logical_name)

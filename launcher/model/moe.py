@@ -30,7 +30,6 @@ the step's counters, which metrics.jsonl reports per layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from launcher.config.schema import ModelConfig, MoEConfig
 from launcher.model.documents import Segments, carry_segments
+from launcher.model.experts import Routing, dispatch, earlier_assignments, expert_capacity, swiglu
 from launcher.model.layers import BlockOptions, RMSNorm, _maybe_compile, _recomputed
 from parallel.tensor_parallel import NO_TP, TensorParallel, init_shard, scaled_init_std, sum_grad_over_tp
 from parallel.token_split import gather_sequence, shard_sequence
@@ -49,16 +49,6 @@ from parallel.token_split import gather_sequence, shard_sequence
 def moe_layers(model: ModelConfig) -> list[int]:
     """The indices of the layers whose feed-forward block is an MoE (after first_dense)."""
     return [] if model.moe is None else list(range(model.moe.first_dense, model.layers))
-
-
-@dataclass(frozen=True)
-class Routing:
-    """One micro-batch's routing of N tokens: the chosen experts (N, top_k), their weights
-    (N, top_k) and every expert's probability (N, E) (what the aux loss averages), in fp32."""
-
-    experts: torch.Tensor
-    weights: torch.Tensor
-    probs: torch.Tensor
 
 
 def route(logits: torch.Tensor, moe: MoEConfig, bias: Optional[torch.Tensor] = None) -> Routing:
@@ -104,54 +94,6 @@ class _AuxLossGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
-
-
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-
-
-class _Experts(torch.autograd.Function):
-    """Every expert's SwiGLU on its contiguous slice of the sorted tokens, as ONE autograd
-    node whose backward returns whole (E, ..) gradients of the stacked weights (zero rows for
-    experts without tokens). Written by hand because with one node per expert the graph's
-    shape, and so the order in which parameter gradients become ready, would depend on the
-    routing: tp ranks routing different tokens would then run their gradient hooks' all-reduces
-    (and ZeRO its buckets) in different orders. Here the order is the same on every rank."""
-
-    @staticmethod
-    def forward(ctx, x, counts: list, w_gate, w_up, w_down):
-        gates, ups, outs = [], [], []
-        for e, chunk in enumerate(x.split(counts)):
-            gates.append(F.linear(chunk, w_gate[e]))
-            ups.append(F.linear(chunk, w_up[e]))
-            outs.append(F.linear(F.silu(gates[-1]) * ups[-1], w_down[e]))
-        ctx.counts = counts
-        gate, up = torch.cat(gates), torch.cat(ups)
-        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
-        return torch.cat(outs)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
-        grads = [torch.zeros_like(w) for w in (w_gate, w_up, w_down)]
-        grad_x = torch.empty_like(x)
-        at = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            rows = slice(at, at + n)
-            at += n
-            g, u, gy, xe = gate[rows], up[rows], grad_y[rows], x[rows]
-            sig = torch.sigmoid(g)
-            act = g * sig  # silu(g)
-            grads[2][e] = gy.t() @ (act * u)  # w_down: (H, f)
-            grad_a = gy @ w_down[e]  # (n, f)
-            grad_u = grad_a * act
-            grad_g = grad_a * u * sig * (1 + g * (1 - sig))  # silu'(g)
-            grads[0][e] = grad_g.t() @ xe
-            grads[1][e] = grad_u.t() @ xe
-            grad_x[rows] = grad_g @ w_gate[e] + grad_u @ w_up[e]
-        return grad_x, None, *grads
 
 
 def _in_backward() -> bool:
@@ -244,60 +186,18 @@ class MoEState:
         self.bias.copy_(saved["bias"])
 
 
-def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, experts: int, capacity: Optional[int] = None,
-             earlier: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
-    `weights` (w_gate, w_up, w_down): tokens sorted by expert (stable: token order within
-    each), each expert run on its contiguous slice (`_Experts`). With `capacity`, each expert keeps its first `capacity` assignments, counting
-    `earlier` (E,) assignments made before these tokens (by the tp ranks holding earlier
-    positions). Returns (out (N, H), counts per expert before drops (E,), dropped ())."""
-    top_k = routing.experts.shape[1]
-    flat = routing.experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    token = order // top_k
-    weight = routing.weights.reshape(-1)[order]
-    dropped = torch.zeros((), dtype=torch.int64, device=h.device)
-    if capacity is not None:
-        earlier = torch.zeros_like(counts) if earlier is None else earlier
-        starts = torch.cumsum(counts, 0) - counts
-        position = torch.arange(flat.numel(), device=h.device) - (starts - earlier).repeat_interleave(counts)
-        keep = position < capacity
-        dropped = (~keep).sum()
-        token, weight = token[keep], weight[keep]
-        kept_counts = torch.minimum((capacity - earlier).clamp(min=0), counts)
-    else:
-        kept_counts = counts
-    y = _Experts.apply(h[token], kept_counts.tolist(), *weights)
-    out = torch.zeros_like(h).index_add_(0, token, (y.float() * weight[:, None]).to(h.dtype))
-    return out, counts, dropped
-
-
-def _earlier_assignments(routing: Routing, experts: int, tp: TensorParallel) -> Optional[torch.Tensor]:
-    """Per expert, the assignments the lower tp ranks (earlier positions) made in this
-    micro-batch: one all-gather of E counts, so capacity drops do not depend on tp."""
-    if tp.size == 1:
-        return None
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=experts)
-    every = [torch.empty_like(counts) for _ in range(tp.size)]
-    dist.all_gather(every, counts, group=tp.group)
-    return sum(every[:tp.rank], torch.zeros_like(counts))
-
-
-def expert_capacity(moe: MoEConfig, tokens: int) -> Optional[int]:
-    if moe.capacity_factor is None:
-        return None
-    return math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.experts)
-
-
-def _holder(seed: Optional[int], prefix: str, **shapes) -> nn.Module:
+def _holder(seed: Optional[int], prefix: str, tp: TensorParallel = NO_TP, **shapes) -> nn.Module:
     """A module holding parameters `prefix.<key>` (full shape, init std) for state-dict keys
-    that read as the weight table's names (launcher/model/weights.py)."""
+    that read as the weight table's names (launcher/model/weights.py); with `tp`, each split
+    along dim 0 (the experts) over the tp ranks, else whole on every rank."""
     holder = nn.Module()
+    dim = 0 if tp.size > 1 else None
     for key, (shape, std) in shapes.items():
-        param = nn.Parameter(init_shard(shape, std, seed, f"{prefix}.{key}", None, NO_TP))
-        param.tp_shard_dim = None
+        param = nn.Parameter(init_shard(shape, std, seed, f"{prefix}.{key}", dim, tp))
+        param.tp_shard_dim = dim
         param.logical_name = f"{prefix}.{key}"
+        if dim is not None:
+            param.tensor_model_parallel = True  # counted on every rank in the grad norm
         holder.register_parameter(key, param)
     return holder
 
@@ -317,14 +217,15 @@ class MoE(nn.Module):
         out_std = scaled_init_std(cfg.init_std, cfg.layers)
         e, f = moe.experts, moe.ffn
         self.router = _holder(seed, f"{p}.router", weight=((e, h), cfg.init_std))
-        self.experts = _holder(seed, f"{p}.experts", w_gate=((e, f, h), cfg.init_std),
+        self.experts = _holder(seed, f"{p}.experts", tp, w_gate=((e, f, h), cfg.init_std),
                                w_up=((e, f, h), cfg.init_std), w_down=((e, h, f), out_std))
         width = moe.shared_experts * f
         self.shared = _holder(seed, f"{p}.shared", w_gate=((width, h), cfg.init_std),
                               w_up=((width, h), cfg.init_std), w_down=((h, width), out_std)) if width else None
         self._normed = _maybe_compile(self.norm.forward, options)
         for param in self.parameters():  # each tp rank routes its own tokens: partial gradients
-            sum_grad_over_tp(param, tp, always=True)
+            if param.tp_shard_dim is None:  # an expert's is whole on its own rank (all-to-all backward)
+                sum_grad_over_tp(param, tp, always=True)
 
     def forward(self, x):
         return carry_segments(self._moe, x)
@@ -350,10 +251,10 @@ class MoE(nn.Module):
         # capacity applies in training only: evaluation and generation run dropless, as
         # Mixtral and DeepSeek serve (a token's output must not depend on its batch)
         capacity = expert_capacity(self.moe, tokens.shape[0] * self.tp.size) if self.training else None
-        earlier = _earlier_assignments(routing, self.moe.experts, self.tp) if capacity is not None else None
+        earlier = earlier_assignments(routing, self.moe.experts, self.tp) if capacity is not None else None
         w = self.experts
         out, counts, dropped = dispatch(tokens, routing, (w.w_gate, w.w_up, w.w_down), self.moe.experts, capacity,
-                                        earlier)
+                                        earlier, self.tp)
         if self.shared is not None:
             out = out + swiglu(tokens, self.shared.w_gate, self.shared.w_up, self.shared.w_down)
         out = x + out.view(h.shape[1], h.shape[0], -1).transpose(0, 1)

@@ -48,9 +48,10 @@ TABLE = [
            None),  # (hidden, moe.ffn)
     Weight("layers.{i}.mlp.experts.{j}.w_up", "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
            None),  # (moe.ffn, hidden)
-    Weight("layers.{i}.mlp.experts.w_gate", "", None),  # the stacked tensors themselves
-    Weight("layers.{i}.mlp.experts.w_up", "", None),
-    Weight("layers.{i}.mlp.experts.w_down", "", None),
+    # the stacked tensors themselves, split by experts over the tp ranks (expert parallelism)
+    Weight("layers.{i}.mlp.experts.w_gate", "", 0),
+    Weight("layers.{i}.mlp.experts.w_up", "", 0),
+    Weight("layers.{i}.mlp.experts.w_down", "", 0),
     # DeepSeekMoE's shared experts: no transformers architecture holds them (refused on export)
     Weight("layers.{i}.mlp.shared.w_gate", "", None),  # (shared_experts * moe.ffn, hidden)
     Weight("layers.{i}.mlp.shared.w_up", "", None),  # (shared_experts * moe.ffn, hidden)

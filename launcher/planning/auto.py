@@ -60,7 +60,9 @@ def workload(cfg: Config, dtype: str) -> Workload:
 
 def _pinned(cfg: Config) -> Pinned:
     p = cfg.parallel
-    return Pinned(tp=None if p.tensor == "auto" else p.tensor,
+    # an MoE model's expert degree is its tensor degree (launcher/config/checks.py)
+    expert_tp = p.expert if cfg.model.moe is not None and p.expert != "auto" else None
+    return Pinned(tp=expert_tp if p.tensor == "auto" else p.tensor,
                   pp=None if p.pipeline == "auto" else p.pipeline,
                   micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
                   recompute=(None if p.activation_checkpointing == "auto"
@@ -162,7 +164,7 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
     p = cfg.parallel
     auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
     if not auto:
-        return cfg, None
+        return with_expert_degree(cfg), None
     dtype = planned_dtype(cfg, device)
     best, kept = None, None
     if resume is not None and "auto" in (p.tensor, p.pipeline):
@@ -187,7 +189,7 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
         raise ConfigError(auto[0], f"auto: no layout of {world_size} ranks with zero.stage={cfg.zero.stage}{offload} "
                           f"fits {cluster.hardware.memory_gib:.1f} GiB per device ({cluster.hardware.name}){need}; "
                           "add nodes, or see python -m launcher.plan for other ZeRO stages and optimizer offload")
-    resolved = with_candidate(cfg, best.candidate)
+    resolved = with_expert_degree(with_candidate(cfg, best.candidate))
     check_config(resolved)
     return resolved, auto_choice(cfg, best, cluster, kept)
 
@@ -198,6 +200,16 @@ def with_candidate(cfg: Config, c: Candidate) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tensor=lay.tp, pipeline=lay.pp, micro_batch=lay.micro_batch,
         activation_checkpointing=c.recompute))
+
+
+def with_expert_degree(cfg: Config) -> Config:
+    """parallel.expert: auto -> the tensor degree (an MoE model's experts are split over the
+    tensor ranks), 1 for a dense model."""
+    p = cfg.parallel
+    if p.expert != "auto" or p.tensor == "auto":
+        return cfg
+    degree = p.tensor if cfg.model.moe is not None else 1
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, expert=degree))
 
 
 def config_estimate(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
