@@ -16,19 +16,27 @@ at pipeline 1, tensor 1) on the same random batch:
 Runs alternate (dense, moe, moe cf1, then again) so machine noise hits all; a row's figure
 is the median over repeats. `dispatch share` is the part of one MoE layer's forward +
 backward spent outside the experts' own matmuls (routing, sort, gather, weighted scatter):
-1 - (the experts alone on the same token counts) / (the whole layer). Expert parallelism is
-not built yet, so there is no all-to-all to measure against the planner.
+1 - (the experts alone on the same token counts) / (the whole layer).
+
+`all-to-all bytes`: one MoE layer's forward + backward with expert parallelism over 2 tp
+ranks (2 gloo processes, the same tokens): the bytes of hidden states each rank sent to the
+other rank, counted at torch.distributed.all_to_all_single, against the planner's
+`parallel.costs.moe_all_to_all_bytes` (which assumes evenly spread routing).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +45,8 @@ from launcher.ds import choose_deepspeed_accelerator  # noqa: E402
 from launcher.model.llama import LlamaModel, layer_specs  # noqa: E402
 from launcher.model.experts import swiglu  # noqa: E402
 from launcher.model.moe import MoE, MoEState, route  # noqa: E402
-from parallel.tensor_parallel import NO_TP  # noqa: E402
+from parallel.costs import moe_all_to_all_bytes  # noqa: E402
+from parallel.tensor_parallel import NO_TP, TensorParallel  # noqa: E402
 
 
 def _model(cfg: ModelConfig, device) -> LlamaModel:
@@ -87,6 +96,38 @@ def _dispatch_share(cfg: ModelConfig, ids_shape, device) -> float:
     return 1.0 - _time(experts_only, device) / _time(whole, device)
 
 
+def _count_all_to_all(rank: int, cfg: ModelConfig, shape, init: str, out) -> None:
+    """One rank of 2: the MoE layer with its experts split over the 2 ranks, forward +
+    backward on the same tokens; the hidden-state bytes this rank sent to the other."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    sent = [0]
+    original = dist.all_to_all_single
+
+    def counting(output, tensor, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if tensor.is_floating_point() and input_split_sizes:
+            row = tensor[0].numel() * tensor.element_size() if tensor.shape[0] else 0
+            sent[0] += sum(n for r, n in enumerate(input_split_sizes) if r != rank) * row
+        return original(output, tensor, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    dist.all_to_all_single = counting
+    layer = MoE(cfg, TensorParallel(dist.group.WORLD, rank, 2), seed=0, layer=0).train()
+    x = torch.randn(*shape, cfg.hidden, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    layer(x).square().mean().backward()
+    out.put((rank, sent[0]))
+    dist.destroy_process_group()
+
+
+def all_to_all_bytes(cfg: ModelConfig, shape) -> tuple[float, float]:
+    """(measured bytes sent off-rank per rank, mean of the 2 ranks; the planner's formula)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_count_all_to_all, args=(cfg, shape, f"file://{tmp}/store", queue), nprocs=2)
+    sent = [queue.get()[1] for _ in range(2)]
+    return sum(sent) / 2, moe_all_to_all_bytes(cfg, 2, shape[0] * shape[1], 4, full_recompute=False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("hidden", 256), ("layers", 4), ("experts", 8), ("top-k", 2), ("expert-ffn", 256),
@@ -122,6 +163,9 @@ def main(argv=None) -> int:
     share = _dispatch_share(configs["moe"], (args.batch, args.seq), device)
     print(f"dispatch share of one dropless MoE layer's forward + backward (routing, sort, gather, scatter): "
           f"{100 * share:.0f}%")
+    measured, predicted = all_to_all_bytes(configs["moe"], (args.batch, args.seq))
+    print(f"all-to-all bytes per rank, one MoE layer fwd+bwd, experts over 2 tp ranks: measured {measured:,.0f}, "
+          f"planner {predicted:,.0f} (ratio {measured / predicted:.3f})")
     return 0
 
 
