@@ -91,3 +91,18 @@ def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):
                     "train.steps=4", "checkpoint.every=0", f"checkpoint.resume={checkpoint}")
     assert losses(resumed) == pytest.approx(losses(one)[2:], abs=1e-5)
     assert resumed[-1]["moe.2.bias_spread"] == pytest.approx(one[-1]["moe.2.bias_spread"], abs=1e-7)
+
+
+def test_composes_with_powersgd_document_attention_and_async_checkpoints(tmp_path):
+    """dp 2 with PowerSGD (compressing from step 2), document attention and async
+    checkpoints: an MoE trains, and a resume from the step-2 checkpoint repeats steps 3-4 bit
+    for bit (the PowerSGD error feedback, the balancing state and the sampler restored)."""
+    args = [*MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=4", "compression.method=powersgd",
+            "compression.warmup_steps=1", "data.document_attention=true", "checkpoint.async=true",
+            "checkpoint.every=2"]
+    whole = train(torchrun_cmd(2), tmp_path / "whole", *args)
+    step2 = tmp_path / "whole" / "checkpoints" / "step-00000002"
+    resumed = train(torchrun_cmd(2), tmp_path / "resumed", *args, f"checkpoint.resume={step2}")
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert losses(resumed) == losses(whole)[2:]
+    assert all(m["moe.1.load_max_over_mean"] >= 1.0 for m in whole)
