@@ -87,8 +87,12 @@ healthy_nodes() {  # the allocation's nodes that run `true` as a job step within
 # With --no-kill, Slurm keeps the job when the node running this script dies: it drops that
 # node from the job and lets the rest sit idle until the time limit (measured: slurm/README.md).
 # A watchdog step on another node requeues the job once this node has left it.
+# It acts only on the attempt that started it, while that attempt runs: after a requeue the job
+# passes through COMPLETING with some nodes already released, which is no node failure.
 WATCHDOG='while sleep "$2"; do
-    list=$(scontrol show job "$SLURM_JOB_ID" -o | sed -n "s/.* NodeList=\([^ ]*\).*/\1/p")
+    job=$(scontrol show job "$SLURM_JOB_ID" -o)
+    [[ " $job " == *" JobState=RUNNING "* && " $job " == *" Restarts=$3 "* ]] || continue
+    list=$(sed -n "s/.* NodeList=\([^ ]*\).*/\1/p" <<< "$job")
     [ -z "$list" ] || scontrol show hostnames "$list" | grep -qx "$1" && continue
     scontrol requeue "$SLURM_JOB_ID" || scancel "$SLURM_JOB_ID"  # first: no srun may be left to print
     echo "[t=$(date +%s.%3N)] watchdog on $SLURMD_NODENAME: $1 (the batch script) left the job: requeued"
@@ -106,7 +110,7 @@ ensure_watchdog() {  # $@: the healthy nodes; (re)starts the watchdog on the fir
     for node in "$@"; do
         [ "$node" = "$batch_host" ] && continue
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --job-name=watchdog \
-            bash -c "$WATCHDOG" watchdog "$batch_host" "${WATCHDOG_INTERVAL:-10}" &
+            bash -c "$WATCHDOG" watchdog "$batch_host" "${WATCHDOG_INTERVAL:-10}" "$requeue_count" &
         watchdog=$! watchdog_node=$node
         return
     done
