@@ -83,8 +83,7 @@ def _dispatch_share(cfg: ModelConfig, ids_shape, device) -> float:
 
     with torch.no_grad():
         h = layer.norm(x).reshape(-1, cfg.hidden)
-        counts = torch.bincount(route(h @ layer.router.weight.T, cfg.moe).experts.reshape(-1),
-                                minlength=cfg.moe.experts).tolist()
+        counts = route(h @ layer.router.weight.T, cfg.moe).counts.tolist()
     chunks = [torch.randn(n, cfg.hidden, device=device) for n in counts]
     w = layer.experts
 

@@ -108,7 +108,7 @@ def test_aux_loss_enters_backward_scaled_like_the_loss():
     routing = route(F.linear(h, layer.router.weight), cfg.moe)
     state.aux_grad_scale = 1.0
     layer.moe = MoEConfig(**{**cfg.moe.__dict__, "balance": "none"})
-    total = layer(x).square().mean() + aux_loss(routing, cfg.moe.experts, cfg.moe.aux_loss_coef)
+    total = layer(x).square().mean() + aux_loss(routing, cfg.moe.aux_loss_coef)
     (total * 0.25).backward()
     for name, param in layer.named_parameters():
         assert torch.allclose(param.grad, got[name], atol=1e-7), name

@@ -21,11 +21,13 @@ from parallel.tensor_parallel import NO_TP, TensorParallel
 @dataclass(frozen=True)
 class Routing:
     """One micro-batch's routing of N tokens: the chosen experts (N, top_k), their weights
-    (N, top_k) and every expert's probability (N, E) (what the aux loss averages), in fp32."""
+    (N, top_k), every expert's probability (N, E) (what the aux loss averages), in fp32, and
+    the assignments per expert (E,), counted once for dispatch, capacity and the aux loss."""
 
     experts: torch.Tensor
     weights: torch.Tensor
     probs: torch.Tensor
+    counts: torch.Tensor
 
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -76,8 +78,7 @@ class _Experts(torch.autograd.Function):
         return grad_x, None, *grads
 
 
-def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, experts: int, capacity: Optional[int] = None,
-             earlier: Optional[torch.Tensor] = None,
+def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Optional[int] = None, earlier: Optional[torch.Tensor] = None,
              tp: TensorParallel = NO_TP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
     `weights` (w_gate, w_up, w_down): tokens sorted by expert (stable: token order within
@@ -89,7 +90,7 @@ def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, experts: int, ca
     top_k = routing.experts.shape[1]
     flat = routing.experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
+    counts = routing.counts
     token = order // top_k
     weight = routing.weights.reshape(-1)[order]
     dropped = torch.zeros((), dtype=torch.int64, device=h.device)
@@ -146,15 +147,14 @@ def _on_expert_ranks(x: torch.Tensor, counts: torch.Tensor, weights: tuple, tp: 
     return _AllToAll.apply(y[torch.argsort(by_expert)], to_each, from_each, tp)
 
 
-def earlier_assignments(routing: Routing, experts: int, tp: TensorParallel) -> Optional[torch.Tensor]:
+def earlier_assignments(routing: Routing, tp: TensorParallel) -> Optional[torch.Tensor]:
     """Per expert, the assignments the lower tp ranks (earlier positions) made in this
     micro-batch: one all-gather of E counts, so capacity drops do not depend on tp."""
     if tp.size == 1:
         return None
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=experts)
-    every = [torch.empty_like(counts) for _ in range(tp.size)]
-    dist.all_gather(every, counts, group=tp.group)
-    return sum(every[:tp.rank], torch.zeros_like(counts))
+    every = [torch.empty_like(routing.counts) for _ in range(tp.size)]
+    dist.all_gather(every, routing.counts, group=tp.group)
+    return sum(every[:tp.rank], torch.zeros_like(routing.counts))
 
 
 def expert_capacity(moe: MoEConfig, tokens: int) -> Optional[int]:

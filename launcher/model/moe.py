@@ -63,16 +63,17 @@ def route(logits: torch.Tensor, moe: MoEConfig, bias: Optional[torch.Tensor] = N
     picked = scores.gather(-1, experts)
     weights = picked / picked.sum(-1, keepdim=True)
     probs = scores if moe.router == "softmax" else scores / scores.sum(-1, keepdim=True)
-    return Routing(experts, weights, probs)
+    return Routing(experts, weights, probs, torch.bincount(experts.reshape(-1), minlength=moe.experts))
 
 
-def aux_loss(routing: Routing, experts: int, coef: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
+def aux_loss(routing: Routing, coef: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
     """coef x E x sum_e f_e P_e: f_e the share of assignments routed to e (no gradient), P_e
     the mean probability of e over the tokens (the gradient flows through it). With tp the
     micro-batch's tokens are split over the tp ranks: f_e is summed over them (one small
     all-reduce) and each rank returns its tokens' part of the sum over P_e, so the parts add
     up to the micro-batch's loss and each part's gradient is that loss's on those tokens."""
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=experts).float()
+    experts = routing.probs.shape[1]
+    counts = routing.counts.float()
     tokens = routing.probs.shape[0] * tp.size
     if tp.size > 1:
         dist.all_reduce(counts, group=tp.group)
@@ -251,16 +252,16 @@ class MoE(nn.Module):
         # capacity applies in training only: evaluation and generation run dropless, as
         # Mixtral and DeepSeek serve (a token's output must not depend on its batch)
         capacity = expert_capacity(self.moe, tokens.shape[0] * self.tp.size) if self.training else None
-        earlier = earlier_assignments(routing, self.moe.experts, self.tp) if capacity is not None else None
+        earlier = earlier_assignments(routing, self.tp) if capacity is not None else None
         w = self.experts
-        out, counts, dropped = dispatch(tokens, routing, (w.w_gate, w.w_up, w.w_down), self.moe.experts, capacity,
-                                        earlier, self.tp)
+        out, counts, dropped = dispatch(tokens, routing, (w.w_gate, w.w_up, w.w_down), capacity, earlier,
+                                        self.tp)
         if self.shared is not None:
             out = out + swiglu(tokens, self.shared.w_gate, self.shared.w_up, self.shared.w_down)
         out = x + out.view(h.shape[1], h.shape[0], -1).transpose(0, 1)
         aux = None
         if self.moe.balance == "aux_loss" and self.training and torch.is_grad_enabled():
-            aux = aux_loss(routing, self.moe.experts, self.moe.aux_loss_coef, self.tp)
+            aux = aux_loss(routing, self.moe.aux_loss_coef, self.tp)
             scale = self.state.aux_grad_scale if self.state is not None else 1.0
             out = _AuxLossGrad.apply(out, aux, scale)
         if self.state is not None and self.training and not _in_backward():

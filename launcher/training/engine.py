@@ -38,6 +38,7 @@ from launcher.model.layers import BlockOptions
 from launcher.model.llama import LlamaModel, LossFn, layer_specs
 from launcher.model.moe import MoEState
 from launcher.planning.plan import Plan
+from launcher.training.fast_start import skip_dynamo_import
 from launcher.training.optim import build_optimizer, build_scheduler
 from parallel.compression import PowerSGDReducer
 from parallel.costs import recompute_mode
@@ -173,6 +174,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     mark_grad_norm_owners(model, groups.coord.tp)
     if not cfg.model.compile:
         skip_compile_imports()
+        skip_dynamo_import()
     if cfg.logging.level != "debug":
         quiet_memory_reports()
     optimizer = build_optimizer(model, cfg.optimizer)

@@ -8,6 +8,7 @@ update that is four lines of tensor code.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -41,6 +42,21 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+# torch's Adam/AdamW step, without its `_use_grad_for_differentiable` wrapper: that wrapper
+# imports torch._dynamo on every call (for graph breaks that only mean something while dynamo
+# traces the step, which the launcher never does), ~1.4 s of CPU per rank at the first step.
+_ADAM_STEP = inspect.unwrap(torch.optim.Adam.step)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, the same update bit for bit (tests/test_fast_start.py), stepped under
+    no_grad as torch's wrapper does for a non-differentiable optimizer."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return _ADAM_STEP(self, closure)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (embeddings, projections); not norms' gains (1-D)."""
     decay, no_decay = [], []
@@ -54,7 +70,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, peak_lr: float, schedule: ScheduleConfig, total_steps: int) -> float:
