@@ -26,7 +26,8 @@ from launch import (
 )
 from launch import WORKDIR  # noqa: E402
 
-FAST = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
+BATCH = 8  # sequences per step: the smallest that dp 4 with micro_batch 2 takes
+FAST = ["train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2", f"parallel.global_batch={BATCH}"]
 SINGLE = ["parallel.tensor=1", "parallel.pipeline=1"]
 PP2_DP2 = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.data=2", "zero.stage=1"]
 
@@ -105,7 +106,7 @@ def test_sigkill_one_worker_torchrun_restarts_and_resumes_bit_exact(uninterrupte
     assert [m["step"] for m in ours] == list(range(1, 41))
     assert losses(ours) == losses(reference)  # bit for bit
     assert [m["grad_norm"] for m in ours] == [m["grad_norm"] for m in reference]
-    assert ours[-1]["tokens_seen"] == reference[-1]["tokens_seen"] == 40 * 16 * 128
+    assert ours[-1]["tokens_seen"] == reference[-1]["tokens_seen"] == 40 * BATCH * 128
     a, b = model_tensors(tmp_path / "checkpoints/step-00000040"), model_tensors(uninterrupted / "checkpoints/step-00000040")
     assert a.keys() == b.keys() and len(a) > 20
     for key in a:
@@ -214,7 +215,7 @@ def test_resume_dp2_checkpoint_on_another_data_degree(dp2_run, tmp_path, nproc):
     assert [m["step"] for m in metrics] == [11, 12, 13, 14]
     for m in metrics:  # same samples, same optimizer state: the loss curve continues
         assert abs(m["loss"] - reference[m["step"]]["loss"]) < 1e-4, (m["step"], m["loss"], reference[m["step"]]["loss"])
-        assert m["tokens_seen"] == reference[m["step"]]["tokens_seen"] == m["step"] * 16 * 128  # no gap, no overlap
+        assert m["tokens_seen"] == reference[m["step"]]["tokens_seen"] == m["step"] * BATCH * 128  # no gap, no overlap
 
 
 def test_bf16_zero1_resumes_on_another_data_degree_by_resharding(tmp_path):

@@ -15,7 +15,6 @@ from parallel.compression import PowerSGDReducer
 
 FAST = ["train.eval_every=0", "train.log_every=1", "checkpoint.every=0", "schedule.warmup_steps=2"]
 STEPS = 10
-EXACT = 1000  # powersgd warm-up longer than the run: our reduction, uncompressed
 WARMUP = 4  # the main layout's PowerSGD run: uncompressed (our reduction) for its first 4 steps
 
 
@@ -203,19 +202,22 @@ SMALL_LAYOUTS = {  # the other DeepSpeed paths our reduction replaces, on 2 or 4
 
 @pytest.mark.parametrize("layout", SMALL_LAYOUTS)
 def test_uncompressed_powersgd_path_equals_deepspeed_on_other_paths(layout, tmp_path):
+    """PowerSGD's exact warm-up (steps 1-3) on our reduction gives DeepSpeed's losses and grad
+    norms on this path; its compressed steps (4-6) go on training there."""
     nproc, args = SMALL_LAYOUTS[layout]
     common = [*FAST, "train.steps=6", *args]
     # bf16: DeepSpeed reduces in bf16 by default, ours in fp32; compare with its fp32 reduction
     reference = train(torchrun_cmd(nproc), tmp_path / "none", *common, "deepspeed.communication_data_type=fp32")
     ours = train(torchrun_cmd(nproc), tmp_path / "ours", *common, "compression.method=powersgd",
-                 f"compression.warmup_steps={EXACT}")
+                 "compression.warmup_steps=3", "logging.comm_bytes=true")
     tol = 1e-3 if "bf16" in layout else 1e-5
-    assert losses(ours) == pytest.approx(losses(reference), rel=tol)
+    assert losses(ours)[:3] == pytest.approx(losses(reference)[:3], rel=tol)
     # Adam hides a wrongly scaled gradient from the loss; the norm does not
-    assert [m["grad_norm"] for m in ours] == pytest.approx([m["grad_norm"] for m in reference], rel=10 * tol)
-    compressed = train(torchrun_cmd(nproc), tmp_path / "compressed", *common, "compression.method=powersgd",
-                       "compression.warmup_steps=2")
-    assert losses(compressed)[-1] < losses(compressed)[0] - 0.3  # and the compressed path trains there too
+    assert [m["grad_norm"] for m in ours[:3]] == pytest.approx([m["grad_norm"] for m in reference[:3]], rel=10 * tol)
+    sent = [m["dp_reduce_bytes"] for m in ours]
+    assert max(sent[3:]) < 0.5 * min(sent[:3]), sent  # compressed from step 4
+    assert losses(ours)[-1] < losses(ours)[2] and abs(losses(ours)[-1] - losses(reference)[-1]) < 0.2, \
+        (losses(ours), losses(reference))  # and it trains as well there
 
 
 # ---- resume --------------------------------------------------------------------------------

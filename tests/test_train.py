@@ -151,7 +151,7 @@ def test_tied_embeddings_across_stages_match_single_process(tmp_path):
                          ids=["lion", "bf16", "tied"])  # fp16 (where the CPU has it): tests/test_precision.py
 def test_variants_train(tmp_path, overrides):
     metrics = train(python_cmd(), tmp_path, "train.steps=12", "train.log_every=1", "train.eval_every=6",
-                    *SINGLE, *overrides)
+                    "parallel.global_batch=4", *SINGLE, *overrides)
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, losses(metrics)
     assert "val_loss" in metrics[5] and "val_loss" in metrics[-1]
 
