@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from launch import WORKDIR, base_env, losses, python_cmd, read_metrics, run_cli, torchrun_cmd, train
+from launch import WORKDIR, base_env, losses, python_cmd, read_events, read_metrics, run_cli, torchrun_cmd, train
 
-# A small MoE: the first layer dense, two MoE layers (4 experts, top 2, one shared expert).
-MOE = ["model.layers=3", "model.hidden=32", "model.heads=2", "model.ffn=64", "model.seq_len=32",
+# A small MoE: the first layer dense, two MoE layers (4 experts, top 2, one shared expert);
+# 4 heads, so that tensor 4 (expert degree 4) divides them.
+MOE = ["model.layers=3", "model.hidden=32", "model.heads=4", "model.kv_heads=4", "model.ffn=64", "model.seq_len=32",
        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.ffn=16", "model.moe.shared_experts=1",
        "model.moe.first_dense=1", "parallel.global_batch=4", "parallel.micro_batch=1",
        "precision.dtype=fp32", "train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2"]
@@ -68,6 +69,24 @@ def test_resume_on_another_layout_continues_the_single_run(single, pp2_dp2, tmp_
     metrics = read_metrics(resumed)
     assert [m["step"] for m in metrics] == [4, 5, 6]
     assert losses(metrics) == pytest.approx(losses(single)[3:], abs=1e-5)
+
+
+def test_expert_degree_4_then_2_then_1_continue_the_single_run(single, tmp_path):
+    """ep 4 (tensor 4: one expert per rank) trains as one process does; its step-2
+    checkpoint resumes on ep 2 (tensor 2), whose step-4 checkpoint resumes on one process."""
+    common = [*MOE, "parallel.pipeline=1", "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    ep4 = train(torchrun_cmd(4), tmp_path / "ep4", *common, "parallel.tensor=4")
+    assert losses(ep4) == pytest.approx(losses(single), abs=1e-5)
+    ep2 = train(torchrun_cmd(2), tmp_path / "ep2", *common, "parallel.tensor=2",
+                f"checkpoint.resume={tmp_path / 'ep4/checkpoints/step-00000002'}")
+    assert [m["step"] for m in ep2] == [3, 4, 5, 6]
+    assert losses(ep2) == pytest.approx(losses(single)[2:], abs=1e-5)
+    one = train(python_cmd(), tmp_path / "ep1", *common, "parallel.tensor=1",
+                f"checkpoint.resume={tmp_path / 'ep2/checkpoints/step-00000004'}")
+    assert [m["step"] for m in one] == [5, 6]
+    assert losses(one) == pytest.approx(losses(single)[4:], abs=1e-5)
+    for run, step in (("ep2", 2), ("ep1", 4)):
+        assert [(e["step"], e["resharded"]) for e in read_events(tmp_path / run, "resume")] == [(step, True)]
 
 
 def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):
