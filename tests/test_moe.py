@@ -128,23 +128,53 @@ def test_bias_moves_against_the_load_identically_from_counts():
     assert torch.equal(other.bias, state.bias)
 
 
-def test_experts_backward_equals_autograd_with_empty_experts():
-    """The hand-written backward of the experts (one autograd node) against autograd through
-    a plain per-expert loop, with an expert that gets no token."""
-    from launcher.model.experts import _Experts, swiglu
+@pytest.mark.parametrize("grouped", [False, True], ids=["loop", "grouped_mm"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 0]], ids=["an_empty_expert", "no_token"])
+def test_experts_forward_and_backward_equal_autograd_through_a_plain_loop(grouped, counts):
+    """Both ways of running the experts (the hand-written backward of `_Experts`, and torch's
+    grouped matrix multiplies) against autograd through a plain per-expert loop, with an
+    expert that gets no token and with no token at all."""
+    from launcher.model.experts import run_experts, swiglu
 
     gen = torch.Generator().manual_seed(5)
     weights = [torch.randn(4, 8, 16, generator=gen), torch.randn(4, 8, 16, generator=gen),
                torch.randn(4, 16, 8, generator=gen)]
-    counts = [3, 0, 5, 2]
-    x = torch.randn(10, 16, generator=gen)
-    grad = torch.randn(10, 16, generator=gen)
+    x = torch.randn(sum(counts), 16, generator=gen)
+    grad = torch.randn(sum(counts), 16, generator=gen)
     ours = [t.clone().requires_grad_() for t in (x, *weights)]
-    _Experts.apply(ours[0], counts, *ours[1:]).backward(grad)
+    y = run_experts(ours[0], counts, tuple(ours[1:]), grouped=grouped)
+    y.backward(grad)
     plain = [t.clone().requires_grad_() for t in (x, *weights)]
     chunks = plain[0].split(counts)
-    torch.cat([swiglu(c, plain[1][e], plain[2][e], plain[3][e]) for e, c in enumerate(chunks)]).backward(grad)
+    expected = torch.cat([swiglu(c, plain[1][e], plain[2][e], plain[3][e]) for e, c in enumerate(chunks)])
+    expected.backward(grad)
+    assert torch.allclose(y, expected, atol=1e-6, rtol=1e-6)
     for a, b in zip(ours, plain):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5)
     assert torch.equal(ours[1].grad[1], torch.zeros(8, 16))  # the expert without tokens
 
+
+def test_grouped_matrix_multiplies_are_used_only_where_they_run(monkeypatch):
+    """fp32 with 16-byte rows on this CPU: grouped (torch 2.13 has CPU kernels). float64 (no
+    kernel) and rows of 6 floats (24 bytes) fall back to the loop, with the same result."""
+    from launcher.model import experts
+
+    assert experts.grouped_mm_runs(torch.device("cpu"), torch.float32)
+    assert not experts.grouped_mm_runs(torch.device("cpu"), torch.float64)
+    chosen, real = [], experts._GroupedExperts
+
+    class Recording(real):
+        @staticmethod
+        def forward(ctx, *args):
+            chosen.append(True)
+            return real.forward(ctx, *args)
+
+    monkeypatch.setattr(experts, "_GroupedExperts", Recording)
+    for hidden, dtype, grouped in [(16, torch.float32, True), (16, torch.float64, False), (6, torch.float32, False)]:
+        chosen.clear()
+        w = (torch.randn(2, 8, hidden, dtype=dtype), torch.randn(2, 8, hidden, dtype=dtype),
+             torch.randn(2, hidden, 8, dtype=dtype))
+        x = torch.randn(5, hidden, dtype=dtype)
+        y = experts.run_experts(x, [2, 3], w)
+        assert chosen == ([True] if grouped else []), (hidden, dtype)
+        assert torch.allclose(y, experts.run_experts(x, [2, 3], w, grouped=False), atol=1e-6)

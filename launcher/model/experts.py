@@ -1,11 +1,14 @@
 """The experts of an MoE item (launcher/model/moe.py): the tokens sorted by expert, each
-expert run on its contiguous slice as one autograd node (`_Experts`), capacity, and expert
-parallelism over the tensor ranks (the tokens sent to their expert's rank and back by
-all-to-all). docs/MOE.md has the design and why.
+expert run on its contiguous slice (grouped matrix multiplies where torch runs them, else one
+autograd node over a loop: `run_experts`), capacity, and expert parallelism over the tensor
+ranks (the tokens sent to their expert's rank and back by all-to-all). docs/MOE.md has the
+design and why.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -35,7 +38,8 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
 
 
 class _Experts(torch.autograd.Function):
-    """Every expert's SwiGLU on its contiguous slice of the sorted tokens, as ONE autograd
+    """(Where grouped matrix multiplies do not run.) Every expert's SwiGLU on its contiguous
+    slice of the sorted tokens, as ONE autograd
     node whose backward returns whole (E, ..) gradients of the stacked weights (zero rows for
     experts without tokens). Written by hand because with one node per expert the graph's
     shape, and so the order in which parameter gradients become ready, would depend on the
@@ -78,6 +82,81 @@ class _Experts(torch.autograd.Function):
         return grad_x, None, *grads
 
 
+def _offsets(counts: list, device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """`_Experts` in grouped matrix multiplies (torch._grouped_mm: one kernel for all experts
+    on a GPU): gate, up and down forward; the same backward as `_Experts`, also grouped (the
+    weight gradients group along the token dimension). Hand-written rather than torch's
+    autograd of _grouped_mm, which saves the activation and the product too: twice the
+    expert intermediates (tests/test_plan.py measures what is saved against the planner)."""
+
+    @staticmethod
+    def forward(ctx, x, counts: list, w_gate, w_up, w_down):
+        offs = _offsets(counts, x.device)
+        gate = torch._grouped_mm(x, w_gate.transpose(1, 2), offs=offs)
+        up = torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)
+        ctx.counts = counts
+        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
+        return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        if x.shape[0] == 0:
+            return torch.zeros_like(x), None, torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)
+        offs = _offsets(ctx.counts, x.device)
+        grad_y = grad_y.contiguous()
+        sig = torch.sigmoid(gate)
+        act = gate * sig  # silu(gate)
+        grad_w_down = torch._grouped_mm(grad_y.t(), act * up, offs=offs)  # (E, H, f)
+        grad_a = torch._grouped_mm(grad_y, w_down, offs=offs)  # (N, f)
+        grad_u = grad_a * act
+        grad_g = grad_a * up * sig * (1 + gate * (1 - sig))  # silu'(gate)
+        grad_x = torch._grouped_mm(grad_g, w_gate, offs=offs) + torch._grouped_mm(grad_u, w_up, offs=offs)
+        return (grad_x, None, torch._grouped_mm(grad_g.t(), x, offs=offs), torch._grouped_mm(grad_u.t(), x, offs=offs),
+                grad_w_down)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm (private, torch >= 2.8) runs `_GroupedExperts` forward and
+    backward here: on CPU in fp32/bf16/fp16, on CUDA where the architecture has its kernels
+    (Hopper and later). Probed once per device and dtype on a tiny problem (every rank of a
+    run answers alike), in a thread of its own: the first call may come from inside a forward
+    under activation checkpointing, whose saved-tensor hooks (per thread) must not see it."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_probe_grouped_mm, device, dtype).result()
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        x, w_gate, w_up = (torch.ones(*shape, device=device, dtype=dtype, requires_grad=True)
+                           for shape in ((4, 8), (2, 8, 8), (2, 8, 8)))
+        w_down = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+        y = _GroupedExperts.apply(x, [1, 3], w_gate, w_up, w_down)
+        y.backward(torch.ones_like(y))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def run_experts(x: torch.Tensor, counts: list, weights: tuple, grouped: Optional[bool] = None) -> torch.Tensor:
+    """Each expert's SwiGLU on its contiguous slice of x (`counts` rows each): grouped matrix
+    multiplies where torch runs them for this device, dtype and shape (its kernels want
+    16-byte aligned rows and addresses), else the loop of `_Experts`. `grouped` forces the
+    choice (tests)."""
+    if grouped is None:
+        rows_aligned = all(t.shape[-1] * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+                           for t in (x, *weights))  # weights may be views into ZeRO's flat buffers
+        grouped = rows_aligned and all(w.dtype == x.dtype for w in weights) and grouped_mm_runs(x.device, x.dtype)
+    return (_GroupedExperts if grouped else _Experts).apply(x, counts, *weights)
+
+
 def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Optional[int] = None, earlier: Optional[torch.Tensor] = None,
              tp: TensorParallel = NO_TP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
@@ -107,7 +186,7 @@ def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Option
     if tp.size > 1:
         y = _on_expert_ranks(h[token], kept_counts, weights, tp)
     else:
-        y = _Experts.apply(h[token], kept_counts.tolist(), *weights)
+        y = run_experts(h[token], kept_counts.tolist(), weights)
     out = torch.zeros_like(h).index_add_(0, token, (y.float() * weight[:, None]).to(h.dtype))
     return out, counts, dropped
 
@@ -143,7 +222,7 @@ def _on_expert_ranks(x: torch.Tensor, counts: torch.Tensor, weights: tuple, tp: 
     arrived = _AllToAll.apply(x, from_each, to_each, tp)  # by source rank, then by local expert
     block = torch.repeat_interleave(torch.arange(received.numel(), device=x.device), received.reshape(-1))
     by_expert = torch.argsort((block % local) * tp.size + block // local, stable=True)
-    y = _Experts.apply(arrived[by_expert], received.sum(0).tolist(), *weights)
+    y = run_experts(arrived[by_expert], received.sum(0).tolist(), weights)
     return _AllToAll.apply(y[torch.argsort(by_expert)], to_each, from_each, tp)
 
 
