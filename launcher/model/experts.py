@@ -39,12 +39,12 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
 
 class _Experts(torch.autograd.Function):
     """(Where grouped matrix multiplies do not run.) Every expert's SwiGLU on its contiguous
-    slice of the sorted tokens, as ONE autograd
-    node whose backward returns whole (E, ..) gradients of the stacked weights (zero rows for
-    experts without tokens). Written by hand because with one node per expert the graph's
-    shape, and so the order in which parameter gradients become ready, would depend on the
-    routing: tp ranks routing different tokens would then run their gradient hooks' all-reduces
-    (and ZeRO its buckets) in different orders. Here the order is the same on every rank."""
+    slice of the sorted tokens, as ONE autograd node whose backward returns whole (E, ..)
+    gradients of the stacked weights (zero rows for experts without tokens). Written by hand
+    because with one node per expert the graph's shape, and so the order in which parameter
+    gradients become ready, would depend on the routing: tp ranks routing different tokens
+    would then run their gradient hooks' all-reduces (and ZeRO its buckets) in different
+    orders. Here the order is the same on every rank."""
 
     @staticmethod
     def forward(ctx, x, counts: list, w_gate, w_up, w_down):
@@ -157,7 +157,8 @@ def run_experts(x: torch.Tensor, counts: list, weights: tuple, grouped: Optional
     return (_GroupedExperts if grouped else _Experts).apply(x, counts, *weights)
 
 
-def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Optional[int] = None, earlier: Optional[torch.Tensor] = None,
+def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Optional[int] = None,
+             earlier: Optional[torch.Tensor] = None,
              tp: TensorParallel = NO_TP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
     `weights` (w_gate, w_up, w_down): tokens sorted by expert (stable: token order within

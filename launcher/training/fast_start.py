@@ -56,7 +56,7 @@ def skip_dynamo_import() -> int:
     wrappers were filled (0: torch no longer works this way, or dynamo is already loaded)."""
     if "torch._dynamo" in sys.modules:
         return 0
-    candidates = [v for cls in (torch.optim.Optimizer,) for v in vars(cls).values()]
+    candidates = list(vars(torch.optim.Optimizer).values())
     for module in map(importlib.import_module, ("torch.optim.adam", "torch.optim.adamw")):
         candidates += [v for v in vars(module).values() if callable(v)]
     return sum(_seed(w) for c in candidates for w in _wrappers_in(c))
