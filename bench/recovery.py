@@ -73,15 +73,19 @@ def node_processes(node: str) -> list:
 
 
 def kill_node(node: str) -> float:
-    """SIGKILL node's slurmd and its job processes; the time of the kill."""
+    """SIGKILL node's slurmd and its job processes, all at once as a dying machine does; the time
+    of the kill. Every victim is frozen (SIGSTOP) before any is killed: killed one by one, a
+    slurmstepd outlived its batch script under load, told slurmctld the script died of signal 9,
+    and the job ended FAILED instead of losing a node (seen in CI)."""
     victims = node_processes(node)
     assert any("slurmd" in " ".join(p.cmdline()) for p in victims), f"no slurmd for {node}: is the cluster up?"
     killed_at = time.time()
-    for proc in victims:
-        try:
-            proc.kill()
-        except Exception:  # noqa: BLE001 - it may have exited on its own
-            pass
+    for action in ("suspend", "kill"):
+        for proc in victims:
+            try:
+                getattr(proc, action)()
+            except Exception:  # noqa: BLE001 - it may have exited on its own
+                pass
     return killed_at
 
 

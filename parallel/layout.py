@@ -11,6 +11,12 @@ Tensor parallelism is innermost, so the ranks of one tp group are consecutive an
 one node (with tp <= GPUs per node); pipeline neighbours are the farthest apart, which suits
 them: they exchange one activation per micro-batch.
 
+Expert parallelism (an MoE model's experts split over `ep` ranks) spans the tp ranks and,
+when ep > tp, the next ep/tp data ranks: an expert group is ep consecutive ranks, and the
+expert rank within it is `(dp_rank % (ep/tp)) * tp + tp_rank`. DeepSpeed is shown that group
+as its model-parallel dimension and the dp/(ep/tp) ranks holding the same experts as its data
+dimension (`ds_model`, `ds_data`), which is the same rank map again; docs/MOE.md has why.
+
 After `auto` is resolved the degrees travel as a `Layout` (the engine, the planner's
 candidates, the stage table). It is pure integer arithmetic, testable without any process
 group (and used by `--dry-run` on a laptop); parallel/topology.py builds the process groups
@@ -43,6 +49,7 @@ class Layout:
     dp: int
     micro_batch: int
     global_batch: int
+    ep: int = 0  # expert-parallel degree; 0: the tensor degree (and for a dense model)
 
     def __post_init__(self) -> None:
         # resolve_layout reports a user's mistake naming the key; this catches a caller's
@@ -53,6 +60,31 @@ class Layout:
         if self.global_batch % (self.micro_batch * self.dp):
             raise ValueError(f"global_batch {self.global_batch} is not divisible by micro_batch x dp = "
                              f"{self.micro_batch} x {self.dp}")
+        if self.ep and (self.ep % self.tp or self.dp % (self.ep // self.tp)):
+            raise ValueError(f"ep {self.ep} must be tp {self.tp} x a divisor of dp {self.dp}")
+
+    @property
+    def expert_degree(self) -> int:
+        return self.ep or self.tp
+
+    @property
+    def experts_over_dp(self) -> int:
+        """Data ranks one expert group spans (ep / tp; 1 when the experts are over tp only)."""
+        return self.expert_degree // self.tp
+
+    @property
+    def ds_model(self) -> int:
+        """DeepSpeed's model-parallel degree: the expert group (the tp group when ep = tp)."""
+        return self.expert_degree
+
+    @property
+    def ds_data(self) -> int:
+        """DeepSpeed's data-parallel degree: the ranks holding the same experts (expert-data
+        parallelism; all of dp when ep = tp)."""
+        return self.dp // self.experts_over_dp
+
+    def expert_rank(self, coord: Coord) -> int:
+        return (coord.dp % self.experts_over_dp) * self.tp + coord.tp
 
     @property
     def grad_accum(self) -> int:
@@ -78,6 +110,25 @@ class Layout:
     def dp_group_ranks(self) -> list[list[int]]:
         return [[self.rank(Coord(p, d, t)) for d in range(self.dp)]
                 for p in range(self.pp) for t in range(self.tp)]
+
+    def ep_group_ranks(self) -> list[list[int]]:
+        """Every expert-parallel group, in expert-rank order (DeepSpeed's model groups)."""
+        f = self.experts_over_dp
+        return [[self.rank(Coord(p, d * f + e, t)) for e in range(f) for t in range(self.tp)]
+                for p in range(self.pp) for d in range(self.ds_data)]
+
+    def expert_dp_group_ranks(self) -> list[list[int]]:
+        """The ranks holding the same experts (DeepSpeed's data groups)."""
+        f = self.experts_over_dp
+        return [[self.rank(Coord(p, d * f + e, t)) for d in range(self.ds_data)]
+                for p in range(self.pp) for e in range(f) for t in range(self.tp)]
+
+    def expert_peer_group_ranks(self) -> list[list[int]]:
+        """The data ranks of one expert group with the same tp rank: they hold the same dense
+        weights but different experts, so DeepSpeed does not reduce between them."""
+        f = self.experts_over_dp
+        return [[self.rank(Coord(p, d * f + e, t)) for e in range(f)]
+                for p in range(self.pp) for d in range(self.ds_data) for t in range(self.tp)]
 
     def pp_group_ranks(self) -> list[list[int]]:
         return [[self.rank(Coord(p, d, t)) for p in range(self.pp)]
@@ -110,8 +161,22 @@ def resolve_layout(parallel: ParallelDegrees, world_size: int) -> Layout:
         raise ConfigError("parallel.global_batch",
                           f"global_batch={parallel.global_batch} is not divisible by micro_batch*data = "
                           f"{parallel.micro_batch}*{dp} = {parallel.micro_batch * dp}")
+    ep = _expert_degree(parallel, tp, dp)
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp,
-                  micro_batch=parallel.micro_batch, global_batch=parallel.global_batch)
+                  micro_batch=parallel.micro_batch, global_batch=parallel.global_batch, ep=ep)
+
+
+def _expert_degree(parallel: ParallelDegrees, tp: int, dp: int) -> int:
+    """parallel.expert against the layout (0: the tensor degree, as `auto`; a dense model's 1
+    and an MoE's degree below tp are the config checks' business, launcher/config/checks.py)."""
+    ep = parallel.expert
+    if ep == "auto" or ep <= tp:
+        return 0
+    if ep % tp or dp % (ep // tp):
+        raise ConfigError("parallel.expert", f"{ep}: the experts are split over the tensor ranks and a "
+                          f"divisor of the data ranks, so it must be tensor ({tp}) x a divisor of data "
+                          f"({dp}): one of {', '.join(str(tp * k) for k in range(1, dp + 1) if dp % k == 0)}")
+    return ep
 
 
 def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int) -> bool:

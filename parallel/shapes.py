@@ -52,3 +52,4 @@ class ParallelDegrees(Protocol):
     data: Union[int, str]
     micro_batch: int
     global_batch: int
+    expert: Union[int, str]  # expert-parallel degree, or "auto" (the tensor degree)

@@ -28,7 +28,8 @@ from launcher.errors import ConfigError
 
 
 def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, tp_rank: int,
-         compressor=None, device: Optional[torch.device] = None) -> tuple[Optional[str], list[str]]:
+         compressor=None, device: Optional[torch.device] = None,
+         expert_rank: Optional[int] = None) -> tuple[Optional[str], list[str]]:
     """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
     the same layout, this rank's RNG and compression state. `saved`: the checkpoint's
     launcher_state.json; `current`: this run's layout. Returns (how the checkpoint was
@@ -51,7 +52,8 @@ def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank
         deepspeed_load_checkpoint(ds_engine, ckpt, saved.layout.dp, current.dp)
     else:
         start = time.perf_counter()
-        load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], tp_rank, current.tp)
+        experts = (tp_rank if expert_rank is None else expert_rank, current.model_ranks)
+        load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], (tp_rank, current.tp), experts)
         resharded = (f"checkpoint {ckpt.name} was saved with {saved.layout.describe()}: resharded to "
                      f"{current.describe()} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
                      "each rank read its own slices; RNG states start from the seed)")

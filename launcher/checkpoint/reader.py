@@ -219,12 +219,13 @@ class CheckpointReader:
         self.state, self.model = _read_state(ckpt)
         lay = self.state.layout
         self.tp, self.pp, self.zero_stage = lay.tp, lay.pp, lay.zero_stage
+        self.mp = lay.model_ranks  # files per stage: one per rank of the expert group (tp unless ep > tp)
         self.dtype = DTYPES.get(lay.dtype, torch.float32)
         self._item: Optional[tuple[int, list]] = None  # (item index, each tp rank's open files)
         self._zero3_index: list[dict] = []  # ZeRO 3: per tp rank, name -> where its pieces are
         self._stacked: Optional[tuple[str, torch.dtype, torch.Tensor]] = None  # the last stacked expert tensor read
         if self.zero_stage == 3:
-            self._zero3_index = [self._zero3_layout(r) for r in range(self.tp)]
+            self._zero3_index = [self._zero3_layout(r) for r in range(self.mp)]
         else:
             for index in (0, len(pipeline_items(self.model)) - 1):  # refuse a missing file up front
                 self._item_paths(index)
@@ -237,13 +238,13 @@ class CheckpointReader:
 
     def _item_paths(self, index: int) -> list[Path]:
         if self.pp == 1:
-            return [self._need(model_states_file(self.ckpt, r)) for r in range(self.tp)]
+            return [self._need(model_states_file(self.ckpt, r)) for r in range(self.mp)]
         if self.model.tie_embeddings and index == len(pipeline_items(self.model)) - 1:
             index = 0  # the tied head's weight is saved with the embedding only
         files = layer_files(self.ckpt, index)
-        if len(files) != self.tp:
+        if len(files) != self.mp:
             raise ConfigError("--checkpoint", f"{self.ckpt}: {len(files)} files for pipeline item {index}, "
-                              f"expected one per tp rank ({self.tp})")
+                              f"expected one per model-parallel rank ({self.mp})")
         return files
 
     def _zero3_optim_paths(self, tp_rank: int) -> list[Path]:
@@ -283,7 +284,7 @@ class CheckpointReader:
             with _reading(paths):
                 if self.zero_stage == 3:
                     files = [[zero3_flat_groups(optimizer_state(_load(p))) for p in self._zero3_optim_paths(r)]
-                             for r in range(self.tp)]
+                             for r in range(self.mp)]
                 else:
                     files = [_load(p) for p in paths]
                     if self.pp == 1:
@@ -294,7 +295,7 @@ class CheckpointReader:
     def _paths(self, index: int) -> list[Path]:
         """The files pipeline item `index` is read from (named when they are not what was saved)."""
         if self.zero_stage == 3:
-            return [p for r in range(self.tp) for p in self._zero3_optim_paths(r)]
+            return [p for r in range(self.mp) for p in self._zero3_optim_paths(r)]
         return self._item_paths(index)
 
     def _slice(self, ours: str, tp_rank: int) -> tuple[tuple[int, ...], list[torch.Tensor]]:
@@ -324,7 +325,10 @@ class CheckpointReader:
             return self._stacked[2][row[1]].clone()
         paths = self._paths(item_key(self.model, ours)[0])
         with _reading(paths):
-            slices = [self._slice(ours, r) for r in range(self.tp if dim is not None else 1)]
+            # an expert weight is split over the expert group's ranks; its dense neighbours over
+            # tp, with the same copy on the group's other data ranks (model ranks tp and up)
+            ranks = self.mp if hf_names.is_expert(ours) else self.tp if dim is not None else 1
+            slices = [self._slice(ours, r) for r in range(ranks)]
             return self._gather(ours, slices, dim, dtype, rows)
 
     def _gather(self, ours: str, slices: list, dim: Optional[int], dtype: torch.dtype,

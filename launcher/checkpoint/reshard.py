@@ -84,11 +84,13 @@ class SavedState:
         self.model = model_config(model, "checkpoint.resume")
         self.layout = layout
         self.tp, self.pp, self.zero = layout.tp, layout.pp, layout.zero_stage
+        self.mp = layout.model_ranks  # DeepSpeed's model ranks per stage: the expert group
         if self.zero == 3:
             raise ConfigError("zero.stage", f"checkpoint {ckpt} was saved with ZeRO 3: it resumes on its own layout "
                               f"only (tensor={self.tp} pipeline={self.pp} data={layout.dp} zero.stage=3)")
         self._files: dict = {}
-        self.index: dict[str, list[_Slice]] = {}  # logical name -> one _Slice per saved tp rank
+        # logical name -> one _Slice per saved tp rank (an expert weight: per saved expert rank)
+        self.index: dict[str, list[_Slice]] = {}
         self.step: Optional[torch.Tensor] = None  # the optimizer's step count
         # Which saved stages hold which parameters: from the small model-state files; the
         # optimizer files of a stage are opened when one of its parameters is asked for.
@@ -118,14 +120,20 @@ class SavedState:
         return found
 
     # ----------------------------------------------------------------- index
-    def _add(self, saved: str, t: int, piece: _Slice) -> None:
+    def _add(self, saved: str, m: int, piece: _Slice) -> None:
+        """The slice of saved model rank m (expert rank m = its data rank in the expert group x
+        tp + tp rank). A dense weight is taken from the expert group's first data rank (m < tp):
+        its copies on the others are the same."""
         name = logical_name(self.model, saved)
-        slices = self.index.setdefault(name, [None] * self.tp)
-        if slices[t] is None:  # a tied weight appears on two stages, identical: the first wins
-            slices[t] = piece
+        expert = hf_names.is_expert(name)
+        if m >= self.tp and not expert:
+            return
+        slices = self.index.setdefault(name, [None] * (self.mp if expert else self.tp))
+        if slices[m] is None:  # a tied weight appears on two stages, identical: the first wins
+            slices[m] = piece
 
     def _stage_names(self, stage: int) -> list[str]:
-        mp = self._open(self._need(model_states_file(self.ckpt, stage * self.tp)))
+        mp = self._open(self._need(model_states_file(self.ckpt, stage * self.mp)))
         if param_shapes(mp):
             return [name for group in param_shapes(mp) for name in group]
         return [w[0] for w in self._stage_weights(mp, stage, 0)]
@@ -133,8 +141,8 @@ class SavedState:
     def _slices(self, name: str) -> list[_Slice]:
         for stage in self._stages.get(name, [])[:1]:  # a tied weight: its first stage's copy
             if stage not in self._indexed:
-                for t in range(self.tp):
-                    self._index_stage(stage, t)
+                for m in range(self.mp):
+                    self._index_stage(stage, m)
                 self._indexed.add(stage)
         slices = self.index.get(name)
         if slices is None or any(s is None for s in slices):
@@ -142,7 +150,7 @@ class SavedState:
         return slices
 
     def _index_stage(self, stage: int, t: int) -> None:
-        m = stage * self.tp + t
+        m = stage * self.mp + t
         mp_file = self._need(model_states_file(self.ckpt, m))
         mp = self._open(mp_file)
         if self.zero == 0 and torch_optimizer(mp) is not None:
@@ -227,7 +235,7 @@ class SavedState:
         if dim is None:  # replicated over tp: every saved tp rank holds it whole
             return self._slice_tensor(slices[0], what)
         saved_width = slices[0].shape[dim]
-        width = saved_width * self.tp // size
+        width = saved_width * len(slices) // size
         start, stop = rank * width, (rank + 1) * width
         parts = []
         for t, piece in enumerate(slices):
@@ -252,9 +260,11 @@ class SavedState:
         self._files.clear()
 
 
-def load_resharded(ds_engine, ckpt: Path, saved_layout: SavedLayout, model: dict, tp_rank: int, tp_size: int) -> None:
+def load_resharded(ds_engine, ckpt: Path, saved_layout: SavedLayout, model: dict, tp: tuple[int, int],
+                   experts: tuple[int, int]) -> None:
     """Fill this rank's engine (built for its own layout) from a checkpoint of another
-    layout: weights, fp32 master, optimizer moments and step, scheduler, counters.
+    layout: weights, fp32 master, optimizer moments and step, scheduler, counters. `tp`,
+    `experts`: this rank's (rank, degree) in its tp group and its expert group.
     Not a collective; every rank reads its own slices."""
     saved = SavedState(ckpt, saved_layout, model)
     optimizer = ds_engine.optimizer
@@ -274,12 +284,13 @@ def load_resharded(ds_engine, ckpt: Path, saved_layout: SavedLayout, model: dict
     with torch.no_grad():
         for param in ds_engine.module.parameters():  # each once: a tied weight is one parameter
             dim = hf_names.tp_dim(param.logical_name)  # split over tp in the saved and in this layout
-            master = saved.slice_for(param.logical_name, "fp32", dim, tp_rank, tp_size)
+            rank, size = experts if hf_names.is_expert(param.logical_name) else tp  # experts: over the group
+            master = saved.slice_for(param.logical_name, "fp32", dim, rank, size)
             if tuple(master.shape) != tuple(param.shape):
                 raise ConfigError("checkpoint.resume", f"{ckpt}: {param.logical_name} slice {tuple(master.shape)} "
-                                  f"for tp rank {tp_rank} of {tp_size}, the parameter is {tuple(param.shape)}")
+                                  f"for rank {rank} of {size}, the parameter is {tuple(param.shape)}")
             param.copy_(master.to(param.dtype))
-            values = {k: saved.slice_for(param.logical_name, k, dim, tp_rank, tp_size) for k in moments}
+            values = {k: saved.slice_for(param.logical_name, k, dim, rank, size) for k in moments}
             if has_fragment_mapping(param):  # DeepSpeed's ZeRO 1/2 or bf16 optimizer: its partition only
                 safe_set_full_fp32_param(param, master)
                 for key, value in values.items():

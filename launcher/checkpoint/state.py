@@ -51,18 +51,29 @@ class SavedLayout:
     # Pipeline stage boundaries over the items (which layers each stage's files hold);
     # None: a checkpoint written before they were recorded.
     parts: Optional[tuple[int, ...]] = None
+    # The expert-parallel degree when it is above tp (experts over data ranks too; DeepSpeed's
+    # model-parallel files are then numbered over the expert group); 0: the tensor degree.
+    ep: int = 0
+
+    @property
+    def model_ranks(self) -> int:
+        """DeepSpeed's model-parallel ranks per pipeline stage: the `mp_rank_MM` files of one
+        stage (parallel/layout.py `Layout.ds_model`)."""
+        return self.ep or self.tp
 
     @classmethod
     def of_run(cls, cfg: Config, plan: Plan) -> SavedLayout:
         lay = plan.layout
         return cls(tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=cfg.zero.stage, dtype=plan.dtype,
-                   parts=tuple(plan.parts))
+                   parts=tuple(plan.parts), ep=lay.ep)
 
     def to_json(self) -> dict:
         """The JSON object, keys in the order checkpoints have always had them."""
         out = {"tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage, "dtype": self.dtype}
         if self.parts is not None:
             out["parts"] = list(self.parts)
+        if self.ep:
+            out["ep"] = self.ep
         return out
 
     @classmethod
@@ -71,23 +82,26 @@ class SavedLayout:
         fields = dict(record)
         parts = fields.pop("parts", None)
         layout = cls(**fields, parts=None if parts is None else tuple(parts))
-        degrees = (layout.tp, layout.pp, layout.dp, *(layout.parts or ()))
+        degrees = (layout.tp, layout.pp, layout.dp, layout.ep, *(layout.parts or ()))
         # a damaged record must not reach range(tp) or a file name: the same refusal as a missing field
         if (not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in degrees)
                 or min(layout.tp, layout.pp, layout.dp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
-                or layout.dtype not in ("fp32", "bf16", "fp16")):
+                or layout.dtype not in ("fp32", "bf16", "fp16")
+                or (layout.ep and (layout.ep % layout.tp or layout.dp % (layout.ep // layout.tp)))):
             raise TypeError(f"not a layout: {record}")
         return layout
 
     def describe(self) -> str:
-        return f"tensor {self.tp} x pipeline {self.pp} x data {self.dp}, ZeRO {self.zero_stage}, {self.dtype}"
+        experts = f" (experts over {self.ep} ranks)" if self.ep else ""
+        return (f"tensor {self.tp} x pipeline {self.pp} x data {self.dp}{experts}, ZeRO {self.zero_stage}, "
+                f"{self.dtype}")
 
 
 def _same_cut(saved: SavedLayout, current: SavedLayout) -> bool:
     """tp, pp, ZeRO stage, dtype and stage boundaries alike; a checkpoint written before
     `parts` was recorded counts as having this run's boundaries."""
-    return ((saved.tp, saved.pp, saved.zero_stage, saved.dtype) == (current.tp, current.pp, current.zero_stage,
-                                                                     current.dtype)
+    return ((saved.tp, saved.pp, saved.model_ranks, saved.zero_stage, saved.dtype)
+            == (current.tp, current.pp, current.model_ranks, current.zero_stage, current.dtype)
             and (saved.parts is None or saved.parts == current.parts))
 
 
@@ -102,7 +116,8 @@ def deepspeed_loads(saved: SavedLayout, current: SavedLayout) -> bool:
     0-2 (its elastic ZeRO format). Anything else is resharded (launcher/checkpoint/reshard.py)."""
     if not _same_cut(saved, current):
         return False
-    return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2)
+    # with experts over data ranks DeepSpeed's data degree is not ours: only the very same layout
+    return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2 and not current.ep)
 
 
 def resume_layout(cfg: Config) -> Optional[SavedLayout]:

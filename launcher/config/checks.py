@@ -124,9 +124,13 @@ def _check_moe(cfg: Config) -> None:
         if moe is None and p.expert != 1:
             raise ConfigError("parallel.expert", f"{show_value(p.expert)} without model.moe: a dense model has no "
                               "experts (use 1 or auto)")
-        if moe is not None and p.tensor != "auto" and p.expert != p.tensor:
+        if moe is not None and p.tensor != "auto" and p.expert % p.tensor:
             raise ConfigError("parallel.expert", f"{show_value(p.expert)}: the experts are split over the tensor ranks "
-                              f"(docs/MOE.md), so it equals parallel.tensor={show_value(p.tensor)}; use auto")
+                              f"and then over data ranks (docs/MOE.md), so it is a multiple of "
+                              f"parallel.tensor={show_value(p.tensor)}")
+        if moe is not None and p.tensor != "auto" and p.expert != p.tensor and cfg.zero.stage == 3:
+            raise ConfigError("parallel.expert", f"{show_value(p.expert)} above parallel.tensor={show_value(p.tensor)} "
+                              "with zero.stage=3: expert parallelism over data ranks runs with ZeRO 0-2")
     if moe is None:
         return
     for name in ("shared_experts", "first_dense", "aux_loss_coef", "bias_rate"):
@@ -143,9 +147,10 @@ def _check_moe(cfg: Config) -> None:
     if cfg.precision.dtype == "fp16" and moe.balance == "aux_loss":
         raise ConfigError("precision.dtype", "fp16 with model.moe.balance=aux_loss: the aux loss's gradient does not "
                           "carry fp16's dynamic loss scale; use bf16 or fp32, or balance=bias")
-    if p.tensor != "auto" and moe.experts % p.tensor:
-        raise ConfigError("model.moe.experts", f"{moe.experts} is not divisible by parallel.tensor={p.tensor} (the "
-                          "experts are split over the tensor ranks)")
+    degree, key = (p.expert, "parallel.expert") if p.expert != "auto" else (p.tensor, "parallel.tensor")
+    if degree != "auto" and moe.experts % degree:
+        raise ConfigError("model.moe.experts", f"{moe.experts} is not divisible by {key}={degree} (the "
+                          "experts are split over the expert-parallel ranks)")
     if p.tensor != "auto" and p.tensor > 1 and cfg.model.seq_len != "auto" and cfg.model.seq_len % p.tensor:
         raise ConfigError("parallel.tensor", f"{p.tensor} with model.moe: model.seq_len={cfg.model.seq_len} is not "
                           "divisible by it (each tensor rank routes seq_len / tensor positions)")

@@ -25,7 +25,9 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
     in. A user key that contradicts a generated one is a ConfigError (one source of truth)."""
     lay = plan.layout
     generated = {
-        "train_batch_size": lay.global_batch,
+        # DeepSpeed's data dimension is the ranks holding the same experts (parallel/layout.py):
+        # the global batch as it counts it (all of it unless an MoE's experts span data ranks)
+        "train_batch_size": lay.micro_batch * lay.grad_accum * lay.ds_data,
         "train_micro_batch_size_per_gpu": lay.micro_batch,
         "gradient_accumulation_steps": lay.grad_accum,
         "gradient_clipping": cfg.optimizer.grad_clip,
@@ -38,10 +40,12 @@ def deepspeed_config(cfg: Config, plan: Plan) -> dict:
         "steps_per_print": 2**31 - 1,  # we log; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": cfg.logging.time_breakdown,
     }
-    if lay.pp > 1 and sequence_parallel_on(cfg.parallel, cfg.model, lay.tp):
-        # DeepSpeed's pipeline sends each activation split over the tensor group and
-        # all-gathers it on the receiving stage, which is right only for tp-replicated
-        # activations; with sequence parallelism each tp rank sends its own sequence shard.
+    if lay.pp > 1 and (sequence_parallel_on(cfg.parallel, cfg.model, lay.tp) or lay.experts_over_dp > 1):
+        # DeepSpeed's pipeline sends each activation split over its model group and
+        # all-gathers it on the receiving stage, which is right only for activations that
+        # are the same on every rank of that group; with sequence parallelism each tp rank
+        # sends its own sequence shard, and with experts over data ranks the model group
+        # holds different data ranks' micro-batches.
         generated["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if plan.dtype == "bf16":
         generated.update(bf16_gradient_settings(cfg, plan))

@@ -136,12 +136,13 @@ def weights_source(directory: str) -> dict:
             "max_position_embeddings": config.get("max_position_embeddings")}
 
 
-def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: Path, key: str, tp_rank: int,
-                     tp_size: int) -> torch.Tensor:
-    """This tp rank's experts (rows tp_rank * E/tp onwards of the stack), one file tensor each."""
+def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: Path, key: str,
+                     experts: tuple[int, int]) -> torch.Tensor:
+    """This expert rank's experts (rows rank * E/ep onwards of the stack; `experts` is (rank,
+    ep)), one file tensor each."""
     rows = []
-    local = param.shape[0]
-    for ours in hf_names.expert_rows(param.logical_name, local * tp_size)[tp_rank * local:(tp_rank + 1) * local]:
+    local, (rank, size) = param.shape[0], experts
+    for ours in hf_names.expert_rows(param.logical_name, local * size)[rank * local:(rank + 1) * local]:
         hf = hf_names.to_hf(ours)
         if hf not in weights.shapes:
             raise ConfigError(key, f"{directory}: no tensor {hf} (the config needs it)")
@@ -155,15 +156,16 @@ def _stacked_experts(weights: HFWeights, param: torch.nn.Parameter, directory: P
 
 @torch.no_grad()
 def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_size: int,
-                    key: str = "model.init_from") -> int:
+                    key: str = "model.init_from", experts: Optional[tuple[int, int]] = None) -> int:
     """Copy this rank's slice of every parameter of `module` (one pipeline stage, one tp rank)
     from the directory; returns the number of elements copied. Parameters shared by several
-    items (a tied head) are copied once: `parameters()` yields each once."""
+    items (a tied head) are copied once: `parameters()` yields each once. `experts`: this
+    rank's (expert rank, expert degree), by default (tp_rank, tp_size)."""
     weights = HFWeights(directory, key)
     copied = 0
     for param in module.parameters():
         if ".mlp.experts." in param.logical_name:  # stacked experts: one tensor per expert in the files
-            param.copy_(_stacked_experts(weights, param, directory, key, tp_rank, tp_size))
+            param.copy_(_stacked_experts(weights, param, directory, key, experts or (tp_rank, tp_size)))
             copied += param.numel()
             continue
         hf = hf_names.to_hf(param.logical_name)

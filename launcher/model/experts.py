@@ -1,8 +1,8 @@
 """The experts of an MoE item (launcher/model/moe.py): the tokens sorted by expert, each
 expert run on its contiguous slice (grouped matrix multiplies where torch runs them, else one
 autograd node over a loop: `run_experts`), capacity, and expert parallelism over the tensor
-ranks (the tokens sent to their expert's rank and back by all-to-all). docs/MOE.md has the
-design and why.
+and data ranks (the tokens sent to their expert's rank and back by all-to-all). docs/MOE.md
+has the design and why.
 """
 
 from __future__ import annotations
@@ -159,11 +159,11 @@ def run_experts(x: torch.Tensor, counts: list, weights: tuple, grouped: Optional
 
 def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Optional[int] = None,
              earlier: Optional[torch.Tensor] = None,
-             tp: TensorParallel = NO_TP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             ep: TensorParallel = NO_TP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_k weight_tk * expert_{e_tk}(h_t) for the N tokens h (N, H), the experts' stacked
     `weights` (w_gate, w_up, w_down): tokens sorted by expert (stable: token order within
-    each), each expert run on its contiguous slice (`_Experts`); with `tp`, the experts are
-    split over the tp ranks and the tokens travel to their expert's rank and back
+    each), each expert run on its contiguous slice (`run_experts`); with `ep`, the experts are
+    split over the expert-parallel ranks and the tokens travel to their expert's rank and back
     (`_on_expert_ranks`). With `capacity`, each expert keeps its first `capacity` assignments, counting
     `earlier` (E,) assignments made before these tokens (by the tp ranks holding earlier
     positions). Returns (out (N, H), counts per expert before drops (E,), dropped ())."""
@@ -184,8 +184,8 @@ def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Option
         kept_counts = torch.minimum((capacity - earlier).clamp(min=0), counts)
     else:
         kept_counts = counts
-    if tp.size > 1:
-        y = _on_expert_ranks(h[token], kept_counts, weights, tp)
+    if ep.size > 1:
+        y = _on_expert_ranks(h[token], kept_counts, weights, ep)
     else:
         y = run_experts(h[token], kept_counts.tolist(), weights)
     out = torch.zeros_like(h).index_add_(0, token, (y.float() * weight[:, None]).to(h.dtype))
@@ -193,38 +193,38 @@ def dispatch(h: torch.Tensor, routing: Routing, weights: tuple, capacity: Option
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows of x to each tp rank (`send` rows each, in rank order), `receive` rows from each;
+    """Rows of x to each expert-parallel rank (`send` rows each, in rank order), `receive` rows from each;
     backward sends the gradients back the same way."""
 
     @staticmethod
-    def forward(ctx, x, receive: list, send: list, tp: TensorParallel):
-        ctx.receive, ctx.send, ctx.tp = receive, send, tp
+    def forward(ctx, x, receive: list, send: list, ep: TensorParallel):
+        ctx.receive, ctx.send, ctx.ep = receive, send, ep
         out = x.new_empty((sum(receive), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), receive, send, group=tp.group)
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=ep.group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.receive, group=ctx.tp.group)
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.receive, group=ctx.ep.group)
         return out, None, None, None
 
 
-def _on_expert_ranks(x: torch.Tensor, counts: torch.Tensor, weights: tuple, tp: TensorParallel) -> torch.Tensor:
-    """Expert parallelism over the tp ranks: rank r holds experts [r E/tp, (r+1) E/tp). The
+def _on_expert_ranks(x: torch.Tensor, counts: torch.Tensor, weights: tuple, ep: TensorParallel) -> torch.Tensor:
+    """Expert parallelism: expert rank r holds experts [r E/ep, (r+1) E/ep). The
     tokens x, sorted by expert (`counts` (E,) each), go to their expert's rank (the counts
     first, then the tokens: two all-to-alls), are regrouped there by expert, run, and come
     back in their order (one all-to-all)."""
-    local = counts.numel() // tp.size
-    send = counts.view(tp.size, local)  # row d: what this rank sends to rank d, per expert of d
+    local = counts.numel() // ep.size
+    send = counts.view(ep.size, local)  # row d: what this rank sends to rank d, per expert of d
     received = torch.empty_like(send)  # row s: what rank s sends here, per local expert
-    dist.all_to_all_single(received, send.contiguous(), group=tp.group)
+    dist.all_to_all_single(received, send.contiguous(), group=ep.group)
     to_each, from_each = send.sum(1).tolist(), received.sum(1).tolist()
-    arrived = _AllToAll.apply(x, from_each, to_each, tp)  # by source rank, then by local expert
+    arrived = _AllToAll.apply(x, from_each, to_each, ep)  # by source rank, then by local expert
     block = torch.repeat_interleave(torch.arange(received.numel(), device=x.device), received.reshape(-1))
-    by_expert = torch.argsort((block % local) * tp.size + block // local, stable=True)
+    by_expert = torch.argsort((block % local) * ep.size + block // local, stable=True)
     y = run_experts(arrived[by_expert], received.sum(0).tolist(), weights)
-    return _AllToAll.apply(y[torch.argsort(by_expert)], to_each, from_each, tp)
+    return _AllToAll.apply(y[torch.argsort(by_expert)], to_each, from_each, ep)
 
 
 def earlier_assignments(routing: Routing, tp: TensorParallel) -> Optional[torch.Tensor]:

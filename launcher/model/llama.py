@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # annotations only
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
-                options: BlockOptions = BlockOptions(), moe_state: Optional[MoEState] = None) -> list[LayerSpec]:
+                options: BlockOptions = BlockOptions(), moe_state: Optional[MoEState] = None,
+                ep: Optional[TensorParallel] = None) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, one per pipeline item (parallel.costs order).
     `seed=None` leaves the weights uninitialised, for loading (parallel.tensor_parallel.init_shard).
     `moe_state`: the balancing state every MoE item of this process shares (launcher/model/moe.py)."""
@@ -51,7 +52,7 @@ def layer_specs(cfg: ModelConfig, tp: TensorParallel, seed: Optional[int],
             layer = int(name.split(".")[1])
             specs.append(LayerSpec(Attention if kind == "attn" else MLP, cfg, tp, seed, layer, options))
         elif kind == "moe":
-            specs.append(LayerSpec(MoE, cfg, tp, seed, int(name.split(".")[1]), options, moe_state))
+            specs.append(LayerSpec(MoE, cfg, tp, seed, int(name.split(".")[1]), options, moe_state, ep))
         elif kind == "norm":
             specs.append(LayerSpec(FinalNorm, cfg, tp))
         elif cfg.tie_embeddings:

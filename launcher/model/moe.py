@@ -189,8 +189,9 @@ class MoEState:
 
 def _holder(seed: Optional[int], prefix: str, tp: TensorParallel = NO_TP, **shapes) -> nn.Module:
     """A module holding parameters `prefix.<key>` (full shape, init std) for state-dict keys
-    that read as the weight table's names (launcher/model/weights.py); with `tp`, each split
-    along dim 0 (the experts) over the tp ranks, else whole on every rank."""
+    that read as the weight table's names (launcher/model/weights.py); with `tp` (for the
+    experts: the expert-parallel group), each split along dim 0 (the experts) over its ranks,
+    else whole on every rank."""
     holder = nn.Module()
     dim = 0 if tp.size > 1 else None
     for key, (shape, std) in shapes.items():
@@ -209,23 +210,29 @@ class MoE(nn.Module):
     w_up (E, f, H), experts.w_down (E, H, f); shared.w_gate, w_up (S f, H), shared.w_down (H, S f)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: Optional[int], layer: int,
-                 options: BlockOptions = BlockOptions(), state: Optional[MoEState] = None):
+                 options: BlockOptions = BlockOptions(), state: Optional[MoEState] = None,
+                 ep: Optional[TensorParallel] = None):
+        """`ep`: the expert-parallel group, when it is more than the tp group (experts over
+        data ranks too: parallel/layout.py); by default the tp group."""
         super().__init__()
         moe, h = cfg.moe, cfg.hidden
         self.moe, self.layer, self.options, self.state, self.tp = moe, layer, options, state, tp
+        self.ep = ep if ep is not None else tp
         p = f"layers.{layer}.mlp"
         self.norm = RMSNorm(h, cfg.norm_eps, f"{p}.norm.weight", NO_TP)
         out_std = scaled_init_std(cfg.init_std, cfg.layers)
         e, f = moe.experts, moe.ffn
         self.router = _holder(seed, f"{p}.router", weight=((e, h), cfg.init_std))
-        self.experts = _holder(seed, f"{p}.experts", tp, w_gate=((e, f, h), cfg.init_std),
+        self.experts = _holder(seed, f"{p}.experts", self.ep, w_gate=((e, f, h), cfg.init_std),
                                w_up=((e, f, h), cfg.init_std), w_down=((e, h, f), out_std))
         width = moe.shared_experts * f
         self.shared = _holder(seed, f"{p}.shared", w_gate=((width, h), cfg.init_std),
                               w_up=((width, h), cfg.init_std), w_down=((h, width), out_std)) if width else None
         self._normed = _maybe_compile(self.norm.forward, options)
+        for param in self.experts.parameters():
+            param.expert_parallel = True  # different on each rank of the expert group
         for param in self.parameters():  # each tp rank routes its own tokens: partial gradients
-            if param.tp_shard_dim is None:  # an expert's is whole on its own rank (all-to-all backward)
+            if not getattr(param, "expert_parallel", False):  # an expert's is whole on its own rank
                 sum_grad_over_tp(param, tp, always=True)
 
     def forward(self, x):
@@ -255,7 +262,7 @@ class MoE(nn.Module):
         earlier = earlier_assignments(routing, self.tp) if capacity is not None else None
         w = self.experts
         out, counts, dropped = dispatch(tokens, routing, (w.w_gate, w.w_up, w.w_down), capacity, earlier,
-                                        self.tp)
+                                        self.ep)
         if self.shared is not None:
             out = out + swiglu(tokens, self.shared.w_gate, self.shared.w_up, self.shared.w_down)
         out = x + out.view(h.shape[1], h.shape[0], -1).transpose(0, 1)

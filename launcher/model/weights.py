@@ -109,6 +109,12 @@ def expert_rows(stacked: str, experts: int) -> list[str]:
     return [f"{head}.{j}.{leaf}" for j in range(experts)]
 
 
+def is_expert(ours: str) -> bool:
+    """A stacked expert weight: split along the experts over the expert-parallel ranks, which
+    are the tp ranks and, when parallel.expert > parallel.tensor, data ranks too."""
+    return ".mlp.experts." in ours
+
+
 def tp_dim(ours: str) -> Optional[int]:
     return _lookup(ours, _BY_OURS)[0].tp_dim
 

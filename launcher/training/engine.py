@@ -4,6 +4,11 @@ pipeline > 1: DeepSpeed's PipelineModule (cut at our boundaries) + PipelineEngin
               ZeRO 0/1.
 pipeline = 1: the plain DeepSpeedEngine with our mpu (tp and dp groups), ZeRO 0-3.
 
+An MoE whose experts span data ranks (parallel.expert > parallel.tensor) shows DeepSpeed the
+expert group as its model dimension and the ranks holding the same experts as its data
+dimension (parallel/layout.py); parallel/expert_grads.py averages the dense gradients over
+the rest.
+
 `TrainEngine.train_step` runs one optimizer step over this rank's micro-batches and returns
 the loss averaged over the whole global batch (what a single process would report) and the
 global gradient norm.
@@ -42,18 +47,9 @@ from launcher.training.fast_start import skip_dynamo_import
 from launcher.training.optim import build_optimizer, build_scheduler
 from parallel.compression import PowerSGDReducer
 from parallel.costs import recompute_mode
+from parallel.expert_grads import average_grads_over_expert_peers, mark_grad_norm_owners
 from parallel.tensor_parallel import TensorParallel
 from parallel.topology import ModelParallelUnit, ProcessGroups
-
-
-def mark_grad_norm_owners(model: torch.nn.Module, tp_rank: int) -> None:
-    """Make DeepSpeed count every parameter once in the global grad norm: tp-sharded
-    parameters on every rank (already `tensor_model_parallel`), tp-replicated ones (norm
-    gains) on tp rank 0 only. DeepSpeed's norm code counts a parameter when it is marked
-    model-parallel or when the rank is model-parallel rank 0."""
-    for p in model.parameters():
-        if not getattr(p, "tensor_model_parallel", False):
-            p.model_parallel = tp_rank == 0
 
 
 def to_device(x, device: torch.device):
@@ -80,8 +76,9 @@ class TrainEngine:
         return not self.pipeline or self.groups.is_first_stage or self.groups.is_last_stage
 
     def train_step(self, micro_batches: list) -> tuple[float, Optional[float]]:
-        if self.pipeline:
-            loss = self.ds.train_batch(data_iter=iter(micro_batches) if self.reads_data else None)
+        if self.pipeline:  # DeepSpeed averages over its data group: the ranks with the same experts
+            loss = self._expert_peer_mean(self.ds.train_batch(data_iter=iter(micro_batches) if self.reads_data
+                                                              else None))
         else:
             losses = []
             for inputs, targets in micro_batches:
@@ -106,7 +103,7 @@ class TrainEngine:
         if self.pipeline:
             loss = self.ds.eval_batch(data_iter=iter(micro_batches) if self.reads_data else None,
                                       num_micro_batches=self.ds.micro_batches)
-            return float(loss)
+            return float(self._expert_peer_mean(loss))
         self.ds.eval()
         losses = [self.loss_fn(self.ds(to_device(i, self.device)), to_device(t, self.device)).float()
                   for i, t in micro_batches]
@@ -134,6 +131,16 @@ class TrainEngine:
         self._captured_ms = {}
         capture_timer_logs(self.ds, self._captured_ms)
 
+    def _expert_peer_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A pipeline loss, averaged by DeepSpeed over its data group, over the expert group's
+        data ranks as well (nothing to do unless experts span data ranks)."""
+        peers = self.groups.layout.experts_over_dp
+        if peers > 1:
+            value = value.detach().float().clone()
+            dist.all_reduce(value, group=self.groups.expert_peer_group)
+            value = value / peers
+        return value
+
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.groups.layout.dp > 1:
             dist.all_reduce(value, group=self.groups.dp_group)
@@ -148,6 +155,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
 
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
                         sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
+    ep = TensorParallel(groups.ep_group, groups.ep_rank, plan.layout.expert_degree) if plan.layout.ep else tp
     options = BlockOptions(fused=cfg.parallel.fused_projections, compile=cfg.model.compile,
                            recompute=recompute_mode(cfg.parallel.activation_checkpointing))
     full_recompute = options.recompute == "full"
@@ -156,7 +164,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     if moe_state is not None:  # the aux loss's gradient is scaled as DeepSpeed scales the loss
         moe_state.aux_grad_scale = 1.0 / plan.layout.grad_accum
     specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options,
-                        moe_state=moe_state)
+                        moe_state=moe_state, ep=ep)
     loss_fn = LossFn(tp)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     pipeline = plan.layout.pp > 1
@@ -170,8 +178,9 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         model = LlamaModel(specs, checkpoint_fn if full_recompute else None).to(device)
         mpu = ModelParallelUnit(groups)
     if init_from:
-        load_hf_weights(model, Path(init_from), tp.rank, tp.size)
-    mark_grad_norm_owners(model, groups.coord.tp)
+        load_hf_weights(model, Path(init_from), tp.rank, tp.size, experts=(ep.rank, ep.size))
+    mark_grad_norm_owners(model, groups)
+    average_grads_over_expert_peers(model, groups)
     if not cfg.model.compile:
         skip_compile_imports()
         skip_dynamo_import()
@@ -191,7 +200,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         keep_fp32_grad_norm(engine)
     compressor = None
     if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
-        compressor = build_compressor(engine, cfg, groups.dp_group, pipeline)
+        compressor = build_compressor(engine, cfg, groups.expert_dp_group, pipeline)
     train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
                                compressor=compressor, moe_state=moe_state)
     if cfg.logging.time_breakdown:
