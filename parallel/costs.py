@@ -140,16 +140,16 @@ def moe_activation_bytes(model: ModelShape, micro_batch: int, dtype_bytes: int) 
     return router + routed + 4 * e * n * moe.shared_experts * moe.ffn
 
 
-def moe_params(model: ModelShape, tp: int = 1) -> tuple[int, int, int]:
-    """(total, active per token, on one tp rank) matmul parameters of one MoE item: the
-    router, every routed expert (top_k of them active; E/tp of them on a tp rank: expert
-    parallelism over the tp ranks) and the shared experts."""
+def moe_params(model: ModelShape, ep: int = 1) -> tuple[int, int, int]:
+    """(total, active per token, on one rank) matmul parameters of one MoE item: the router,
+    every routed expert (top_k of them active; E/ep of them on a rank: expert parallelism
+    over ep ranks) and the shared experts."""
     moe, h = model.moe, model.hidden
     expert = 3 * h * moe.ffn
     shared = moe.shared_experts * expert
     router = moe.experts * h
     return (router + moe.experts * expert + shared, router + moe.top_k * expert + shared,
-            router + moe.experts // tp * expert + shared)
+            router + moe.experts // ep * expert + shared)
 
 
 def replicated_moe_params(model: ModelShape) -> int:
@@ -158,22 +158,25 @@ def replicated_moe_params(model: ModelShape) -> int:
     return moe.experts * model.hidden + 3 * model.hidden * moe.ffn * moe.shared_experts + model.hidden
 
 
-def moe_all_to_all_bytes(model: ModelShape, tp: int, tokens: int, dtype_bytes: int, full_recompute: bool) -> float:
+def moe_all_to_all_bytes(model: ModelShape, tp: int, tokens: int, dtype_bytes: int, full_recompute: bool,
+                         ep: int = 0) -> float:
     """Bytes one rank sends to other ranks in one MoE item's all-to-alls per micro-batch of
-    `tokens` (expert parallelism over tp): its tokens / tp x top_k assignments of `hidden`
-    values, (tp - 1) / tp of them off-rank, there and back in forward and again in backward
-    (forward twice with full recomputation)."""
-    if tp <= 1:
+    `tokens` with expert parallelism over `ep` ranks (0: over tp): its tokens / tp x top_k
+    assignments of `hidden` values, (ep - 1) / ep of them off-rank, there and back in forward
+    and again in backward (forward twice with full recomputation)."""
+    ep = ep or tp
+    if ep <= 1:
         return 0.0
-    payload = tokens / tp * model.moe.top_k * model.hidden * dtype_bytes * (tp - 1) / tp
+    payload = tokens / tp * model.moe.top_k * model.hidden * dtype_bytes * (ep - 1) / ep
     return (6 if full_recompute else 4) * payload
 
 
 def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
-               recompute="none", sequence_parallel: bool = False) -> list[ItemCost]:
+               recompute="none", sequence_parallel: bool = False, ep: int = 0) -> list[ItemCost]:
     """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences.
     `recompute`: none | selective | full (or parallel.activation_checkpointing's bool);
-    `sequence_parallel`: as resolved for this tp (resolved by the caller for this tp)."""
+    `sequence_parallel`: as resolved for this tp (resolved by the caller for this tp);
+    `ep`: the expert-parallel degree (0: tp)."""
     h, s = model.hidden, model.seq_len
     kv_dim = model.n_kv_heads * model.head_dim
     mode = recompute_mode(recompute)
@@ -190,8 +193,8 @@ def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes
         "norm": (h, h, 0),
         "head": (head_matmul, head_matmul // tp, 6 * head_matmul),
     }
-    if _moe(model) is not None:  # the experts split over tp; FLOPs from the active parameters
-        total, active, per_rank = moe_params(model, tp)
+    if _moe(model) is not None:  # the experts split over ep; FLOPs from the active parameters
+        total, active, per_rank = moe_params(model, ep or tp)
         table["moe"] = (total + h, per_rank + h, 6 * active)
     if model.tie_embeddings:  # the head reuses the embedding's weight (counted once, in embed)
         table["head"] = (0, 0, 6 * head_matmul)
@@ -212,3 +215,13 @@ def parameter_counts(model: ModelShape) -> tuple[int, int]:
         return total, total
     moe_total, moe_active, _ = moe_params(model)
     return total, total - sum(1 for c in costs if c.kind == "moe") * (moe_total - moe_active)
+
+
+def powersgd_ratio(model: ModelShape, tp: int, rank: int) -> float:
+    """Bytes PowerSGD sends (rank x (rows + columns) per matrix) over the dense gradient's,
+    over one block's weight matrices on a tp rank (norm gains, a sliver, ignored)."""
+    h, kv, f = model.hidden, model.n_kv_heads * model.head_dim, model.ffn
+    shapes = [(h // tp, h), (kv // tp, h), (kv // tp, h), (h, h // tp), (f // tp, h), (f // tp, h), (h, f // tp)]
+    dense = sum(a * b for a, b in shapes)
+    low = sum(min(rank, a, b) * (a + b) for a, b in shapes)
+    return min(1.0, low / dense)

@@ -168,8 +168,10 @@ def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[in
     The peak is taken as model states + activations in flight + the larger of the loss's
     working copies (mid-step) and the reduction bucket (end of step) + ZeRO 3's gathered
     layers + the fixed overhead, plus `overhead.margin` of all that. From `layout`: tp, dp,
-    the micro-batch and grad_accum; the stages are those of `parts`."""
-    tp, dp, micro_batch = layout.tp, layout.dp, layout.micro_batch
+    the micro-batch and grad_accum; the stages are those of `parts`. ZeRO shards over
+    DeepSpeed's data group: the ranks that hold the same experts (`Layout.ds_data`, all of
+    dp for a dense model)."""
+    tp, dp, micro_batch = layout.tp, layout.ds_data, layout.micro_batch
     dtype, zero_stage, reduce_bucket = states.dtype, states.zero_stage, states.reduce_bucket
     stages = len(parts) - 1
     items = costs[parts[stage]:parts[stage + 1]]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
-from parallel.costs import moe_all_to_all_bytes, replicated_moe_params
+from parallel.costs import moe_all_to_all_bytes, powersgd_ratio, replicated_moe_params
 from parallel.hardware import GB, GIB, Hardware
 from parallel.layout import Layout, resolve_sequence_parallel
 from parallel.memory import (
@@ -138,6 +138,7 @@ class Pinned:
     micro_batch: Optional[int] = None
     recompute: Optional[str] = None
     zero: Optional[int] = None
+    ep: Optional[int] = None  # an MoE's expert degree (None: the tensor degree, as `auto`)
     offload: tuple[bool, ...] = (False,)  # the offload settings tried
     micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16)  # tried when micro_batch is None
 
@@ -190,14 +191,15 @@ class Estimate:
 
 
 def _costs(model: ModelShape, tp: int, micro_batch: int, dtype: str, recompute: str,
-           sequence_parallel: bool = False) -> tuple[ItemCost, ...]:
-    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel))
+           sequence_parallel: bool = False, ep: int = 0) -> tuple[ItemCost, ...]:
+    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel, ep))
 
 
 def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate) -> list[int]:
     lay = c.layout
     memory = MemoryModel(stages=lay.pp, grad_accum=lay.grad_accum,
-                         bytes_per_param=state_bytes(work.dtype, work.optimizer, c.zero, lay.dp, offload=c.offload).total)
+                         bytes_per_param=state_bytes(work.dtype, work.optimizer, c.zero, lay.ds_data,
+                                                     offload=c.offload).total)
     return partition(work.partition, costs, lay.pp, memory)
 
 
@@ -205,7 +207,7 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
              costs: Optional[tuple[ItemCost, ...]] = None) -> Estimate:
     model, hw, lay = work.model, cluster.hardware, c.layout
     if costs is None:
-        costs = _costs(model, lay.tp, lay.micro_batch, work.dtype, c.recompute, c.sequence_parallel)
+        costs = _costs(model, lay.tp, lay.micro_batch, work.dtype, c.recompute, c.sequence_parallel, lay.ep)
     if parts is None:
         parts = stage_parts(work, costs, c)
     states = c.state_settings(work)
@@ -214,7 +216,7 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
     step = step_time(work, cluster, c, costs, parts)
     tokens = work.global_batch * model.seq_len / step.total
     mfu = flops_per_token(model) * tokens / (cluster.world * hw.peak_tflops * 1e12)
-    host = max(r.params for r in memory) * host_state_bytes(work.optimizer, lay.dp) if c.offload else 0.0
+    host = max(r.params for r in memory) * host_state_bytes(work.optimizer, lay.ds_data) if c.offload else 0.0
     return Estimate(candidate=c, parts=tuple(parts), stages=memory, step=step, tokens_per_s=tokens, mfu=mfu,
                     capacity=hw.memory_gib * GIB, host_bytes=host)
 
@@ -236,16 +238,6 @@ def gradient_wire_bytes(work: Workload, params: int, tp: int) -> float:
     return params * per
 
 
-def powersgd_ratio(model: ModelShape, tp: int, rank: int) -> float:
-    """Bytes PowerSGD sends (rank x (rows + columns) per matrix) over the dense gradient's,
-    over one block's weight matrices on a tp rank (norm gains, a sliver, ignored)."""
-    h, kv, f = model.hidden, model.n_kv_heads * model.head_dim, model.ffn
-    shapes = [(h // tp, h), (kv // tp, h), (kv // tp, h), (h, h // tp), (f // tp, h), (f // tp, h), (h, f // tp)]
-    dense = sum(a * b for a, b in shapes)
-    low = sum(min(rank, a, b) * (a + b) for a, b in shapes)
-    return min(1.0, low / dense)
-
-
 def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> StepTime:
     model, hw, lay = work.model, cluster.hardware, c.layout
     e = dtype_bytes(work.dtype)
@@ -255,6 +247,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
     tp_bw = nvlink if lay.tp <= cluster.gpus_per_node else hw.inter_node_gbps
     pp_bw = nvlink if lay.tp * lay.dp * lay.pp <= cluster.gpus_per_node else hw.inter_node_gbps
     dp_bw = nvlink if lay.tp * lay.dp <= cluster.gpus_per_node else hw.inter_node_gbps
+    ep_bw = nvlink if lay.expert_degree <= cluster.gpus_per_node else hw.inter_node_gbps
     act = tokens_mb * model.hidden * e
     collectives = SP_ALLREDUCES if c.sequence_parallel else TP_ALLREDUCES
 
@@ -264,8 +257,13 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
         reduces = 0.0
         moe_items = [it for it in items if it.kind == "moe"]
         moe_grads = sum(replicated_moe_params(model) * e for _ in moe_items)  # all-reduced over tp
-        a2a = len(moe_items) * moe_all_to_all_bytes(model, lay.tp, tokens_mb, e, c.recompute == "full") / (
-            tp_bw * GB) if moe_items else 0.0
+        a2a = len(moe_items) * moe_all_to_all_bytes(model, lay.tp, tokens_mb, e, c.recompute == "full", lay.ep) / (
+            ep_bw * GB) if moe_items else 0.0
+        # experts over data ranks: every dense gradient averaged over the expert group's data
+        # ranks per micro-batch (parallel/expert_grads.py)
+        if lay.experts_over_dp > 1:
+            dense = sum(it.params_per_rank for it in items if it.kind != "moe") + moe_grads / e
+            a2a += _ring(lay.experts_over_dp, dense * e, ep_bw)
         for it in items:
             flops += it.flops_per_token
             if c.recompute == "full":
@@ -285,17 +283,18 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
 
     params = max(sum(it.params_per_rank for it in costs[parts[s]:parts[s + 1]]) for s in range(lay.pp))
     grads = gradient_wire_bytes(work, params, lay.tp)
+    data = lay.ds_data  # DeepSpeed reduces over the ranks holding the same experts (all of dp when dense)
     if c.zero == 0:
-        dp = _ring(lay.dp, grads, dp_bw)
+        dp = _ring(data, grads, dp_bw)
     else:
-        dp = _ring(lay.dp, grads, dp_bw, all_reduce=False) + _ring(lay.dp, params * e, dp_bw, all_reduce=False)
+        dp = _ring(data, grads, dp_bw, all_reduce=False) + _ring(data, params * e, dp_bw, all_reduce=False)
         if c.zero == 3:
-            dp += (3 if c.recompute == "full" else 2) * _ring(lay.dp, params * e, dp_bw, all_reduce=False)
-    states = state_bytes(work.dtype, work.optimizer, c.zero, lay.dp, offload=c.offload)
+            dp += (3 if c.recompute == "full" else 2) * _ring(data, params * e, dp_bw, all_reduce=False)
+    states = state_bytes(work.dtype, work.optimizer, c.zero, data, offload=c.offload)
     optimizer = 2 * params * states.total / (hw.hbm_gbps * GB)
     offload = 0.0
     if c.offload:
-        shard = params / lay.dp
+        shard = params / data
         offload = shard * (4 + e) / (hw.pcie_gbps * GB) + 32 * shard * cluster.gpus_per_node / (hw.host_gbps * GB)
     return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
                     optimizer=optimizer, offload=offload, bubble=bubble)
@@ -314,15 +313,16 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
                                        if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t or experts % t)]
     out = []
     for t in tps:
-        if world % t:
+        if world % t or (pinned.ep and pinned.ep % t):
             continue
         pps = [pp] if pp is not None else [p for p in range(1, min(m.layers, world // t) + 1) if (world // t) % p == 0]
         for p in pps:
             if world % (t * p):
                 continue
             dp = world // (t * p)
-            if work.global_batch % dp:
-                continue
+            if work.global_batch % dp or (pinned.ep and dp % (pinned.ep // t)):
+                continue  # (an expert degree is tp x a divisor of dp: parallel/layout.py)
+            ep = pinned.ep if pinned.ep and pinned.ep != t else 0
             mbs = [micro_batch] if micro_batch is not None else list(pinned.micro_batches)
             for b in mbs:
                 if work.global_batch % (b * dp):
@@ -333,14 +333,14 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
                         continue  # DeepSpeed's pipeline engine runs ZeRO 0 or 1
                     if work.dtype == "bf16" and p == 1 and z == 0:
                         continue  # refused by launcher/ds/config.py (bf16 gradient accumulation)
-                    if work.compression == "powersgd" and z > 1:
-                        continue
+                    if (work.compression == "powersgd" and z > 1) or (ep and z == 3):
+                        continue  # refused by launcher/config/checks.py
                     for r in ([pinned.recompute] if pinned.recompute is not None else RUNNABLE_RECOMPUTE):
                         for off in pinned.offload:
                             if off and (z == 0 or work.compression == "powersgd"):
                                 continue  # refused by launcher/config/checks.py
                             layout = Layout(world_size=world, tp=t, pp=p, dp=dp, micro_batch=b,
-                                            global_batch=work.global_batch)
+                                            global_batch=work.global_batch, ep=ep)
                             out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t)))
     return out
 
@@ -359,10 +359,10 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
     costs_cache: dict = {}
     for c in pool:
         lay = c.layout
-        key = (lay.pp, lay.tp, lay.micro_batch, c.recompute, c.sequence_parallel)
+        key = (lay.pp, lay.tp, lay.micro_batch, c.recompute, c.sequence_parallel, lay.ep)
         if key[1:] not in costs_cache:
             costs_cache[key[1:]] = _costs(work.model, lay.tp, lay.micro_batch, work.dtype, c.recompute,
-                                          c.sequence_parallel)
+                                          c.sequence_parallel, lay.ep)
         costs = costs_cache[key[1:]]
         if work.partition == "balanced":  # FLOPs min-max: the same split for any tp, batch or ZeRO
             key = (lay.pp,)

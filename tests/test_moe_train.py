@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from launch import WORKDIR, base_env, losses, python_cmd, read_events, read_metrics, run_cli, torchrun_cmd, train
 
 # A small MoE: the first layer dense, two MoE layers (4 experts, top 2, one shared expert);
@@ -87,6 +88,49 @@ def test_expert_degree_4_then_2_then_1_continue_the_single_run(single, tmp_path)
     assert losses(one) == pytest.approx(losses(single)[4:], abs=1e-5)
     for run, step in (("ep2", 2), ("ep1", 4)):
         assert [(e["step"], e["resharded"]) for e in read_events(tmp_path / run, "resume")] == [(step, True)]
+
+
+def test_experts_over_data_ranks_match_the_single_run_and_reshard(single, tmp_path):
+    """Expert parallelism drawn from the data ranks (parallel.expert > parallel.tensor): ep 4 x
+    dp 4 at tensor 1 (ZeRO 2) gives the single process's losses, grad norms and routing
+    figures; its step-2 checkpoint continues on ep 4 = tensor 2 x 2 data ranks (ZeRO 1),
+    whose step-4 checkpoint continues on ep 2 x pipeline 2; the same step-2 checkpoint also
+    continues on ep 2 x dp 4 (two ranks per expert: expert-data parallelism) with PowerSGD's
+    exact reduction, whose step-4 checkpoint continues on one process. Every run repeats the
+    single run's losses within 1e-5; the checkpoint reader gives the same full tensors from
+    both step-4 checkpoints (experts over 4 and over 2 ranks)."""
+    common = [*MOE, "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3"]
+
+    def ckpt(run: str, step: int) -> str:
+        return f"checkpoint.resume={tmp_path / run / 'checkpoints' / f'step-{step:08d}'}"
+
+    ep4 = train(torchrun_cmd(4), tmp_path / "ep4", *common, "parallel.tensor=1", "parallel.pipeline=1",
+                "parallel.expert=4", "zero.stage=2")
+    assert losses(ep4) == pytest.approx(losses(single), abs=1e-5)
+    for got, expected in zip(ep4, single):
+        for key in ("grad_norm", "moe.1.load_max_over_mean", "moe.2.aux_loss"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-5), key
+    runs = {
+        "tp2_ep4": (torchrun_cmd(4), ["parallel.tensor=2", "parallel.pipeline=1", "parallel.expert=4",
+                                      "parallel.sequence_parallel=false", "zero.stage=1", ckpt("ep4", 2)], 2),
+        "pp2_ep2": (torchrun_cmd(4), ["parallel.tensor=1", "parallel.pipeline=2", "parallel.expert=2",
+                                      "zero.stage=1", ckpt("tp2_ep4", 4)], 4),
+        "dp4_ep2": (torchrun_cmd(4), ["parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=2",
+                                      "zero.stage=1", "compression.method=powersgd",
+                                      "compression.warmup_steps=10", ckpt("ep4", 2)], 2),
+        "one": (python_cmd(), ["parallel.tensor=1", "parallel.pipeline=1", ckpt("dp4_ep2", 4)], 4),
+    }
+    for name, (cmd, args, start) in runs.items():
+        metrics = train(cmd, tmp_path / name, *common, *args)
+        assert [m["step"] for m in metrics] == list(range(start + 1, 7)), name
+        assert losses(metrics) == pytest.approx(losses(single)[start:], abs=1e-5), name
+        assert [e["resharded"] for e in read_events(tmp_path / name, "resume")] == [True], name
+    from launcher.checkpoint.reader import CheckpointReader
+    from launcher.model.weights import weights
+
+    four, two = (CheckpointReader(tmp_path / run / "checkpoints" / "step-00000004") for run in ("tp2_ep4", "dp4_ep2"))
+    for ours, _ in weights(four.model):
+        assert torch.allclose(four.tensor(ours), two.tensor(ours), atol=1e-4), ours
 
 
 def test_bias_balancing_matches_across_pipeline_stages_and_resumes(tmp_path):

@@ -274,16 +274,22 @@ def _measure_states(rank, world_size, runs):
 
 
 def test_model_states_each_rank_holds_match_the_planner(tmp_path):
-    """tp 2 x pp 2 x dp 2 with ZeRO 0 and 1, and tp 2 x dp 4 with ZeRO 3 (DeepSpeed's
-    pipeline runs ZeRO 0-1), fp32 AdamW, 8 gloo processes, one process group for all three:
+    """tp 2 x pp 2 x dp 2 with ZeRO 0 and 1, tp 2 x dp 4 with ZeRO 3 (DeepSpeed's pipeline
+    runs ZeRO 0-1), and an MoE with its experts over tp 2 x 2 data ranks with ZeRO 2, fp32
+    AdamW, 8 gloo processes, one process group for all four:
     the weight, gradient and optimizer bytes each rank holds (distinct tensor storage, at
     the optimizer step and at the end of backward) are within 10% of the planner's, and the
     reduction bucket is the one it predicts."""
     base = ["train.steps=2", "schedule.warmup_steps=1", "parallel.global_batch=8", "parallel.micro_batch=1",
             "parallel.tensor=2", "optimizer.name=adamw", "precision.dtype=fp32"]
+    # an MoE whose experts span data ranks: ep 4 = tp 2 x 2 data ranks, ZeRO 2 over the 2 ranks
+    # holding the same experts (8 experts, 2 per rank)
+    moe = ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.ffn=128", "model.moe.shared_experts=1",
+           "model.moe.first_dense=1", "parallel.expert=4", "parallel.sequence_parallel=false"]
     runs = [([*base, "parallel.pipeline=2", "zero.stage=0"], tmp_path / "z0"),
             ([*base, "parallel.pipeline=2", "zero.stage=1"], tmp_path / "z1"),
-            ([*base, "parallel.pipeline=1", "zero.stage=3"], tmp_path / "z3")]
+            ([*base, "parallel.pipeline=1", "zero.stage=3"], tmp_path / "z3"),
+            ([*base, *moe, "parallel.pipeline=1", "zero.stage=2"], tmp_path / "moe_z2")]
     results = [r for rank in run_distributed(_measure_states, 8, runs) for r in rank]
     print("\nZeRO  rank (pp,dp,tp)  weights MB meas/pred  grads MB meas/pred  optimizer MB meas/pred  bucket MB")
     for r in results:
@@ -294,7 +300,7 @@ def test_model_states_each_rank_holds_match_the_planner(tmp_path):
         for key in ("weights", "grads", "optimizer"):
             assert abs(m[key] - p[key]) <= 0.10 * p[key], (r["zero"], r["coord"], key, m[key], p[key])
         assert m["bucket"] == p["bucket"] or (p["bucket"] < 500_000_000 and m["bucket"] == 0), r
-    assert {r["zero"] for r in results} == {0, 1, 3}
+    assert {r["zero"] for r in results} == {0, 1, 2, 3}
 
 
 def _saved_bytes(model, ids, persistent) -> int:

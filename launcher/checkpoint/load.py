@@ -27,12 +27,12 @@ from launcher.ds.seams import deepspeed_load_checkpoint, load_weights_only
 from launcher.errors import ConfigError
 
 
-def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, tp_rank: int,
-         compressor=None, device: Optional[torch.device] = None,
-         expert_rank: Optional[int] = None) -> tuple[Optional[str], list[str]]:
+def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank: int, shard_ranks: tuple[int, int],
+         compressor=None, device: Optional[torch.device] = None) -> tuple[Optional[str], list[str]]:
     """Collective: DeepSpeed state (model, optimizer incl. ZeRO shards, scheduler) and, on
     the same layout, this rank's RNG and compression state. `saved`: the checkpoint's
-    launcher_state.json; `current`: this run's layout. Returns (how the checkpoint was
+    launcher_state.json; `current`: this run's layout; `shard_ranks`: this rank's tp rank and
+    expert rank (parallel/layout.py). Returns (how the checkpoint was
     resharded, or None when DeepSpeed read it as saved; notices of state started afresh).
 
     Another layout DeepSpeed cannot read (tensor or pipeline degree, stage boundaries, ZeRO
@@ -52,8 +52,9 @@ def load(ds_engine, ckpt: Path, saved: LauncherState, current: SavedLayout, rank
         deepspeed_load_checkpoint(ds_engine, ckpt, saved.layout.dp, current.dp)
     else:
         start = time.perf_counter()
-        experts = (tp_rank if expert_rank is None else expert_rank, current.model_ranks)
-        load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], (tp_rank, current.tp), experts)
+        tp_rank, expert_rank = shard_ranks
+        load_resharded(ds_engine, ckpt, saved.layout, saved.fingerprint["model"], (tp_rank, current.tp),
+                       (expert_rank, current.model_ranks))
         resharded = (f"checkpoint {ckpt.name} was saved with {saved.layout.describe()}: resharded to "
                      f"{current.describe()} at load ({time.perf_counter() - start:.1f} s on rank {rank}; "
                      "each rank read its own slices; RNG states start from the seed)")

@@ -60,9 +60,9 @@ def workload(cfg: Config, dtype: str) -> Workload:
 
 def _pinned(cfg: Config) -> Pinned:
     p = cfg.parallel
-    # an MoE model's expert degree is its tensor degree (launcher/config/checks.py)
-    expert_tp = p.expert if cfg.model.moe is not None and p.expert != "auto" else None
-    return Pinned(tp=expert_tp if p.tensor == "auto" else p.tensor,
+    # an MoE's expert degree is tp x a divisor of dp (parallel/layout.py): the candidates keep it
+    ep = p.expert if cfg.model.moe is not None and p.expert != "auto" else None
+    return Pinned(tp=None if p.tensor == "auto" else p.tensor, ep=ep,
                   pp=None if p.pipeline == "auto" else p.pipeline,
                   micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
                   recompute=(None if p.activation_checkpointing == "auto"

@@ -50,9 +50,10 @@ def make_plan(cfg: Config, world_size: int, device: DeviceSupport) -> Plan:
     costs = item_costs(cfg.model, tp=layout.tp, micro_batch=layout.micro_batch,
                        dtype_bytes=dtype_bytes(dtype),
                        recompute=cfg.parallel.activation_checkpointing,
-                       sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, layout.tp))
+                       sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, layout.tp), ep=layout.ep)
+    # ZeRO shards over DeepSpeed's data group: the ranks holding the same experts (parallel/layout.py)
     memory = MemoryModel(stages=layout.pp, grad_accum=layout.grad_accum,
-                         bytes_per_param=state_bytes(dtype, cfg.optimizer.name, cfg.zero.stage, layout.dp).total)
+                         bytes_per_param=state_bytes(dtype, cfg.optimizer.name, cfg.zero.stage, layout.ds_data).total)
     cap = cfg.parallel.stage_memory_gb * GB if cfg.parallel.stage_memory_gb is not None else None
     try:
         parts = partition(cfg.parallel.partition, costs, layout.pp, memory, cap)
@@ -74,7 +75,16 @@ def moe_line(m) -> str:
 
     return (f"moe        {size(total)} params, {size(active)} active per token: layers "
             f"{e.first_dense}-{m.layers - 1} route to {e.top_k} of {e.experts} experts (ffn {e.ffn}) + "
-            f"{e.shared_experts} shared, {e.router} router, balance {balance}, {drops}, expert parallel 1")
+            f"{e.shared_experts} shared, {e.router} router, balance {balance}, {drops}")
+
+
+def experts_line(m, lay: Layout) -> str:
+    """Where an MoE's experts live: the expert groups and the ranks holding the same experts."""
+    ep, over = lay.expert_degree, lay.experts_over_dp
+    group = (f"tp {lay.tp} x {over} consecutive dp ranks; expert rank = (dp % {over})*{lay.tp} + tp"
+             if over > 1 else "the tp group")
+    return (f"experts    ep {ep} = {group}: {m.moe.experts // ep} of {m.moe.experts} experts per rank, each "
+            f"held by {lay.ds_data} rank(s): its expert-data-parallel replicas")
 
 
 def describe(cfg: Config, plan: Plan, device: str) -> str:
@@ -92,7 +102,7 @@ def describe(cfg: Config, plan: Plan, device: str) -> str:
         f"= global_batch {lay.global_batch} sequences = {tokens:,} tokens/step",
         f"model      {params / 1e9:.3f}B params: {m.layers} layers, hidden {m.hidden}, heads {m.heads} ({kv}), "
         f"ffn {m.ffn}, vocab {m.vocab}, seq {m.seq_len}, tied {'yes' if m.tie_embeddings else 'no'}",
-        *([moe_line(m)] if m.moe is not None else []),
+        *([moe_line(m), experts_line(m, lay)] if m.moe is not None else []),
         f"engine     device {device}, precision {plan.dtype}, ZeRO {cfg.zero.stage}, optimizer {cfg.optimizer.name}, "
         f"recompute {recompute_mode(cfg.parallel.activation_checkpointing)}, sequence parallel "
         f"{'on' if sequence_parallel_on(cfg.parallel, cfg.model, lay.tp) else 'off'}",

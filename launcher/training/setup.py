@@ -169,8 +169,8 @@ def resume(run: Run) -> None:
     began = time.time()
     current = SavedLayout.of_run(run.cfg, run.plan)
     resharded, notices = load(run.engine.ds, run.resume_from, saved, current, rank=run.penv.rank,
-                              tp_rank=run.groups.coord.tp, compressor=run.engine.compressor, device=run.device,
-                              expert_rank=run.groups.ep_rank)
+                              shard_ranks=(run.groups.coord.tp, run.groups.ep_rank),
+                              compressor=run.engine.compressor, device=run.device)
     if run.engine.moe_state is not None:
         load_moe_state(run.resume_from, run.engine.moe_state, run.device)
     run.step, run.tokens_seen = saved.step, saved.tokens_seen
