@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -178,3 +179,21 @@ def test_grouped_matrix_multiplies_are_used_only_where_they_run(monkeypatch):
         y = experts.run_experts(x, [2, 3], w)
         assert chosen == ([True] if grouped else []), (hidden, dtype)
         assert torch.allclose(y, experts.run_experts(x, [2, 3], w, grouped=False), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,refusal", [
+    (["parallel.tensor=2", "parallel.expert=3"], r"^parallel.expert: 3: .* a multiple of parallel.tensor=2$"),
+    (["parallel.tensor=2", "parallel.expert=4", "zero.stage=3"], r"^parallel.expert: 4 above .* ZeRO 0-2$"),
+    (["parallel.tensor=1", "parallel.expert=16"], r"^model.moe.experts: 8 is not divisible by parallel.expert=16"),
+])
+def test_expert_degree_is_checked_before_launch(overrides, refusal):
+    """parallel.expert: tp x a divisor of dp (the dp half needs the world size: tests/test_topology.py)."""
+    from launcher.cli import DEFAULT_CONFIG
+    from launcher.config.load import load_config
+    from launcher.errors import ConfigError
+
+    moe = ["model.moe.experts=8", "model.moe.top_k=2", "model.moe.ffn=16", "parallel.pipeline=1"]
+    with pytest.raises(ConfigError) as err:
+        load_config(str(DEFAULT_CONFIG), [*moe, *overrides])
+    assert re.match(refusal, str(err.value)), str(err.value)
+    assert load_config(str(DEFAULT_CONFIG), [*moe, "parallel.tensor=2", "parallel.expert=8"]).parallel.expert == 8

@@ -49,6 +49,38 @@ def test_resolve_layout_auto_and_errors():
     assert layout.coord(5) == Coord(pp=1, dp=0, tp=1)
 
 
+@pytest.mark.parametrize("tp,pp,dp,ep", [(1, 1, 4, 4), (2, 2, 4, 4), (2, 1, 4, 8), (1, 2, 6, 3), (2, 3, 2, 2)])
+def test_expert_groups_are_deepspeeds_model_and_data_groups(tp, pp, dp, ep):
+    """Experts over tp x ep/tp consecutive data ranks: the expert groups are consecutive ranks
+    (one node when ep fits one) in expert-rank order, and they and the ranks holding the same
+    experts are exactly DeepSpeed's model and data groups of the topology it is shown."""
+    layout = Layout(world_size=tp * pp * dp, tp=tp, pp=pp, dp=dp, micro_batch=1, global_batch=dp, ep=ep)
+    topo = deepspeed_topology(layout)
+    for groups, size in ((layout.ep_group_ranks(), ep), (layout.expert_dp_group_ranks(), dp * tp // ep),
+                         (layout.expert_peer_group_ranks(), ep // tp)):
+        assert sorted(itertools.chain(*groups)) == list(range(layout.world_size))
+        assert all(len(g) == size for g in groups)
+    for g in layout.ep_group_ranks():
+        assert g == list(range(g[0], g[0] + ep))
+        assert [layout.expert_rank(layout.coord(r)) for r in g] == list(range(ep))
+    assert sorted(map(sorted, layout.ep_group_ranks())) == sorted(map(sorted, topo.get_axis_comm_lists("model")))
+    if layout.ds_data > 1:
+        assert sorted(map(sorted, layout.expert_dp_group_ranks())) == sorted(
+            map(sorted, topo.get_axis_comm_lists("data")))
+    for rank in range(layout.world_size):  # the same rank map, cut differently
+        c, theirs = layout.coord(rank), topo.get_coord(rank)
+        assert (c.pp, c.dp // (ep // tp), layout.expert_rank(c)) == (theirs.pipe, theirs.data, theirs.model)
+
+
+def test_expert_degree_is_refused_by_name_unless_tp_times_a_divisor_of_dp():
+    parallel = ParallelConfig(tensor=2, pipeline=1, data="auto", micro_batch=1, global_batch=8, expert=8)
+    assert resolve_layout(parallel, 8).experts_over_dp == 4
+    for expert, world in ((6, 8), (16, 8), (8, 12)):
+        with pytest.raises(ConfigError, match=r"^parallel.expert: .*must be tensor \(2\) x a divisor of data"):
+            resolve_layout(ParallelConfig(tensor=2, pipeline=1, micro_batch=1, global_batch=24, expert=expert), world)
+    assert resolve_layout(ParallelConfig(tensor=2, pipeline=1, micro_batch=1, global_batch=8, expert=2), 8).ep == 0
+
+
 def _group_sums(rank, world_size):
     layout = Layout(world_size=8, tp=2, pp=2, dp=2, micro_batch=1, global_batch=2)
     groups = build_process_groups(layout, rank)
