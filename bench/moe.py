@@ -96,9 +96,11 @@ def _dispatch_share(cfg: ModelConfig, ids_shape, device) -> float:
     return 1.0 - _time(experts_only, device) / _time(whole, device)
 
 
-def _count_all_to_all(rank: int, cfg: ModelConfig, shape, init: str, out) -> None:
+def _count_all_to_all(rank: int, cfg: ModelConfig, shape, init: str, out, over_data: bool) -> None:
     """One rank of 2: the MoE layer with its experts split over the 2 ranks, forward +
-    backward on the same tokens; the hidden-state bytes this rank sent to the other."""
+    backward; the hidden-state bytes this rank sent to the other. `over_data`: the 2 ranks
+    are data ranks (each routes all of its own tokens), else tp ranks (each routes half of
+    the same tokens)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     sent = [0]
@@ -111,21 +113,24 @@ def _count_all_to_all(rank: int, cfg: ModelConfig, shape, init: str, out) -> Non
         return original(output, tensor, output_split_sizes, input_split_sizes, *args, **kwargs)
 
     dist.all_to_all_single = counting
-    layer = MoE(cfg, TensorParallel(dist.group.WORLD, rank, 2), seed=0, layer=0).train()
-    x = torch.randn(*shape, cfg.hidden, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    group = TensorParallel(dist.group.WORLD, rank, 2)
+    layer = (MoE(cfg, NO_TP, seed=0, layer=0, ep=group) if over_data else MoE(cfg, group, seed=0, layer=0)).train()
+    seed = rank if over_data else 0
+    x = torch.randn(*shape, cfg.hidden, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     layer(x).square().mean().backward()
     out.put((rank, sent[0]))
     dist.destroy_process_group()
 
 
-def all_to_all_bytes(cfg: ModelConfig, shape) -> tuple[float, float]:
+def all_to_all_bytes(cfg: ModelConfig, shape, over_data: bool = False) -> tuple[float, float]:
     """(measured bytes sent off-rank per rank, mean of the 2 ranks; the planner's formula)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_count_all_to_all, args=(cfg, shape, f"file://{tmp}/store", queue), nprocs=2)
+        mp.spawn(_count_all_to_all, args=(cfg, shape, f"file://{tmp}/store", queue, over_data), nprocs=2)
     sent = [queue.get()[1] for _ in range(2)]
-    return sum(sent) / 2, moe_all_to_all_bytes(cfg, 2, shape[0] * shape[1], 4, full_recompute=False)
+    tp, ep = (1, 2) if over_data else (2, 2)
+    return sum(sent) / 2, moe_all_to_all_bytes(cfg, tp, shape[0] * shape[1], 4, full_recompute=False, ep=ep)
 
 
 def main(argv=None) -> int:
@@ -163,9 +168,10 @@ def main(argv=None) -> int:
     share = _dispatch_share(configs["moe"], (args.batch, args.seq), device)
     print(f"dispatch share of one dropless MoE layer's forward + backward (routing, sort, gather, scatter): "
           f"{100 * share:.0f}%")
-    measured, predicted = all_to_all_bytes(configs["moe"], (args.batch, args.seq))
-    print(f"all-to-all bytes per rank, one MoE layer fwd+bwd, experts over 2 tp ranks: measured {measured:,.0f}, "
-          f"planner {predicted:,.0f} (ratio {measured / predicted:.3f})")
+    for over_data, ranks in ((False, "2 tp ranks"), (True, "2 data ranks")):
+        measured, predicted = all_to_all_bytes(configs["moe"], (args.batch, args.seq), over_data)
+        print(f"all-to-all bytes per rank, one MoE layer fwd+bwd, experts over {ranks}: measured {measured:,.0f}, "
+              f"planner {predicted:,.0f} (ratio {measured / predicted:.3f})")
     return 0
 
 

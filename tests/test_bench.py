@@ -28,7 +28,10 @@ SMOKE = {
     "moe.py": (["--hidden", "64", "--layers", "2", "--expert-ffn", "32", "--seq", "32", "--batch", "2",
                 "--repeats", "1"],
                [r"^\| moe \| [\d.]+M \| [\d,]+ \| \d\.\d{3} \|$", r"^dispatch share of one dropless MoE .*: -?\d+%$",
-                r"^all-to-all bytes per rank, .*: measured [\d,]*[1-9][\d,]*, planner [\d,]+ \(ratio \d\.\d{3}\)$"]),
+                r"^all-to-all bytes per rank, .* over 2 tp ranks: measured [\d,]*[1-9][\d,]*, planner [\d,]+ "
+                r"\(ratio \d\.\d{3}\)$",
+                r"^all-to-all bytes per rank, .* over 2 data ranks: measured [\d,]*[1-9][\d,]*, planner [\d,]+ "
+                r"\(ratio \d\.\d{3}\)$"]),
     # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
     "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
                    r"^per-worker ratio, --workers \d+: \d+\.\d{2}$"),
