@@ -1,11 +1,14 @@
 """The planner's choices from 8 to 1024 GPUs, for docs/SCALING.md.
 
     python bench/scaling.py [--gpu h100] [--configs llama_7b llama_13b llama_70b] [--gpus 8 64 1024]
+                            [--expert 8]
 
 For each config and GPU count (nodes of 8): the fastest layout that fits (python -m
 launcher.plan's first row, `auto` with recomputation only where needed), its predicted
 tokens/s per GPU and MFU; SP: sequence parallelism (parallel.sequence_parallel: auto, on
-when tp > 1). Predictions from the cost model in parallel/planner.py, not measurements.
+when tp > 1). `--expert N`: an MoE config's parallel.expert set to N (the layouts tried keep
+it: experts over tp x N/tp data ranks), with an ep column. Predictions from the cost model in
+parallel/planner.py, not measurements.
 """
 
 from __future__ import annotations
@@ -28,23 +31,28 @@ def main() -> int:
     parser.add_argument("--gpu", default="h100", choices=sorted(PRESETS))
     parser.add_argument("--configs", nargs="+", default=["llama_7b", "llama_13b", "llama_70b"])
     parser.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--expert", type=int, default=None, help="parallel.expert for MoE configs")
     args = parser.parse_args()
     hardware = PRESETS[args.gpu]
-    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp | mb | ZeRO | recompute | SP | GiB/rank | "
+    ep_head, ep_rule = (" ep |", "---|") if args.expert else ("", "")
+    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp |{ep_head} mb | ZeRO | recompute | SP | GiB/rank | "
           "tokens/s/GPU | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"|---|---|---|---|---|{ep_rule}---|---|---|---|---|---|---|")
     for name in args.configs:
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
         for gpus in args.gpus:
             cluster = Cluster(max(1, gpus // 8), min(gpus, 8), hardware)
             auto = dataclasses.replace(cfg, parallel=dataclasses.replace(
-                cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto"))
+                cfg.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto",
+                expert=args.expert or cfg.parallel.expert))
             best = choose(auto, cluster, "bf16")
             if best is None:
-                print(f"| {name} | {gpus} | - | - | - | - | - | - | - | does not fit | - | - |")
+                print(f"| {name} | {gpus} | - | - | - |{' - |' if args.expert else ''} - | - | - | - | does not fit "
+                      "| - | - |")
                 continue
             c, lay = best.candidate, best.candidate.layout
-            print(f"| {name} | {gpus} | {lay.tp} | {lay.pp} | {lay.dp} | {lay.micro_batch} | {c.zero} | {c.recompute} | "
+            ep = f" {lay.expert_degree} |" if args.expert else ""
+            print(f"| {name} | {gpus} | {lay.tp} | {lay.pp} | {lay.dp} |{ep} {lay.micro_batch} | {c.zero} | {c.recompute} | "
                   f"{'yes' if c.sequence_parallel else 'no'} | "
                   f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")
     return 0
