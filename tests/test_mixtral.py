@@ -52,12 +52,14 @@ def test_import_logits_equal_transformers(mixtral):
 
 
 def test_train_from_mixtral_export_and_generate(mixtral, tmp_path):
-    """init_from in tp 2 (the experts split over the tp ranks) x pp 2, 2 steps, export: transformers' logits equal ours from the checkpoint;
-    generate --hf reads the export."""
+    """init_from in tp 2 x dp 2 with the experts over all 4 ranks (parallel.expert=4: the tp
+    ranks and 2 data ranks), 2 steps, export: transformers' logits equal ours from the
+    checkpoint; generate --hf reads the export."""
     run = tmp_path / "run"
     train(torchrun_cmd(4), run, f"model.init_from={mixtral}", "data.tokenizer=byte", "model.seq_len=32",
-          "parallel.tensor=2", "parallel.pipeline=2", "parallel.global_batch=4", "precision.dtype=fp32",
-          "train.steps=2", "schedule.warmup_steps=1", "train.eval_every=0", "train.log_every=1")
+          "parallel.tensor=2", "parallel.pipeline=1", "parallel.expert=4", "parallel.global_batch=4",
+          "precision.dtype=fp32", "train.steps=2", "schedule.warmup_steps=1", "train.eval_every=0",
+          "train.log_every=1")
     out = tmp_path / "hf"
     export = subprocess.run([sys.executable, "-m", "launcher.export", "--checkpoint", str(run), "--out", str(out)],
                             cwd=WORKDIR, env=base_env(), capture_output=True, text=True, timeout=300)

@@ -199,7 +199,9 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     if plan.dtype == "fp32" and cfg.zero.stage == 0:
         keep_fp32_grad_norm(engine)
     compressor = None
-    if cfg.compression.method == "powersgd" and plan.layout.dp > 1:  # dp 1 has nothing to communicate
+    # nothing to communicate unless several ranks hold the same weights (dp, or with experts
+    # over data ranks dp / (ep / tp): DeepSpeed's data group, parallel/layout.py)
+    if cfg.compression.method == "powersgd" and plan.layout.ds_data > 1:
         compressor = build_compressor(engine, cfg, groups.expert_dp_group, pipeline)
     train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
                                compressor=compressor, moe_state=moe_state)
