@@ -169,3 +169,22 @@ def test_composes_with_powersgd_document_attention_and_async_checkpoints(tmp_pat
     assert [m["step"] for m in resumed] == [3, 4]
     assert losses(resumed) == losses(whole)[2:]
     assert all(m["moe.1.load_max_over_mean"] >= 1.0 for m in whole)
+
+
+def test_experts_over_data_ranks_compose_with_bf16_sequence_parallelism_and_resume_bit_exact(tmp_path):
+    """ep 4 = tensor 2 x 2 data ranks with sequence parallelism, bf16 (where the CPU has it),
+    selective recomputation, document attention and async checkpoints: the loss falls, and a
+    resume from the step-2 checkpoint repeats steps 3-4 bit for bit."""
+    from launcher.planning.precision import detect_device_support
+
+    dtype = "bf16" if detect_device_support().bf16 else "fp32"
+    args = [*MOE, "parallel.tensor=2", "parallel.pipeline=1", "parallel.expert=4", "parallel.global_batch=8",
+            "parallel.sequence_parallel=true", f"precision.dtype={dtype}", "parallel.activation_checkpointing=selective",
+            "data.document_attention=true", "checkpoint.async=true", "checkpoint.every=2", "train.steps=4",
+            "zero.stage=1"]
+    whole = train(torchrun_cmd(4), tmp_path / "whole", *args)
+    assert whole[-1]["loss"] < whole[0]["loss"]
+    step2 = tmp_path / "whole" / "checkpoints" / "step-00000002"
+    resumed = train(torchrun_cmd(4), tmp_path / "resumed", *args, f"checkpoint.resume={step2}")
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert losses(resumed) == losses(whole)[2:]
