@@ -6,8 +6,9 @@
 For each config and GPU count (nodes of 8): the fastest layout that fits (python -m
 launcher.plan's first row, `auto` with recomputation only where needed), its predicted
 tokens/s per GPU and MFU; SP: sequence parallelism (parallel.sequence_parallel: auto, on
-when tp > 1). `--expert N`: an MoE config's parallel.expert set to N (the layouts tried keep
-it: experts over tp x N/tp data ranks), with an ep column. Predictions from the cost model in
+when tp > 1); ep: an MoE's expert degree (the planner's choice among the tensor degree and
+experts over tp x k data ranks of a node). `--expert N`: parallel.expert set to N (the
+layouts tried keep it). Predictions from the cost model in
 parallel/planner.py, not measurements.
 """
 
@@ -34,12 +35,14 @@ def main() -> int:
     parser.add_argument("--expert", type=int, default=None, help="parallel.expert for MoE configs")
     args = parser.parse_args()
     hardware = PRESETS[args.gpu]
-    ep_head, ep_rule = (" ep |", "---|") if args.expert else ("", "")
+    configs = {name: load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+               for name in args.configs}
+    show_ep = bool(args.expert) or any(cfg.model.moe is not None for cfg in configs.values())
+    ep_head, ep_rule = (" ep |", "---|") if show_ep else ("", "")
     print(f"| config | GPUs ({hardware.name}) | tp | pp | dp |{ep_head} mb | ZeRO | recompute | SP | GiB/rank | "
           "tokens/s/GPU | MFU |")
     print(f"|---|---|---|---|---|{ep_rule}---|---|---|---|---|---|---|")
-    for name in args.configs:
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    for name, cfg in configs.items():
         for gpus in args.gpus:
             cluster = Cluster(max(1, gpus // 8), min(gpus, 8), hardware)
             auto = dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -47,11 +50,11 @@ def main() -> int:
                 expert=args.expert or cfg.parallel.expert))
             best = choose(auto, cluster, "bf16")
             if best is None:
-                print(f"| {name} | {gpus} | - | - | - |{' - |' if args.expert else ''} - | - | - | - | does not fit "
+                print(f"| {name} | {gpus} | - | - | - |{' - |' if show_ep else ''} - | - | - | - | does not fit "
                       "| - | - |")
                 continue
             c, lay = best.candidate, best.candidate.layout
-            ep = f" {lay.expert_degree} |" if args.expert else ""
+            ep = f" {lay.expert_degree} |" if show_ep else ""
             print(f"| {name} | {gpus} | {lay.tp} | {lay.pp} | {lay.dp} |{ep} {lay.micro_batch} | {c.zero} | {c.recompute} | "
                   f"{'yes' if c.sequence_parallel else 'no'} | "
                   f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")

@@ -88,7 +88,8 @@ def _auto_layout(cfg, gpus: int) -> str:
         return f"does not fit on {gpus}"
     c = best.candidate
     recompute = "" if c.recompute == "none" else f", {c.recompute} recomputation"
-    return f"tp {c.layout.tp} x pp {c.layout.pp} x dp {c.layout.dp}{recompute} on {gpus}"
+    experts = f" (experts over {c.layout.ep})" if c.layout.ep else ""
+    return f"tp {c.layout.tp} x pp {c.layout.pp} x dp {c.layout.dp}{experts}{recompute} on {gpus}"
 
 
 def _shape(m) -> str:

@@ -22,12 +22,13 @@ Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp
                      reduce-scatter + an all-gather, and backward gathers each block input's
                      shard again: 1.5 all-reduces' worth per block. Full recomputation repeats
                      the forward ones (parallel/comm_bytes.py counts them). An MoE item: the
-                     all-to-alls of its tokens (parallel.costs.moe_all_to_all_bytes)
+                     all-to-alls of its tokens over the expert group (parallel.costs.moe_all_to_all_bytes);
+                     with experts over k data ranks, the dense gradients averaged over them
         pipeline   = one activation forward and one gradient backward per micro-batch
                      (b*s/tp*h per rank with sequence parallelism: each sends its shard)
     pipeline       (m + p - 1) x t_mb           (1F1B: bubble (p-1)/(m+p-1))
     data parallel  gradient reduction after the last micro-batch, not overlapped: all-reduce
-                   2(dp-1)/dp x gradient bytes (ZeRO 0); reduce-scatter + the all-gather of
+                   2(dp-1)/dp x gradient bytes (ZeRO 0; dp/k ranks with experts over k); reduce-scatter + the all-gather of
                    updated weights (ZeRO 1/2); + two weight all-gathers per step (three under
                    full recomputation) (ZeRO 3). Gradients travel in fp32 for bf16, 2 bytes
                    under fp16/bf16 compression, PowerSGD's rank-r factors under powersgd.
@@ -119,7 +120,8 @@ class Candidate:
 
     def describe(self) -> str:
         lay = self.layout
-        return (f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, micro_batch {lay.micro_batch}, ZeRO {self.zero}, "
+        experts = f" (experts over {lay.ep})" if lay.ep else ""
+        return (f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}{experts}, micro_batch {lay.micro_batch}, ZeRO {self.zero}, "
                 f"recompute {self.recompute}" + (", sequence parallel" if self.sequence_parallel else "")
                 + (", optimizer offload" if self.offload else ""))
 
@@ -138,7 +140,8 @@ class Pinned:
     micro_batch: Optional[int] = None
     recompute: Optional[str] = None
     zero: Optional[int] = None
-    ep: Optional[int] = None  # an MoE's expert degree (None: the tensor degree, as `auto`)
+    ep: Optional[int] = None  # an MoE's expert degree (None: the tensor degree, or searched)
+    search_ep: bool = False  # an MoE: also try experts over tp x k data ranks within a node
     offload: tuple[bool, ...] = (False,)  # the offload settings tried
     micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16)  # tried when micro_batch is None
 
@@ -179,7 +182,8 @@ class Estimate:
 
     def as_dict(self) -> dict:
         c, lay = self.candidate, self.candidate.layout
-        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch, "zero": c.zero,
+        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.expert_degree, "micro_batch": lay.micro_batch,
+                "zero": c.zero,
                 "recompute": c.recompute, "sequence_parallel": c.sequence_parallel, "offload": c.offload,
                 "fits": self.fits,
                 "peak_gib": self.peak.total / GIB, "capacity_gib": self.capacity / GIB,
@@ -320,11 +324,10 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
             if world % (t * p):
                 continue
             dp = world // (t * p)
-            if work.global_batch % dp or (pinned.ep and dp % (pinned.ep // t)):
-                continue  # (an expert degree is tp x a divisor of dp: parallel/layout.py)
-            ep = pinned.ep if pinned.ep and pinned.ep != t else 0
+            if work.global_batch % dp:
+                continue
             mbs = [micro_batch] if micro_batch is not None else list(pinned.micro_batches)
-            for b in mbs:
+            for ep, b in ((e, b) for e in _expert_degrees(pinned, t, dp, experts, cluster) for b in mbs):
                 if work.global_batch % (b * dp):
                     continue
                 zeros = [zero] if zero is not None else ([0, 1] if p > 1 else [0, 1, 2, 3])
@@ -343,6 +346,18 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
                                             global_batch=work.global_batch, ep=ep)
                             out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t)))
     return out
+
+
+def _expert_degrees(pinned: Pinned, tp: int, dp: int, experts: int, cluster: Cluster) -> list[int]:
+    """The expert degrees to try at this tp and dp, as Layout.ep (0: the tensor degree): the
+    pinned one where it is tp x a divisor of dp, else with `search_ep` tp x every divisor of
+    dp that keeps the expert group inside a node and divides the experts."""
+    if pinned.ep:
+        return [] if pinned.ep % tp or dp % (pinned.ep // tp) else [0 if pinned.ep == tp else pinned.ep]
+    if not (pinned.search_ep and experts):
+        return [0]
+    return [0 if k == 1 else tp * k for k in range(1, dp + 1)
+            if dp % k == 0 and tp * k <= cluster.gpus_per_node and experts % (tp * k) == 0]
 
 
 @dataclass
@@ -380,21 +395,3 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
             ranking.smallest = est
     ranking.estimates.sort(key=lambda e: (-e.tokens_per_s, e.peak.total))
     return ranking
-
-
-def why_faster(best: Estimate, other: Estimate) -> str:
-    """The step-time terms where `best` gains most over `other`, in words."""
-    names = {"compute": "compute (bubble included)", "tp_comm": "tensor-parallel collectives", "pp_comm": "pipeline sends",
-             "dp_comm": "data-parallel reduction", "optimizer": "optimizer step", "offload": "offload traffic"}
-    gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
-    said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]
-    if best.step.bubble < other.step.bubble - 0.005:
-        said.append(f"bubble {100 * best.step.bubble:.1f}% vs {100 * other.step.bubble:.1f}%")
-    loss, what = gains[-1]
-    if said and loss < -0.005 * other.step.total:
-        said.append(f"despite {what} {-loss * 1e3:.0f} ms more")
-    if said:
-        return "; ".join(said)
-    if best.peak.total < other.peak.total - 0.01 * other.peak.total:
-        return "the same step time within 0.5%, less memory"
-    return "the same step time within 0.5% and the same memory (a tie)"

@@ -33,7 +33,8 @@ def pp2_dp2(tmp_path_factory):
     steps, checkpoints at steps 3 and 6."""
     run = tmp_path_factory.mktemp("moe_tp2pp2dp2")
     metrics = train(torchrun_cmd(8), run, *MOE, "train.steps=6", "parallel.tensor=2", "parallel.pipeline=2",
-                    "zero.stage=1", "parallel.sequence_parallel=false", "checkpoint.every=3", "checkpoint.keep_last=2")
+                    "parallel.expert=2", "zero.stage=1", "parallel.sequence_parallel=false", "checkpoint.every=3",
+                    "checkpoint.keep_last=2")
     return run, metrics
 
 
@@ -160,7 +161,8 @@ def test_composes_with_powersgd_document_attention_and_async_checkpoints(tmp_pat
     """dp 2 with PowerSGD (compressing from step 2), document attention and async
     checkpoints: an MoE trains, and a resume from the step-2 checkpoint repeats steps 3-4 bit
     for bit (the PowerSGD error feedback, the balancing state and the sampler restored)."""
-    args = [*MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=4", "compression.method=powersgd",
+    args = [*MOE, "parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1", "train.steps=4",
+            "compression.method=powersgd",
             "compression.warmup_steps=1", "data.document_attention=true", "checkpoint.async=true",
             "checkpoint.every=2"]
     whole = train(torchrun_cmd(2), tmp_path / "whole", *args)

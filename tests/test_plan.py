@@ -500,6 +500,31 @@ def test_auto_takes_the_planners_first_layout_and_recomputes_only_when_it_must()
         resolve_auto(_auto("configs/llama_70b.yaml"), 8, Cluster(1, 8, h100), ASSUMED_GPU)
 
 
+def test_auto_expert_degree_is_searched_within_a_node_and_a_given_one_is_kept():
+    """parallel.expert: auto tries tp x k for every divisor k of dp whose expert group fits a
+    node and divides the experts, and reports its choice; a number is kept as given."""
+    from launcher.planning.auto import plan_candidates, resolve_auto
+    from launcher.planning.precision import ASSUMED_GPU
+
+    cluster = Cluster(8, 8, PRESETS["h100"])
+    cfg = _auto("configs/mixtral_8x7b.yaml", expert="auto")
+    pool = plan_candidates(cfg, cluster, "bf16")
+    tried = {(c.layout.tp, c.layout.dp, c.layout.expert_degree) for c in pool}
+    assert (1, 64, 8) in tried and (2, 16, 8) in tried and (1, 64, 1) in tried
+    assert all(ep % tp == 0 and dp % (ep // tp) == 0 and ep <= 8 and 8 % ep == 0 for tp, dp, ep in tried)
+    assert all(c.zero < 3 for c in pool if c.layout.ep)
+    resolved, note = resolve_auto(cfg, 64, cluster, ASSUMED_GPU)
+    best = choose(cfg, cluster, "bf16")
+    assert resolved.parallel.expert == best.candidate.layout.expert_degree
+    assert "parallel.expert ->" in note and f", expert {resolved.parallel.expert} (planner:" in note
+    pinned = _auto("configs/mixtral_8x7b.yaml", expert=4)
+    assert {c.layout.expert_degree for c in plan_candidates(pinned, cluster, "bf16")} == {4}
+    assert resolve_auto(pinned, 64, cluster, ASSUMED_GPU)[0].parallel.expert == 4
+    dense = _auto("configs/llama_7b.yaml")  # a dense model: nothing to search, nothing reported
+    assert {c.layout.ep for c in plan_candidates(dense, cluster, "bf16")} == {0}
+    assert "expert" not in resolve_auto(dense, 64, cluster, ASSUMED_GPU)[1]
+
+
 def test_auto_resolves_at_launch_and_trains(tmp_path):
     """Two CPU processes with every auto key: the launch prints the planner's choice, trains
     with it, and logs that layout."""

@@ -120,8 +120,10 @@ class ParallelConfig:
     pipeline: Union[int, Literal["auto"]] = 1
     """Pipeline-parallel degree (pp). Outermost axis. `auto`: chosen by the planner."""
     expert: Union[int, Literal["auto"]] = "auto"
-    """Expert-parallel degree (model.moe): the experts are split over the tensor ranks, so it
-    equals `tensor` (auto; 1 is accepted at tensor 1). docs/MOE.md has the rank layout."""
+    """Expert-parallel degree (model.moe): the experts are split over the tensor ranks and then
+    over consecutive data ranks, so it is `tensor` x a divisor of `data`. `auto`: chosen by the
+    planner among those whose expert group fits a node. A dense model: 1 or auto.
+    docs/MOE.md has the rank layout."""
     data: Union[int, Literal["auto"]] = "auto"
     """Data-parallel degree (dp); `auto` = world_size / (tensor * pipeline)."""
     micro_batch: Union[int, Literal["auto"]] = 1

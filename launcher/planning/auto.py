@@ -48,6 +48,13 @@ def default_world_size(cfg: Config, hardware: Hardware = PRESETS["h100"]) -> int
 AUTO_KEYS = ("tensor", "pipeline", "micro_batch", "activation_checkpointing")
 
 
+def auto_keys(cfg: Config) -> list[str]:
+    """The parallel keys the planner resolves for this config: those of AUTO_KEYS left auto,
+    and an MoE's parallel.expert when auto (a dense model's is always 1)."""
+    keys = [k for k in AUTO_KEYS if getattr(cfg.parallel, k) == "auto"]
+    return keys + (["expert"] if cfg.model.moe is not None and cfg.parallel.expert == "auto" else [])
+
+
 def workload(cfg: Config, dtype: str) -> Workload:
     zero_block = cfg.deepspeed.get("zero_optimization") if isinstance(cfg.deepspeed, dict) else None
     bucket = (zero_block or {}).get("reduce_bucket_size", None)
@@ -60,9 +67,11 @@ def workload(cfg: Config, dtype: str) -> Workload:
 
 def _pinned(cfg: Config) -> Pinned:
     p = cfg.parallel
-    # an MoE's expert degree is tp x a divisor of dp (parallel/layout.py): the candidates keep it
-    ep = p.expert if cfg.model.moe is not None and p.expert != "auto" else None
-    return Pinned(tp=None if p.tensor == "auto" else p.tensor, ep=ep,
+    # an MoE's expert degree is tp x a divisor of dp (parallel/layout.py): the candidates keep
+    # a given one and try them all (within a node) for `auto`
+    moe = cfg.model.moe is not None
+    ep = p.expert if moe and p.expert != "auto" else None
+    return Pinned(tp=None if p.tensor == "auto" else p.tensor, ep=ep, search_ep=moe and p.expert == "auto",
                   pp=None if p.pipeline == "auto" else p.pipeline,
                   micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
                   recompute=(None if p.activation_checkpointing == "auto"
@@ -117,7 +126,7 @@ class AutoChoice:
     value each got, the whole layout, and the planner's figures for it on that device."""
 
     keys: dict  # "parallel.tensor" -> 8, for each key that was auto
-    layout: dict  # tensor, pipeline, data, micro_batch, activation_checkpointing
+    layout: dict  # tensor, pipeline, data, micro_batch, activation_checkpointing (an MoE: expert)
     fits: bool
     peak_gib: float  # the largest rank's estimate
     memory_gib: float  # per device
@@ -128,8 +137,9 @@ class AutoChoice:
     def line(self) -> str:
         lay = self.layout
         kept = self.kept_from_checkpoint
+        expert = f", expert {lay['expert']}" if "expert" in lay else ""
         return (f"auto       {', '.join(self.keys)} -> tensor {lay['tensor']}, pipeline {lay['pipeline']}, "
-                f"micro_batch {lay['micro_batch']}, activation_checkpointing {lay['activation_checkpointing']} "
+                f"micro_batch {lay['micro_batch']}, activation_checkpointing {lay['activation_checkpointing']}{expert} "
                 f"(planner: {self.peak_gib:.1f} of {self.memory_gib:.1f} GiB per rank, ~{self.tokens_per_s:,.0f} "
                 f"tokens/s on {self.gpu}"
                 + (f"; tensor {kept['tensor']} x pipeline {kept['pipeline']} kept from the checkpoint being resumed"
@@ -141,7 +151,9 @@ def auto_choice(cfg: Config, best: Estimate, cluster: Cluster, kept: Optional[di
     c, lay = best.candidate, best.candidate.layout
     layout = {"tensor": lay.tp, "pipeline": lay.pp, "data": lay.dp, "micro_batch": lay.micro_batch,
               "activation_checkpointing": c.recompute}
-    keys = {f"parallel.{k}": layout[k] for k in AUTO_KEYS if getattr(cfg.parallel, k) == "auto"}
+    if cfg.model.moe is not None:
+        layout["expert"] = lay.expert_degree
+    keys = {f"parallel.{k}": layout[k] for k in auto_keys(cfg)}
     return AutoChoice(keys=keys, layout=layout, fits=best.fits, peak_gib=best.peak.total / GIB,
                       memory_gib=cluster.hardware.memory_gib, tokens_per_s=best.tokens_per_s,
                       gpu=cluster.hardware.name, kept_from_checkpoint=kept)
@@ -162,7 +174,7 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
     of the checkpoint the launch resumes; an auto tensor or pipeline degree keeps its value
     when a layout with it fits (no conversion at load), else the best layout is resharded into."""
     p = cfg.parallel
-    auto = [f"parallel.{k}" for k in AUTO_KEYS if getattr(p, k) == "auto"]
+    auto = [f"parallel.{k}" for k in auto_keys(cfg)]
     if not auto:
         return with_expert_degree(cfg), None
     dtype = planned_dtype(cfg, device)
@@ -195,11 +207,13 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
 
 
 def with_candidate(cfg: Config, c: Candidate) -> Config:
-    """`cfg` with the candidate's tensor, pipeline, micro-batch and recomputation."""
+    """`cfg` with the candidate's tensor, pipeline, micro-batch and recomputation (and an
+    MoE's expert degree)."""
     lay = c.layout
+    expert = lay.expert_degree if cfg.model.moe is not None else cfg.parallel.expert
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tensor=lay.tp, pipeline=lay.pp, micro_batch=lay.micro_batch,
-        activation_checkpointing=c.recompute))
+        activation_checkpointing=c.recompute, expert=expert))
 
 
 def with_expert_degree(cfg: Config) -> Config:

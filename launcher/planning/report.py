@@ -37,7 +37,6 @@ from parallel.planner import (
     Pinned,
     candidates,
     rank_layouts,
-    why_faster,
 )
 
 MEMORY_ROWS = (("params (this rank)", "params"), ("weights", "weights"), ("gradients", "grads"),
@@ -69,7 +68,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     free = dataclasses.replace(resolved, parallel=dataclasses.replace(
         resolved.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto",
         data="auto"))
-    pool = candidates(work, cluster, Pinned(offload=(False, True)))
+    pool = candidates(work, cluster, Pinned(offload=(False, True), search_ep=True))
     ranking = rank_layouts(work, cluster, pool)
     params = sum(c.params for c in plan.costs)
     sp = sequence_parallel_on(resolved.parallel, resolved.model, plan.layout.tp)
@@ -224,11 +223,13 @@ def _rule_of_thumb_lines(r: dict) -> list[str]:
 
 def _ranking_lines(r: dict) -> list[str]:
     """The layouts that fit, fastest first, and why the first ones win."""
+    experts = any(e["ep"] != e["tp"] for e in r["ranked"])  # an MoE with experts over data ranks: an ep column
     lines = [f"layouts that fit: {r['fitting']} of {r['considered']} considered, fastest first",
-             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'ZeRO':>4} {'recompute':>9} {'SP':>3} {'offload':>7} "
-             f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}"]
+             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5}{' ep' if experts else ''} {'mb':>3} {'ZeRO':>4} {'recompute':>9} "
+             f"{'SP':>3} {'offload':>7} {'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}"]
     for i, e in enumerate(r["ranked"], 1):
-        lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5} {e['micro_batch']:>3} {e['zero']:>4} "
+        ep = f" {e['ep']:>2}" if experts else ""
+        lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5}{ep} {e['micro_batch']:>3} {e['zero']:>4} "
                      f"{e['recompute']:>9} {'yes' if e['sequence_parallel'] else 'no':>3} "
                      f"{'yes*' if e['offload'] else 'no':>7} {e['peak_gib']:>6.1f} "
                      f"{e['step_s']:>8.3f} {e['tokens_per_s']:>11,.0f} {100 * e['mfu']:>5.1f}% "
@@ -249,3 +250,21 @@ def format_presets() -> str:
                      f"{h.intra_node_gbps:>7g} {h.inter_node_gbps:>8g} {h.pcie_gbps:>5g}  {h.source}")
     lines.append("bandwidths per GPU and per direction; TFLOP/s dense bf16")
     return "\n".join(lines)
+
+
+def why_faster(best: Estimate, other: Estimate) -> str:
+    """The step-time terms where `best` gains most over `other`, in words."""
+    names = {"compute": "compute (bubble included)", "tp_comm": "tensor-parallel collectives", "pp_comm": "pipeline sends",
+             "dp_comm": "data-parallel reduction", "optimizer": "optimizer step", "offload": "offload traffic"}
+    gains = sorted(((getattr(other.step, k) - getattr(best.step, k), v) for k, v in names.items()), reverse=True)
+    said = [f"{v} {gain * 1e3:.0f} ms less" for gain, v in gains[:2] if gain > 0.005 * other.step.total]
+    if best.step.bubble < other.step.bubble - 0.005:
+        said.append(f"bubble {100 * best.step.bubble:.1f}% vs {100 * other.step.bubble:.1f}%")
+    loss, what = gains[-1]
+    if said and loss < -0.005 * other.step.total:
+        said.append(f"despite {what} {-loss * 1e3:.0f} ms more")
+    if said:
+        return "; ".join(said)
+    if best.peak.total < other.peak.total - 0.01 * other.peak.total:
+        return "the same step time within 0.5%, less memory"
+    return "the same step time within 0.5% and the same memory (a tie)"
