@@ -73,20 +73,30 @@ def node_processes(node: str) -> list:
 
 
 def kill_node(node: str) -> float:
-    """SIGKILL node's slurmd and its job processes, all at once as a dying machine does; the time
-    of the kill. Every victim is frozen (SIGSTOP) before any is killed: killed one by one, a
-    slurmstepd outlived its batch script under load, told slurmctld the script died of signal 9,
-    and the job ended FAILED instead of losing a node (seen in CI)."""
+    """SIGKILL node's slurmd and its job processes; the time of the kill. The Slurm daemons
+    (slurmd, each step's slurmstepd) die first: a dying machine reports nothing, but a
+    slurmstepd that outlived its batch script by a moment told slurmctld the script died of
+    signal 9, and the job ended FAILED instead of losing a node (seen in CI). Not frozen with
+    SIGSTOP first: when the batch script then dies, its stopped sruns are an orphaned process
+    group, which the kernel sends SIGHUP and SIGCONT, and they cancel their steps (the
+    watchdog's among them; seen in CI too)."""
     victims = node_processes(node)
     assert any("slurmd" in " ".join(p.cmdline()) for p in victims), f"no slurmd for {node}: is the cluster up?"
+    daemons = [p for p in victims if _is_slurm_daemon(p)]
     killed_at = time.time()
-    for action in ("suspend", "kill"):
-        for proc in victims:
-            try:
-                getattr(proc, action)()
-            except Exception:  # noqa: BLE001 - it may have exited on its own
-                pass
+    for proc in daemons + [p for p in victims if p not in daemons]:
+        try:
+            proc.kill()
+        except Exception:  # noqa: BLE001 - it may have exited on its own
+            pass
     return killed_at
+
+
+def _is_slurm_daemon(proc) -> bool:
+    try:
+        return proc.name() in ("slurmd", "slurmstepd") or "slurmstepd" in proc.name()
+    except Exception:  # noqa: BLE001 - it may have exited
+        return False
 
 
 def stamps(job_log: str) -> list[tuple[float, str]]:

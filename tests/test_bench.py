@@ -32,6 +32,9 @@ SMOKE = {
                 r"\(ratio \d\.\d{3}\)$",
                 r"^all-to-all bytes per rank, .* over 2 data ranks: measured [\d,]*[1-9][\d,]*, planner [\d,]+ "
                 r"\(ratio \d\.\d{3}\)$"]),
+    # one MoE layer of hidden 64 at 256 tokens, ours and DeepSpeed's, one repeat
+    "moe_deepspeed.py": (["--hidden", "64", "--expert-ffn", "32", "--tokens", "256", "--repeats", "1"],
+                         r"^\| 256 \| [\d.]+ \| [\d.]+ \| \d+\.\d{2} \| [\d.]+ \| [\d.]+ \|$"),
     # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
     "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
                    r"^per-worker ratio, --workers \d+: \d+\.\d{2}$"),
