@@ -175,12 +175,13 @@ def test_composes_with_powersgd_document_attention_and_async_checkpoints(tmp_pat
 
 def test_experts_over_data_ranks_compose_with_bf16_sequence_parallelism_and_resume_bit_exact(tmp_path):
     """ep 4 = tensor 2 x 2 data ranks with sequence parallelism, bf16 (where the CPU has it),
-    selective recomputation, document attention and async checkpoints: the loss falls, and a
-    resume from the step-2 checkpoint repeats steps 3-4 bit for bit."""
+    selective recomputation, document attention, async checkpoints, bias balancing and a
+    capacity factor: the loss falls, and a resume from the step-2 checkpoint repeats steps
+    3-4 bit for bit (the biases restored)."""
     from launcher.planning.precision import detect_device_support
 
     dtype = "bf16" if detect_device_support().bf16 else "fp32"
-    args = [*MOE, "parallel.tensor=2", "parallel.pipeline=1", "parallel.expert=4", "parallel.global_batch=8",
+    args = [*MOE, *BIAS, "parallel.tensor=2", "parallel.pipeline=1", "parallel.expert=4", "parallel.global_batch=8",
             "parallel.sequence_parallel=true", f"precision.dtype={dtype}", "parallel.activation_checkpointing=selective",
             "data.document_attention=true", "checkpoint.async=true", "checkpoint.every=2", "train.steps=4",
             "zero.stage=1"]
@@ -190,3 +191,5 @@ def test_experts_over_data_ranks_compose_with_bf16_sequence_parallelism_and_resu
     resumed = train(torchrun_cmd(4), tmp_path / "resumed", *args, f"checkpoint.resume={step2}")
     assert [m["step"] for m in resumed] == [3, 4]
     assert losses(resumed) == losses(whole)[2:]
+    assert [m["moe.2.bias_spread"] for m in resumed] == [m["moe.2.bias_spread"] for m in whole[2:]]
+    assert max(m["moe.1.dropped_fraction"] for m in whole) > 0
