@@ -73,30 +73,35 @@ def node_processes(node: str) -> list:
 
 
 def kill_node(node: str) -> float:
-    """SIGKILL node's slurmd and its job processes; the time of the kill. The Slurm daemons
-    (slurmd, each step's slurmstepd) die first: a dying machine reports nothing, but a
-    slurmstepd that outlived its batch script by a moment told slurmctld the script died of
-    signal 9, and the job ended FAILED instead of losing a node (seen in CI). Not frozen with
-    SIGSTOP first: when the batch script then dies, its stopped sruns are an orphaned process
-    group, which the kernel sends SIGHUP and SIGCONT, and they cancel their steps (the
-    watchdog's among them; seen in CI too)."""
+    """SIGKILL node's slurmd and its job processes as a dying machine would: none of them may
+    act on another's death; the time of the kill. Two ways a piecemeal kill went wrong in CI:
+
+    - killed in pid order, a slurmstepd outlived its batch script by a moment and told
+      slurmctld the script died of signal 9: the job ended FAILED instead of losing a node;
+    - frozen (SIGSTOP) and then killed parents first, the batch script's stopped sruns were
+      left an orphaned process group, which the kernel sends SIGHUP and SIGCONT: they woke
+      and cancelled their steps, the watchdog's on another node among them.
+
+    So: every victim is frozen first, then killed deepest in the process tree first, so that
+    no process is left stopped when its parent dies."""
     victims = node_processes(node)
     assert any("slurmd" in " ".join(p.cmdline()) for p in victims), f"no slurmd for {node}: is the cluster up?"
-    daemons = [p for p in victims if _is_slurm_daemon(p)]
+    depth = {p.pid: _depth(p) for p in victims}
     killed_at = time.time()
-    for proc in daemons + [p for p in victims if p not in daemons]:
-        try:
-            proc.kill()
-        except Exception:  # noqa: BLE001 - it may have exited on its own
-            pass
+    for action, order in (("suspend", victims), ("kill", sorted(victims, key=lambda p: -depth[p.pid]))):
+        for proc in order:
+            try:
+                getattr(proc, action)()
+            except Exception:  # noqa: BLE001 - it may have exited on its own
+                pass
     return killed_at
 
 
-def _is_slurm_daemon(proc) -> bool:
+def _depth(proc) -> int:
     try:
-        return proc.name() in ("slurmd", "slurmstepd") or "slurmstepd" in proc.name()
+        return len(proc.parents())
     except Exception:  # noqa: BLE001 - it may have exited
-        return False
+        return 0
 
 
 def stamps(job_log: str) -> list[tuple[float, str]]:
