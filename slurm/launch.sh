@@ -27,6 +27,7 @@ MAX_RECOVERIES=${MAX_RECOVERIES:-3}      # restarts inside one allocation after 
 MAX_REQUEUES=${MAX_REQUEUES:-5}          # requeues after failures (pre-emptions do not count)
 MAX_RESTARTS=${MAX_RESTARTS:-0}          # torchrun restarts of a node's workers (same nodes, same step)
 PROBE_TIMEOUT=${PROBE_TIMEOUT:-5}        # seconds a healthy node takes to run `true` as a job step
+REQUEUE_SETTLE=${REQUEUE_SETTLE:-60}     # seconds a requeued attempt waits for every node to pass a probe
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-120}        # seconds torchrun's agents wait for every training node to join
 RDZV_READ_TIMEOUT=${RDZV_READ_TIMEOUT:-60}  # seconds an agent waits on one rendezvous store operation
 PYTHON=${PYTHON:-python3}
@@ -193,6 +194,16 @@ requeue_or_give_up() {  # $1: why
     exit 1
 }
 
+# A requeued job keeps its id, and its nodes may still be busy with the last attempt's steps
+# for a moment: a step started then is refused ("Requested node configuration is not
+# available"; seen in CI, where it cost a second requeue). Wait for every node to run a
+# probe step first, at most REQUEUE_SETTLE seconds; past that the failure path below decides.
+if [ "$requeue_count" -gt 0 ]; then
+    settle_until=$(( $(date +%s) + REQUEUE_SETTLE ))
+    until [ "$(healthy_nodes)" = "${nodes[*]}" ] || [ "$(date +%s)" -ge "$settle_until" ]; do
+        sleep 2
+    done
+fi
 ensure_watchdog "${nodes[@]}"
 start_steps "${nodes[@]:0:$need}"
 while :; do
