@@ -32,6 +32,11 @@ from parallel.errors import ConfigError
 from parallel.shapes import ParallelDegrees
 
 
+def expert_degree_fits(ep: int, tp: int, dp: int) -> bool:
+    """An expert degree is tp x a divisor of dp (the one rule every check of it uses)."""
+    return ep % tp == 0 and dp % (ep // tp) == 0
+
+
 class Coord(NamedTuple):
     pp: int
     dp: int
@@ -60,7 +65,7 @@ class Layout:
         if self.global_batch % (self.micro_batch * self.dp):
             raise ValueError(f"global_batch {self.global_batch} is not divisible by micro_batch x dp = "
                              f"{self.micro_batch} x {self.dp}")
-        if self.ep and (self.ep % self.tp or self.dp % (self.ep // self.tp)):
+        if self.ep and not expert_degree_fits(self.ep, self.tp, self.dp):
             raise ValueError(f"ep {self.ep} must be tp {self.tp} x a divisor of dp {self.dp}")
 
     @property
@@ -172,7 +177,7 @@ def _expert_degree(parallel: ParallelDegrees, tp: int, dp: int) -> int:
     ep = parallel.expert
     if ep == "auto" or ep <= tp:
         return 0
-    if ep % tp or dp % (ep // tp):
+    if not expert_degree_fits(ep, tp, dp):
         raise ConfigError("parallel.expert", f"{ep}: the experts are split over the tensor ranks and a "
                           f"divisor of the data ranks, so it must be tensor ({tp}) x a divisor of data "
                           f"({dp}): one of {', '.join(str(tp * k) for k in range(1, dp + 1) if dp % k == 0)}")

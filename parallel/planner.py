@@ -48,7 +48,7 @@ from typing import Optional, Union
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
 from parallel.costs import moe_all_to_all_bytes, powersgd_ratio, replicated_moe_params
 from parallel.hardware import GB, GIB, Hardware
-from parallel.layout import Layout, resolve_sequence_parallel
+from parallel.layout import Layout, expert_degree_fits, resolve_sequence_parallel
 from parallel.memory import (
     REDUCE_BUCKET_SIZE,
     Overhead,
@@ -353,7 +353,7 @@ def _expert_degrees(pinned: Pinned, tp: int, dp: int, experts: int, cluster: Clu
     pinned one where it is tp x a divisor of dp, else with `search_ep` tp x every divisor of
     dp that keeps the expert group inside a node and divides the experts."""
     if pinned.ep:
-        return [] if pinned.ep % tp or dp % (pinned.ep // tp) else [0 if pinned.ep == tp else pinned.ep]
+        return [0 if pinned.ep == tp else pinned.ep] if expert_degree_fits(pinned.ep, tp, dp) else []
     if not (pinned.search_ep and experts):
         return [0]
     return [0 if k == 1 else tp * k for k in range(1, dp + 1)

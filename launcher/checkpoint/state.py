@@ -36,6 +36,7 @@ from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.formats.tokenizer import load_tokenizer
 from launcher.planning.plan import Plan
+from parallel.layout import expert_degree_fits
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class SavedLayout:
         if (not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in degrees)
                 or min(layout.tp, layout.pp, layout.dp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
                 or layout.dtype not in ("fp32", "bf16", "fp16")
-                or (layout.ep and (layout.ep % layout.tp or layout.dp % (layout.ep // layout.tp)))):
+                or (layout.ep and not expert_degree_fits(layout.ep, layout.tp, layout.dp))):
             raise TypeError(f"not a layout: {record}")
         return layout
 

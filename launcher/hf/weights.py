@@ -164,7 +164,7 @@ def load_hf_weights(module: torch.nn.Module, directory: Path, tp_rank: int, tp_s
     weights = HFWeights(directory, key)
     copied = 0
     for param in module.parameters():
-        if ".mlp.experts." in param.logical_name:  # stacked experts: one tensor per expert in the files
+        if hf_names.is_expert(param.logical_name):  # stacked experts: one tensor per expert in the files
             param.copy_(_stacked_experts(weights, param, directory, key, experts or (tp_rank, tp_size)))
             copied += param.numel()
             continue

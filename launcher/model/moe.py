@@ -42,6 +42,7 @@ from launcher.config.schema import ModelConfig, MoEConfig
 from launcher.model.documents import Segments, carry_segments
 from launcher.model.experts import Routing, dispatch, earlier_assignments, expert_capacity, swiglu
 from launcher.model.layers import BlockOptions, RMSNorm, _maybe_compile, _recomputed
+from parallel.expert_grads import is_expert
 from parallel.tensor_parallel import NO_TP, TensorParallel, init_shard, scaled_init_std, sum_grad_over_tp
 from parallel.token_split import gather_sequence, shard_sequence
 
@@ -232,7 +233,7 @@ class MoE(nn.Module):
         for param in self.experts.parameters():
             param.expert_parallel = True  # different on each rank of the expert group
         for param in self.parameters():  # each tp rank routes its own tokens: partial gradients
-            if not getattr(param, "expert_parallel", False):  # an expert's is whole on its own rank
+            if not is_expert(param):  # an expert's is whole on its own rank
                 sum_grad_over_tp(param, tp, always=True)
 
     def forward(self, x):

@@ -217,13 +217,12 @@ def with_candidate(cfg: Config, c: Candidate) -> Config:
 
 
 def with_expert_degree(cfg: Config) -> Config:
-    """parallel.expert: auto -> the tensor degree (an MoE model's experts are split over the
-    tensor ranks), 1 for a dense model."""
+    """A dense model's parallel.expert: auto -> 1 (an MoE's auto is the planner's choice:
+    `auto_keys`, `with_candidate`)."""
     p = cfg.parallel
-    if p.expert != "auto" or p.tensor == "auto":
+    if p.expert != "auto" or cfg.model.moe is not None:
         return cfg
-    degree = p.tensor if cfg.model.moe is not None else 1
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, expert=degree))
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, expert=1))
 
 
 def config_estimate(cfg: Config, plan: Plan, cluster: Cluster) -> Estimate:
