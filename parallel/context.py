@@ -1,0 +1,95 @@
+"""Context parallelism's building blocks: a sequence cut over the ranks of a context group,
+and causal attention across the cut.
+
+Each sequence of T positions is cut into 2C chunks of T/2C; context rank i holds chunks i
+and 2C-1-i (a early one and a late one), so that under a causal mask every rank has the same
+number of (query, key) pairs to compute. Everything outside attention is per position and
+runs on a rank's own T/C positions unchanged. Attention needs every earlier key: the keys
+and values of the whole sequence are all-gathered over the group (grouped-query attention
+makes them hidden x kv_heads / heads wide, a fraction of the queries), each rank attends its
+own queries to them under a mask built from the global positions, and backward sends each
+rank's gradient of the gathered keys and values back to their owner (a reduce-scatter).
+
+Pure torch.distributed, any backend (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.tensor_parallel import TensorParallel
+
+
+def chunk_positions(seq_len: int, cp: TensorParallel, device=None) -> torch.Tensor:
+    """The global positions (T/C,) this context rank holds: chunks rank and 2C-1-rank of 2C,
+    in that order."""
+    if cp.size == 1:
+        return torch.arange(seq_len, device=device)
+    if seq_len % (2 * cp.size):
+        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context degree {cp.size}")
+    width = seq_len // (2 * cp.size)
+    first, second = cp.rank, 2 * cp.size - 1 - cp.rank
+    return torch.cat([torch.arange(first * width, (first + 1) * width, device=device),
+                      torch.arange(second * width, (second + 1) * width, device=device)])
+
+
+def local_chunks(x: torch.Tensor, cp: TensorParallel, dim: int = 1) -> torch.Tensor:
+    """This rank's positions of a whole-sequence tensor (ids, targets, segments) along `dim`."""
+    if cp.size == 1:
+        return x
+    return x.index_select(dim, chunk_positions(x.shape[dim], cp, x.device))
+
+
+def _gather_order(seq_len: int, size: int, device) -> torch.Tensor:
+    """Where each rank's gathered rows go: gathered (rank-major, each rank's own order) ->
+    sequence order."""
+    every = torch.cat([chunk_positions(seq_len, TensorParallel(None, r, size), device) for r in range(size)])
+    return torch.argsort(every)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """(B, H, T/C, D) of each context rank -> (B, H, T, D) in sequence order; backward: the
+    sum over ranks of the whole-sequence gradient, each rank keeping its own positions."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cp: TensorParallel, seq_len: int):
+        ctx.cp, ctx.seq_len = cp, seq_len
+        parts = [torch.empty_like(x) for _ in range(cp.size)]
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
+        order = _gather_order(seq_len, cp.size, x.device)
+        return torch.cat(parts, dim=2).index_select(2, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cp = ctx.cp
+        grad = grad.contiguous()
+        # gloo has no reduce-scatter: an all-reduce, then this rank's positions (on NCCL the
+        # same bytes could travel as one reduce-scatter: see docs/CONTEXT.md)
+        dist.all_reduce(grad, group=cp.group)
+        return grad.index_select(2, chunk_positions(ctx.seq_len, cp, grad.device)), None, None
+
+
+def gather_sequence(x: torch.Tensor, cp: TensorParallel, seq_len: int) -> torch.Tensor:
+    """x (B, heads, T/C, D) on each context rank -> (B, heads, T, D), differentiably."""
+    if cp.size == 1:
+        return x
+    return _GatherSequence.apply(x, cp, seq_len)
+
+
+def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: TensorParallel, seq_len: int,
+                      segments: Optional[torch.Tensor] = None, gqa: bool = False) -> torch.Tensor:
+    """Causal attention of this rank's queries q (B, Hq, T/C, D) to the whole sequence's keys
+    and values, given this rank's k, v (B, Hkv, T/C, D), RoPE already applied at the global
+    positions. `segments` (B, T), whole-sequence document indices: attention also stays
+    inside each document. Returns (B, Hq, T/C, D)."""
+    keys, values = gather_sequence(k, cp, seq_len), gather_sequence(v, cp, seq_len)
+    mine = chunk_positions(seq_len, cp, q.device)
+    mask = mine[:, None] >= torch.arange(seq_len, device=q.device)[None, :]  # (T/C, T)
+    if segments is not None:
+        same = segments.index_select(1, mine)[:, :, None] == segments[:, None, :]  # (B, T/C, T)
+        mask = (mask[None] & same)[:, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
