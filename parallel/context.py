@@ -93,3 +93,17 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Ten
         same = segments.index_select(1, mine)[:, :, None] == segments[:, None, :]  # (B, T/C, T)
         mask = (mask[None] & same)[:, None]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
+def cut_micro_batch(batch, cp: TensorParallel):
+    """This context rank's part of one (inputs, targets) micro-batch: ids, targets and the
+    loss mask cut to its positions; document segments left whole (attention needs the whole
+    sequence's, launcher/model/attention.py)."""
+    if cp.size == 1:
+        return batch
+    inputs, targets = batch
+    inputs = ((local_chunks(inputs[0], cp), inputs[1]) if isinstance(inputs, (tuple, list))
+              else local_chunks(inputs, cp))
+    targets = (tuple(local_chunks(t, cp) for t in targets) if isinstance(targets, (tuple, list))
+               else local_chunks(targets, cp))
+    return inputs, targets

@@ -41,12 +41,17 @@ class Coord(NamedTuple):
     pp: int
     dp: int
     tp: int
+    cp: int = 0  # the context rank (context parallelism: one sequence cut over cp ranks)
 
 
 @dataclass(frozen=True)
 class Layout:
     """Resolved parallel degrees and batch arithmetic for one world size; consistent by
-    construction (tp x pp x dp = world_size, micro_batch x dp divides global_batch)."""
+    construction (tp x cp x pp x dp = world_size, micro_batch x dp divides global_batch).
+
+    The ranks that hold the same weights are the dp x cp "replica slots" of a (pp, tp)
+    coordinate, slot = dp_rank * cp + cp_rank: the context ranks of one data rank are
+    consecutive, inside its block."""
 
     world_size: int
     tp: int
@@ -55,18 +60,25 @@ class Layout:
     micro_batch: int
     global_batch: int
     ep: int = 0  # expert-parallel degree; 0: the tensor degree (and for a dense model)
+    cp: int = 1  # context-parallel degree: each sequence cut over cp ranks
 
     def __post_init__(self) -> None:
         # resolve_layout reports a user's mistake naming the key; this catches a caller's
-        if min(self.tp, self.pp, self.dp, self.micro_batch, self.global_batch) < 1:
+        if min(self.tp, self.pp, self.dp, self.cp, self.micro_batch, self.global_batch) < 1:
             raise ValueError(f"every degree and batch size must be >= 1: {self}")
-        if self.tp * self.pp * self.dp != self.world_size:
-            raise ValueError(f"tp {self.tp} x pp {self.pp} x dp {self.dp} != world size {self.world_size}")
+        if self.tp * self.cp * self.pp * self.dp != self.world_size:
+            raise ValueError(f"tp {self.tp} x cp {self.cp} x pp {self.pp} x dp {self.dp} != world size "
+                             f"{self.world_size}")
         if self.global_batch % (self.micro_batch * self.dp):
             raise ValueError(f"global_batch {self.global_batch} is not divisible by micro_batch x dp = "
                              f"{self.micro_batch} x {self.dp}")
-        if self.ep and not expert_degree_fits(self.ep, self.tp, self.dp):
-            raise ValueError(f"ep {self.ep} must be tp {self.tp} x a divisor of dp {self.dp}")
+        if self.ep and not expert_degree_fits(self.ep, self.tp, self.replicas):
+            raise ValueError(f"ep {self.ep} must be tp {self.tp} x a divisor of dp x cp {self.replicas}")
+
+    @property
+    def replicas(self) -> int:
+        """Ranks per (pp, tp) coordinate: dp x cp, the slots DeepSpeed's data dimension spans."""
+        return self.dp * self.cp
 
     @property
     def expert_degree(self) -> int:
@@ -74,7 +86,7 @@ class Layout:
 
     @property
     def experts_over_dp(self) -> int:
-        """Data ranks one expert group spans (ep / tp; 1 when the experts are over tp only)."""
+        """Replica slots one expert group spans (ep / tp; 1 when the experts are over tp only)."""
         return self.expert_degree // self.tp
 
     @property
@@ -85,11 +97,17 @@ class Layout:
     @property
     def ds_data(self) -> int:
         """DeepSpeed's data-parallel degree: the ranks holding the same experts (expert-data
-        parallelism; all of dp when ep = tp)."""
-        return self.dp // self.experts_over_dp
+        parallelism; all dp x cp slots when ep = tp)."""
+        return self.replicas // self.experts_over_dp
+
+    def slot(self, coord: Coord) -> int:
+        return coord.dp * self.cp + coord.cp
+
+    def _at(self, pp: int, slot: int, tp: int) -> int:
+        return (pp * self.replicas + slot) * self.tp + tp
 
     def expert_rank(self, coord: Coord) -> int:
-        return (coord.dp % self.experts_over_dp) * self.tp + coord.tp
+        return (self.slot(coord) % self.experts_over_dp) * self.tp + coord.tp
 
     @property
     def grad_accum(self) -> int:
@@ -99,48 +117,50 @@ class Layout:
     def coord(self, rank: int) -> Coord:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        tp_rank = rank % self.tp
-        dp_rank = (rank // self.tp) % self.dp
-        pp_rank = rank // (self.tp * self.dp)
-        return Coord(pp=pp_rank, dp=dp_rank, tp=tp_rank)
+        slot = (rank // self.tp) % self.replicas
+        return Coord(pp=rank // (self.tp * self.replicas), dp=slot // self.cp, tp=rank % self.tp, cp=slot % self.cp)
 
     def rank(self, coord: Coord) -> int:
-        return (coord.pp * self.dp + coord.dp) * self.tp + coord.tp
+        return self._at(coord.pp, self.slot(coord), coord.tp)
 
     def tp_group_ranks(self) -> list[list[int]]:
         """Every tensor-parallel group (ranks differing only in tp)."""
-        return [[self.rank(Coord(p, d, t)) for t in range(self.tp)]
-                for p in range(self.pp) for d in range(self.dp)]
+        return [[self._at(p, s, t) for t in range(self.tp)] for p in range(self.pp) for s in range(self.replicas)]
 
     def dp_group_ranks(self) -> list[list[int]]:
-        return [[self.rank(Coord(p, d, t)) for d in range(self.dp)]
-                for p in range(self.pp) for t in range(self.tp)]
+        """The ranks holding the same (dense) weights: every dp x cp slot of a (pp, tp)."""
+        return [[self._at(p, s, t) for s in range(self.replicas)] for p in range(self.pp) for t in range(self.tp)]
+
+    def cp_group_ranks(self) -> list[list[int]]:
+        """Every context group: the cp ranks of one data rank's sequence."""
+        return [[self._at(p, d * self.cp + c, t) for c in range(self.cp)]
+                for p in range(self.pp) for d in range(self.dp) for t in range(self.tp)]
 
     def ep_group_ranks(self) -> list[list[int]]:
         """Every expert-parallel group, in expert-rank order (DeepSpeed's model groups)."""
         f = self.experts_over_dp
-        return [[self.rank(Coord(p, d * f + e, t)) for e in range(f) for t in range(self.tp)]
+        return [[self._at(p, d * f + e, t) for e in range(f) for t in range(self.tp)]
                 for p in range(self.pp) for d in range(self.ds_data)]
 
     def expert_dp_group_ranks(self) -> list[list[int]]:
         """The ranks holding the same experts (DeepSpeed's data groups)."""
         f = self.experts_over_dp
-        return [[self.rank(Coord(p, d * f + e, t)) for d in range(self.ds_data)]
+        return [[self._at(p, d * f + e, t) for d in range(self.ds_data)]
                 for p in range(self.pp) for e in range(f) for t in range(self.tp)]
 
     def expert_peer_group_ranks(self) -> list[list[int]]:
-        """The data ranks of one expert group with the same tp rank: they hold the same dense
+        """The slots of one expert group with the same tp rank: they hold the same dense
         weights but different experts, so DeepSpeed does not reduce between them."""
         f = self.experts_over_dp
-        return [[self.rank(Coord(p, d * f + e, t)) for e in range(f)]
+        return [[self._at(p, d * f + e, t) for e in range(f)]
                 for p in range(self.pp) for d in range(self.ds_data) for t in range(self.tp)]
 
     def pp_group_ranks(self) -> list[list[int]]:
-        return [[self.rank(Coord(p, d, t)) for p in range(self.pp)]
-                for d in range(self.dp) for t in range(self.tp)]
+        return [[self._at(p, s, t) for p in range(self.pp)] for s in range(self.replicas) for t in range(self.tp)]
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = tp {self.tp} x pp {self.pp} x dp {self.dp}; "
+        context = f" x cp {self.cp}" if self.cp > 1 else ""
+        return (f"world {self.world_size} = tp {self.tp}{context} x pp {self.pp} x dp {self.dp}; "
                 f"micro_batch {self.micro_batch} x grad_accum {self.grad_accum} x dp {self.dp} "
                 f"= global_batch {self.global_batch}")
 
@@ -149,26 +169,28 @@ def resolve_layout(parallel: ParallelDegrees, world_size: int) -> Layout:
     """Check the parallel section against a world size; raise ConfigError naming the key."""
     if world_size < 1:
         raise ConfigError("--world-size", f"must be >= 1, got {world_size}")
-    tp, pp = parallel.tensor, parallel.pipeline
+    tp, pp, cp = parallel.tensor, parallel.pipeline, parallel.context
+    per = tp * pp * cp  # ranks per data rank
+    names, values = ("tensor*pipeline*context", f"{tp}*{pp}*{cp}") if cp > 1 else ("tensor*pipeline", f"{tp}*{pp}")
     if parallel.data == "auto":
-        if world_size % (tp * pp):
+        if world_size % per:
             raise ConfigError("parallel.data", f"auto: world size {world_size} is not divisible by "
-                              f"tensor*pipeline = {tp}*{pp} = {tp * pp} (start a multiple of {tp * pp} "
-                              f"processes, e.g. torchrun --nproc_per_node {tp * pp}, or lower parallel.tensor "
-                              f"/ parallel.pipeline)")
-        dp = world_size // (tp * pp)
+                              f"{names} = {values} = {per} (start a multiple of {per} "
+                              f"processes, e.g. torchrun --nproc_per_node {per}, or lower parallel.tensor "
+                              f"/ parallel.pipeline{' / parallel.context' if cp > 1 else ''})")
+        dp = world_size // per
     else:
         dp = parallel.data
-        if tp * pp * dp != world_size:
-            raise ConfigError("parallel.data", f"tensor*pipeline*data = {tp}*{pp}*{dp} = {tp * pp * dp} "
+        if per * dp != world_size:
+            raise ConfigError("parallel.data", f"{names}*data = {values}*{dp} = {per * dp} "
                               f"but the world size is {world_size} (or set data: auto)")
     if parallel.global_batch % (parallel.micro_batch * dp):
         raise ConfigError("parallel.global_batch",
                           f"global_batch={parallel.global_batch} is not divisible by micro_batch*data = "
                           f"{parallel.micro_batch}*{dp} = {parallel.micro_batch * dp}")
-    ep = _expert_degree(parallel, tp, dp)
+    ep = _expert_degree(parallel, tp, dp * cp)
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp,
-                  micro_batch=parallel.micro_batch, global_batch=parallel.global_batch, ep=ep)
+                  micro_batch=parallel.micro_batch, global_batch=parallel.global_batch, ep=ep, cp=cp)
 
 
 def _expert_degree(parallel: ParallelDegrees, tp: int, dp: int) -> int:

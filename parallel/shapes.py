@@ -52,4 +52,5 @@ class ParallelDegrees(Protocol):
     data: Union[int, str]
     micro_batch: int
     global_batch: int
-    expert: Union[int, str]  # expert-parallel degree, or "auto" (the tensor degree)
+    expert: Union[int, str]  # expert-parallel degree, or "auto" (the planner's)
+    context: int  # context-parallel degree: each sequence cut over this many ranks

@@ -37,6 +37,7 @@ class ProcessGroups:
     expert_dp_group: Any = None
     expert_peer_group: Any = None
     expert_dp_ranks: Optional[list[int]] = None
+    cp_group: Any = None  # the context group (context parallelism), None when cp = 1
 
     @property
     def ep_rank(self) -> int:
@@ -66,6 +67,8 @@ def build_process_groups(layout: Layout, rank: int, timeout_s: Optional[float] =
         raise RuntimeError(f"layout is for {layout.world_size} ranks, process group has {dist.get_world_size()}")
     timeout = group_timeout(timeout_s)
     families = [("tp", layout.tp_group_ranks()), ("dp", layout.dp_group_ranks()), ("pp", layout.pp_group_ranks())]
+    if layout.cp > 1:
+        families.append(("cp", layout.cp_group_ranks()))
     if layout.experts_over_dp > 1:
         families += [("ep", layout.ep_group_ranks()), ("edp", layout.expert_dp_group_ranks()),
                      ("peer", layout.expert_peer_group_ranks())]
@@ -81,7 +84,8 @@ def build_process_groups(layout: Layout, rank: int, timeout_s: Optional[float] =
                          tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
                          tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1],
                          ep_group=mine["ep"][0], expert_dp_group=mine["edp"][0],
-                         expert_peer_group=mine.get("peer", (None,))[0], expert_dp_ranks=mine["edp"][1])
+                         expert_peer_group=mine.get("peer", (None,))[0], expert_dp_ranks=mine["edp"][1],
+                         cp_group=mine.get("cp", (None,))[0])
 
 
 @dataclass
@@ -103,7 +107,7 @@ class ModelParallelUnit:
         return self.groups.ep_group
 
     def get_data_parallel_rank(self) -> int:
-        return self.groups.coord.dp // self.groups.layout.experts_over_dp
+        return self.groups.layout.slot(self.groups.coord) // self.groups.layout.experts_over_dp
 
     def get_data_parallel_world_size(self) -> int:
         return self.groups.layout.ds_data

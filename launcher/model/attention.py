@@ -28,6 +28,7 @@ from launcher.model.layers import (
     rope_cos_sin,
     sharded_linear,
 )
+from parallel.context import chunk_positions, context_attention
 from parallel.tensor_parallel import (
     TensorParallel,
     block_output,
@@ -111,6 +112,8 @@ class Attention(nn.Module):
         selective = self.options.recompute == "selective"
         h = _recomputed(self._normed, x) if selective else self._normed(x)
         q, k, v = self._qkv(h)
+        if self.options.context.size > 1:
+            return x + block_output(self._out(self._context_core(q, k, v, segments)), self.tp)
         cos, sin = self._rope_tables(q.shape[1], x.device)  # (T, D): the full sequence
         if not selective:
             # v is a view of the fused projection's output: SDPA keeping it would keep q's
@@ -133,6 +136,26 @@ class Attention(nn.Module):
             cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = document_attention(q, k, v, segments, gqa)
+        return out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+
+    def _context_core(self, q, k, v, segments: Segments) -> torch.Tensor:
+        """Context parallelism (parallel/context.py): this rank's T/C positions (chunks i and
+        2C-1-i) attend to the whole sequence's keys and values, gathered over the context
+        group; RoPE at the global positions (restarted at each document). `segments` are the
+        whole sequence's (B, T): the data loader does not cut them."""
+        cp = self.options.context
+        seq_len = q.shape[1] * cp.size
+        mine = chunk_positions(seq_len, cp, q.device)
+        cos, sin = self._rope_tables(seq_len, q.device)
+        if segments is None:
+            cos, sin = cos[mine], sin[mine]
+        else:
+            pos = document_positions(segments)[:, mine]
+            cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T/C, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = context_attention(q, k, v, cp, seq_len, segments, gqa=self.kv_heads != self.heads)
+        B, _, T, _ = q.shape
         return out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
 
     def _output_projection(self, out: torch.Tensor) -> torch.Tensor:

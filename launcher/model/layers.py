@@ -57,6 +57,7 @@ class BlockOptions:
     fused: bool = True  # q, k, v (and gate, up) as one matmul
     recompute: str = "none"  # none | selective | full
     compile: bool = False  # torch.compile each block's local compute
+    context: TensorParallel = NO_TP  # context parallelism: the sequence cut over this group
 
 
 def _maybe_compile(fn: Callable, options: BlockOptions) -> Callable:

@@ -26,6 +26,7 @@ from launcher.model.layers import (
 )
 from parallel.costs import pipeline_items
 from parallel.tensor_parallel import (
+    NO_TP,
     TensorParallel,
     vocab_parallel_cross_entropy,
 )
@@ -118,13 +119,18 @@ class LossFn:
     Targets may be `(targets, loss_mask)` (float (B, T), 1 = counts): then the mean over the
     positions that count, sum(loss * mask) / max(sum(mask), 1), per micro-batch as Megatron."""
 
-    def __init__(self, tp: TensorParallel):
-        self.tp = tp
+    def __init__(self, tp: TensorParallel, context: TensorParallel = NO_TP):
+        self.tp, self.context = tp, context
         self.__name__ = "vocab_parallel_cross_entropy"
 
     def __call__(self, logits_shard: torch.Tensor, targets) -> torch.Tensor:
         if isinstance(targets, (tuple, list)):  # data.eod_mask_loss
             targets, mask = targets
             loss = vocab_parallel_cross_entropy(logits_shard, targets, self.tp)  # (B, T) fp32
-            return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+            counted = mask.sum()
+            if self.context.size > 1:  # the sequence's count, times cp: the average over the cp ranks is the mean
+                counted = counted.detach().clone()
+                torch.distributed.all_reduce(counted, group=self.context.group)
+                counted = counted / self.context.size
+            return (loss * mask).sum() / counted.clamp(min=1.0)
         return vocab_parallel_cross_entropy(logits_shard, targets, self.tp).mean()

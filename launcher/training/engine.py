@@ -48,7 +48,8 @@ from launcher.training.optim import build_optimizer, build_scheduler
 from parallel.compression import PowerSGDReducer
 from parallel.costs import recompute_mode
 from parallel.expert_grads import average_grads_over_expert_peers, mark_grad_norm_owners
-from parallel.tensor_parallel import TensorParallel
+from parallel.context import cut_micro_batch
+from parallel.tensor_parallel import NO_TP, TensorParallel
 from parallel.topology import ModelParallelUnit, ProcessGroups
 
 
@@ -69,6 +70,7 @@ class TrainEngine:
     pipeline: bool
     compressor: Optional[PowerSGDReducer] = None  # PowerSGD's state, saved in checkpoints
     moe_state: Optional[MoEState] = None  # MoE balancing biases and counters, saved in checkpoints
+    context: TensorParallel = NO_TP  # context parallelism: each micro-batch cut to this rank's positions
 
     @property
     def reads_data(self) -> bool:
@@ -76,6 +78,7 @@ class TrainEngine:
         return not self.pipeline or self.groups.is_first_stage or self.groups.is_last_stage
 
     def train_step(self, micro_batches: list) -> tuple[float, Optional[float]]:
+        micro_batches = self._cut(micro_batches)
         if self.pipeline:  # DeepSpeed averages over its data group: the ranks with the same experts
             loss = self._expert_peer_mean(self.ds.train_batch(data_iter=iter(micro_batches) if self.reads_data
                                                               else None))
@@ -100,6 +103,7 @@ class TrainEngine:
     def eval_loss(self, micro_batches: Optional[list]) -> float:
         """Mean loss over one global batch; `micro_batches` is None on middle pipeline stages,
         which read no data but still run every micro-batch (the global batch's count)."""
+        micro_batches = self._cut(micro_batches)
         if self.pipeline:
             loss = self.ds.eval_batch(data_iter=iter(micro_batches) if self.reads_data else None,
                                       num_micro_batches=self.ds.micro_batches)
@@ -142,10 +146,17 @@ class TrainEngine:
         return value
 
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.groups.layout.dp > 1:
+        """The mean over every rank holding the same weights (dp x cp: each context rank's
+        loss is its positions' mean, the same number of them on every rank)."""
+        if self.groups.layout.replicas > 1:
             dist.all_reduce(value, group=self.groups.dp_group)
-            value = value / self.groups.layout.dp
+            value = value / self.groups.layout.replicas
         return value
+
+    def _cut(self, micro_batches: Optional[list]) -> Optional[list]:
+        if micro_batches is None or self.context.size == 1:
+            return micro_batches
+        return [cut_micro_batch(b, self.context) for b in micro_batches]
 
 
 def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.device,
@@ -156,8 +167,9 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
                         sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
     ep = TensorParallel(groups.ep_group, groups.ep_rank, plan.layout.expert_degree) if plan.layout.ep else tp
+    context = TensorParallel(groups.cp_group, groups.coord.cp, plan.layout.cp) if plan.layout.cp > 1 else NO_TP
     options = BlockOptions(fused=cfg.parallel.fused_projections, compile=cfg.model.compile,
-                           recompute=recompute_mode(cfg.parallel.activation_checkpointing))
+                           recompute=recompute_mode(cfg.parallel.activation_checkpointing), context=context)
     full_recompute = options.recompute == "full"
     # seed None: no random draw for weights that init_from is about to overwrite
     moe_state = MoEState.build(cfg.model, device)
@@ -165,7 +177,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
         moe_state.aux_grad_scale = 1.0 / plan.layout.grad_accum
     specs = layer_specs(cfg.model, tp, seed=None if init_from else cfg.train.seed, options=options,
                         moe_state=moe_state, ep=ep)
-    loss_fn = LossFn(tp)
+    loss_fn = LossFn(tp, context)
     checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     pipeline = plan.layout.pp > 1
     if pipeline:
@@ -204,7 +216,7 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
     if cfg.compression.method == "powersgd" and plan.layout.ds_data > 1:
         compressor = build_compressor(engine, cfg, groups.expert_dp_group, pipeline)
     train_engine = TrainEngine(ds=engine, groups=groups, loss_fn=loss_fn, device=device, pipeline=pipeline,
-                               compressor=compressor, moe_state=moe_state)
+                               compressor=compressor, moe_state=moe_state, context=context)
     if cfg.logging.time_breakdown:
         train_engine.capture_timer_logs()
     return train_engine
