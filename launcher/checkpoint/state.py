@@ -55,6 +55,7 @@ class SavedLayout:
     # The expert-parallel degree when it is above tp (experts over data ranks too; DeepSpeed's
     # model-parallel files are then numbered over the expert group); 0: the tensor degree.
     ep: int = 0
+    cp: int = 1  # the context degree: DeepSpeed's per-rank files are numbered over dp x cp
 
     @property
     def model_ranks(self) -> int:
@@ -66,7 +67,7 @@ class SavedLayout:
     def of_run(cls, cfg: Config, plan: Plan) -> SavedLayout:
         lay = plan.layout
         return cls(tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=cfg.zero.stage, dtype=plan.dtype,
-                   parts=tuple(plan.parts), ep=lay.ep)
+                   parts=tuple(plan.parts), ep=lay.ep, cp=lay.cp)
 
     def to_json(self) -> dict:
         """The JSON object, keys in the order checkpoints have always had them."""
@@ -75,6 +76,8 @@ class SavedLayout:
             out["parts"] = list(self.parts)
         if self.ep:
             out["ep"] = self.ep
+        if self.cp > 1:
+            out["cp"] = self.cp
         return out
 
     @classmethod
@@ -83,10 +86,10 @@ class SavedLayout:
         fields = dict(record)
         parts = fields.pop("parts", None)
         layout = cls(**fields, parts=None if parts is None else tuple(parts))
-        degrees = (layout.tp, layout.pp, layout.dp, layout.ep, *(layout.parts or ()))
+        degrees = (layout.tp, layout.pp, layout.dp, layout.ep, layout.cp, *(layout.parts or ()))
         # a damaged record must not reach range(tp) or a file name: the same refusal as a missing field
         if (not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in degrees)
-                or min(layout.tp, layout.pp, layout.dp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
+                or min(layout.tp, layout.pp, layout.dp, layout.cp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
                 or layout.dtype not in ("fp32", "bf16", "fp16")
                 or (layout.ep and not expert_degree_fits(layout.ep, layout.tp, layout.dp))):
             raise TypeError(f"not a layout: {record}")
@@ -94,7 +97,8 @@ class SavedLayout:
 
     def describe(self) -> str:
         experts = f" (experts over {self.ep} ranks)" if self.ep else ""
-        return (f"tensor {self.tp} x pipeline {self.pp} x data {self.dp}{experts}, ZeRO {self.zero_stage}, "
+        context = f" x context {self.cp}" if self.cp > 1 else ""
+        return (f"tensor {self.tp}{context} x pipeline {self.pp} x data {self.dp}{experts}, ZeRO {self.zero_stage}, "
                 f"{self.dtype}")
 
 
@@ -108,7 +112,7 @@ def _same_cut(saved: SavedLayout, current: SavedLayout) -> bool:
 
 def same_layout(saved: SavedLayout, current: SavedLayout) -> bool:
     """Every rank's files mean the same on both (RNG and PowerSGD state are per rank)."""
-    return _same_cut(saved, current) and saved.dp == current.dp
+    return _same_cut(saved, current) and (saved.dp, saved.cp) == (current.dp, current.cp)
 
 
 def deepspeed_loads(saved: SavedLayout, current: SavedLayout) -> bool:
@@ -118,7 +122,10 @@ def deepspeed_loads(saved: SavedLayout, current: SavedLayout) -> bool:
     if not _same_cut(saved, current):
         return False
     # with experts over data ranks DeepSpeed's data degree is not ours: only the very same layout
-    return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2 and not current.ep)
+    if saved.cp != current.cp:  # DeepSpeed's data degree is dp x cp: only the very same one
+        return False
+    return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2 and not current.ep
+                                      and current.cp == 1)
 
 
 def resume_layout(cfg: Config) -> Optional[SavedLayout]:

@@ -190,6 +190,25 @@ def _check_parallel(cfg: Config) -> None:
                           f"{p.collective_timeout_s:g}")
     if p.stage_memory_gb is not None:
         check_positive("parallel.stage_memory_gb", p.stage_memory_gb)
+    _check_context(cfg)
+
+
+def _check_context(cfg: Config) -> None:
+    """parallel.context: the sequence is cut into 2 x context chunks (parallel/context.py)."""
+    m, p = cfg.model, cfg.parallel
+    check_positive("parallel.context", p.context)
+    if p.context == 1 or m.seq_len == "auto":
+        return
+    if m.seq_len % (2 * p.context):
+        raise ConfigError("parallel.context", f"{p.context}: model.seq_len={m.seq_len} is not divisible by 2 x "
+                          f"context = {2 * p.context} (each sequence is cut into 2 x context chunks)")
+    tp = 1 if p.tensor == "auto" else p.tensor
+    if p.sequence_parallel is True and tp > 1 and (m.seq_len // p.context) % tp:
+        raise ConfigError("parallel.context", f"{p.context}: seq_len / context = {m.seq_len // p.context} "
+                          f"positions per rank are not divisible by parallel.tensor={tp} (sequence parallelism)")
+    if m.moe is not None:
+        raise ConfigError("parallel.context", f"{p.context} with model.moe: context parallelism does not "
+                          "run MoE models yet (docs/CONTEXT.md)")
 
 
 def _check_precision_zero(cfg: Config) -> None:

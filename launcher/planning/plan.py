@@ -95,9 +95,14 @@ def describe(cfg: Config, plan: Plan, device: str) -> str:
     ideal = total_flops / lay.pp
     tokens = lay.global_batch * m.seq_len
     kv = f"kv {m.n_kv_heads}" + (" GQA" if m.n_kv_heads != m.heads else "")
+    if lay.cp > 1:
+        order = (f"layout     world {lay.world_size} = tp {lay.tp} x cp {lay.cp} x pp {lay.pp} x dp {lay.dp} "
+                 f"(rank = ((pp*{lay.dp} + dp)*{lay.cp} + cp)*{lay.tp} + tp; tp innermost, then cp)")
+    else:
+        order = (f"layout     world {lay.world_size} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp} "
+                 f"(rank = (pp*{lay.dp} + dp)*{lay.tp} + tp; tp innermost)")
     lines = [
-        f"layout     world {lay.world_size} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp} "
-        f"(rank = (pp*{lay.dp} + dp)*{lay.tp} + tp; tp innermost)",
+        order,
         f"batch      micro_batch {lay.micro_batch} x grad_accum {lay.grad_accum} x dp {lay.dp} "
         f"= global_batch {lay.global_batch} sequences = {tokens:,} tokens/step",
         f"model      {params / 1e9:.3f}B params: {m.layers} layers, hidden {m.hidden}, heads {m.heads} ({kv}), "
