@@ -60,3 +60,50 @@ def test_attention_over_context_ranks_equals_one_process(size, documents):
     for positions, *got in run_distributed(_on_context_ranks, size, documents):
         for mine, full in zip(got, expected):
             assert torch.allclose(mine, full.index_select(2, positions), atol=1e-6)
+
+
+def _context_engine_runs(rank, world_size, runs):
+    """Two train steps and an eval batch of each layout through the training engine, on the
+    packed documents of tests/test_document_attention.py (documents cross the chunk borders,
+    with a loss mask): (losses, grad norms, eval loss)."""
+    from test_document_attention import engine_config, micro_batches
+
+    from launcher.ds.config import deepspeed_config
+    from launcher.planning.plan import make_plan
+    from launcher.planning.precision import detect_device_support
+    from launcher.training.engine import build_engine
+    from parallel.topology import build_process_groups
+
+    results = {}
+    for name, parallel in runs:
+        cfg = engine_config(**parallel)
+        plan = make_plan(cfg, world_size, detect_device_support())
+        groups = build_process_groups(plan.layout, rank)
+        engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
+
+        def data(step):
+            if not engine.reads_data:
+                return None
+            batches = micro_batches(step)  # dp rank r takes micro-batch r; its cp ranks the same one
+            return batches if plan.layout.dp == 1 else [batches[groups.coord.dp]]
+
+        steps = [engine.train_step(data(step)) for step in range(2)]
+        results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(2)))
+        engine.ds.destroy()
+    return results
+
+
+def test_context_parallel_layouts_match_one_process():
+    """cp 2 x tp 2 (sequence parallel) x pp 2, and cp 4 x dp 2, 8 processes: the single
+    process's losses, grad norms and eval loss, with documents crossing chunk borders and a
+    loss mask (whose mean over the sequence the context ranks keep exact)."""
+    from test_document_attention import _single_process
+
+    losses, norms, val = _single_process()
+    runs = [("cp2_tp2_pp2", {"context": 2}), ("cp4_dp2", {"context": 4, "tensor": 1, "pipeline": 1})]
+    for rank, by_layout in enumerate(run_distributed(_context_engine_runs, 8, runs)):
+        for name, (got_losses, got_norms, got_val) in by_layout.items():
+            where = f"rank {rank} {name}"
+            assert got_losses == pytest.approx(losses, abs=1e-5), where
+            assert got_norms == pytest.approx(norms, rel=1e-5), where
+            assert got_val == pytest.approx(val, abs=1e-5), where
