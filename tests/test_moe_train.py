@@ -193,3 +193,28 @@ def test_experts_over_data_ranks_compose_with_bf16_sequence_parallelism_and_resu
     assert losses(resumed) == losses(whole)[2:]
     assert [m["moe.2.bias_spread"] for m in resumed] == [m["moe.2.bias_spread"] for m in whole[2:]]
     assert max(m["moe.1.dropped_fraction"] for m in whole) > 0
+
+
+def test_experts_over_context_ranks_match_the_single_run_and_resume_on_other_context_degrees(single, tmp_path):
+    """Context parallelism with MoE (fp32, aux-loss balancing): context 2 x data 2 with the
+    experts over the two context ranks (parallel.expert=2), ZeRO 1 and selective
+    recomputation, gives the single process's losses, grad norms and routing figures (the
+    aux loss's statistics summed over the context ranks); its step-2 checkpoint continues on
+    context 4 (experts over 4 ranks), whose step-4 checkpoint continues on one process."""
+    common = [*MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=6", "checkpoint.every=2",
+              "checkpoint.keep_last=3"]
+    cp2 = train(torchrun_cmd(4), tmp_path / "cp2", *common, "parallel.context=2", "parallel.expert=2",
+                "zero.stage=1", "parallel.activation_checkpointing=selective")
+    assert losses(cp2) == pytest.approx(losses(single), abs=1e-5)
+    for got, expected in zip(cp2, single):
+        for key in ("grad_norm", "moe.1.load_max_over_mean", "moe.2.aux_loss"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-5), key
+    runs = {"cp4": (torchrun_cmd(4), ["parallel.context=4", "parallel.expert=4", "cp2"], 2),
+            "one": (python_cmd(), ["cp4"], 4)}
+    for name, (cmd, args, start) in runs.items():
+        *layout, source = args
+        step = tmp_path / source / "checkpoints" / f"step-{start:08d}"
+        metrics = train(cmd, tmp_path / name, *common, *layout, f"checkpoint.resume={step}")
+        assert [m["step"] for m in metrics] == list(range(start + 1, 7)), name
+        assert losses(metrics) == pytest.approx(losses(single)[start:], abs=1e-5), name
+        assert [e["resharded"] for e in read_events(tmp_path / name, "resume")] == [True], name

@@ -91,7 +91,7 @@ class SavedLayout:
         if (not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in degrees)
                 or min(layout.tp, layout.pp, layout.dp, layout.cp) < 1 or layout.zero_stage not in (0, 1, 2, 3)
                 or layout.dtype not in ("fp32", "bf16", "fp16")
-                or (layout.ep and not expert_degree_fits(layout.ep, layout.tp, layout.dp))):
+                or (layout.ep and not expert_degree_fits(layout.ep, layout.tp, layout.dp * layout.cp))):
             raise TypeError(f"not a layout: {record}")
         return layout
 
@@ -121,9 +121,9 @@ def deepspeed_loads(saved: SavedLayout, current: SavedLayout) -> bool:
     0-2 (its elastic ZeRO format). Anything else is resharded (launcher/checkpoint/reshard.py)."""
     if not _same_cut(saved, current):
         return False
-    # with experts over data ranks DeepSpeed's data degree is not ours: only the very same layout
-    if saved.cp != current.cp:  # DeepSpeed's data degree is dp x cp: only the very same one
+    if saved.cp != current.cp:  # DeepSpeed's data degree is dp x cp: another cp is resharded
         return False
+    # with experts over data ranks DeepSpeed's data degree is not ours: only the very same layout
     return saved.dp == current.dp or (current.dtype == "fp32" and current.zero_stage <= 2 and not current.ep
                                       and current.cp == 1)
 

@@ -206,9 +206,11 @@ def _check_context(cfg: Config) -> None:
     if p.sequence_parallel is True and tp > 1 and (m.seq_len // p.context) % tp:
         raise ConfigError("parallel.context", f"{p.context}: seq_len / context = {m.seq_len // p.context} "
                           f"positions per rank are not divisible by parallel.tensor={tp} (sequence parallelism)")
-    if m.moe is not None:
-        raise ConfigError("parallel.context", f"{p.context} with model.moe: context parallelism does not "
-                          "run MoE models yet (docs/CONTEXT.md)")
+    if m.moe is not None and m.moe.capacity_factor is not None:
+        raise ConfigError("model.moe.capacity_factor", f"{m.moe.capacity_factor} with parallel.context="
+                          f"{p.context}: an expert's capacity is counted in sequence order, which the "
+                          "context ranks' chunks do not follow; train dropless (null) with context "
+                          "parallelism (docs/CONTEXT.md)")
 
 
 def _check_precision_zero(cfg: Config) -> None:

@@ -67,17 +67,20 @@ def route(logits: torch.Tensor, moe: MoEConfig, bias: Optional[torch.Tensor] = N
     return Routing(experts, weights, probs, torch.bincount(experts.reshape(-1), minlength=moe.experts))
 
 
-def aux_loss(routing: Routing, coef: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
+def aux_loss(routing: Routing, coef: float, tp: TensorParallel = NO_TP,
+             context: TensorParallel = NO_TP) -> torch.Tensor:
     """coef x E x sum_e f_e P_e: f_e the share of assignments routed to e (no gradient), P_e
-    the mean probability of e over the tokens (the gradient flows through it). With tp the
-    micro-batch's tokens are split over the tp ranks: f_e is summed over them (one small
-    all-reduce) and each rank returns its tokens' part of the sum over P_e, so the parts add
-    up to the micro-batch's loss and each part's gradient is that loss's on those tokens."""
+    the mean probability of e over the tokens (the gradient flows through it). With tp (and
+    context parallelism) the micro-batch's tokens are split over the tp (and context) ranks:
+    f_e is summed over them (one small all-reduce each) and each rank returns its tokens' part
+    of the sum over P_e, so the parts add up to the micro-batch's loss and each part's
+    gradient is that loss's on those tokens."""
     experts = routing.probs.shape[1]
     counts = routing.counts.float()
-    tokens = routing.probs.shape[0] * tp.size
-    if tp.size > 1:
-        dist.all_reduce(counts, group=tp.group)
+    tokens = routing.probs.shape[0] * tp.size * context.size
+    for group in (tp, context):
+        if group.size > 1:
+            dist.all_reduce(counts, group=group.group)
     share = counts / (tokens * routing.experts.shape[1])
     return coef * experts * (share * routing.probs.sum(0) / tokens).sum()
 
@@ -269,9 +272,13 @@ class MoE(nn.Module):
         out = x + out.view(h.shape[1], h.shape[0], -1).transpose(0, 1)
         aux = None
         if self.moe.balance == "aux_loss" and self.training and torch.is_grad_enabled():
-            aux = aux_loss(routing, self.moe.aux_loss_coef, self.tp)
+            context = self.options.context
+            aux = aux_loss(routing, self.moe.aux_loss_coef, self.tp, context)
             scale = self.state.aux_grad_scale if self.state is not None else 1.0
-            out = _AuxLossGrad.apply(out, aux, scale)
+            # x context: the context ranks' gradients are averaged as data ranks' are, and
+            # each holds a part of one sequence (as LossFn scales its part of the mean)
+            out = _AuxLossGrad.apply(out, aux, scale * context.size)
         if self.state is not None and self.training and not _in_backward():
-            self.state.record(self.layer, counts, dropped, aux, share=1.0 / self.tp.size)
+            self.state.record(self.layer, counts, dropped, aux,
+                              share=1.0 / (self.tp.size * self.options.context.size))
         return out
