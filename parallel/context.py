@@ -15,11 +15,13 @@ Pure torch.distributed, any backend (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from parallel.tensor_parallel import TensorParallel
 
@@ -88,11 +90,47 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Ten
     inside each document. Returns (B, Hq, T/C, D)."""
     keys, values = gather_sequence(k, cp, seq_len), gather_sequence(v, cp, seq_len)
     mine = chunk_positions(seq_len, cp, q.device)
-    mask = mine[:, None] >= torch.arange(seq_len, device=q.device)[None, :]  # (T/C, T)
+    if q.device.type == "cuda" and q.shape[-1] >= 16:  # FlexAttention's kernels need head_dim >= 16
+        return flex_context_attention(q, keys, values, mine, segments, gqa)
+    return _dense_mask_attention(q, keys, values, mine, segments, gqa)
+
+
+def _dense_mask_attention(q, keys, values, mine: torch.Tensor, segments: Optional[torch.Tensor],
+                          gqa: bool) -> torch.Tensor:
+    """SDPA under a dense boolean mask (T/C, T) or (B, 1, T/C, T): CPU runs and tests (at
+    128k positions the mask alone would be gigabytes per layer: CUDA takes the flex path)."""
+    mask = mine[:, None] >= torch.arange(keys.shape[2], device=q.device)[None, :]
     if segments is not None:
         same = segments.index_select(1, mine)[:, :, None] == segments[:, None, :]  # (B, T/C, T)
         mask = (mask[None] & same)[:, None]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
+@functools.cache
+def _compiled_flex():
+    # compiled once, on first use: eager flex_attention materialises the scores; compiled it
+    # is one fused kernel that skips the (query, key) blocks the block mask marks empty
+    return torch.compile(flex_attention), torch.compile(create_block_mask)
+
+
+def flex_context_attention(q, keys, values, mine: torch.Tensor, segments: Optional[torch.Tensor], gqa: bool,
+                           compiled: bool = True) -> torch.Tensor:
+    """The same with FlexAttention: query row i is global position mine[i]; it sees key j
+    when j <= mine[i] (and, with documents, j is in its document). The block mask skips the
+    key blocks wholly after a query block, so a rank computes about its causal share of the
+    (T/C) x T rectangle, the same on every rank (chunks i and 2C-1-i); no mask is stored.
+    `compiled=False` runs it eagerly (forward only on CPU: tests)."""
+    attend, block_mask_fn = _compiled_flex() if compiled else (flex_attention, create_block_mask)
+
+    if segments is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= mine[q_idx]
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= mine[q_idx]) & (segments[b, mine[q_idx]] == segments[b, kv_idx])
+    batch = None if segments is None else q.shape[0]
+    block_mask = block_mask_fn(mask_mod, batch, None, q.shape[2], keys.shape[2], device=q.device)
+    return attend(q, keys, values, block_mask=block_mask, enable_gqa=gqa)
 
 
 def cut_micro_batch(batch, cp: TensorParallel):

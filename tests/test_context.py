@@ -8,7 +8,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_distributed
 
-from parallel.context import chunk_positions, context_attention, local_chunks
+from parallel.context import (
+    _dense_mask_attention,
+    chunk_positions,
+    context_attention,
+    flex_context_attention,
+    local_chunks,
+)
 from parallel.tensor_parallel import TensorParallel
 
 B, HQ, HKV, T, D = 2, 4, 2, 16, 8
@@ -60,6 +66,20 @@ def test_attention_over_context_ranks_equals_one_process(size, documents):
     for positions, *got in run_distributed(_on_context_ranks, size, documents):
         for mine, full in zip(got, expected):
             assert torch.allclose(mine, full.index_select(2, positions), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("documents", [False, True])
+def test_flex_path_masks_as_the_dense_one(documents):
+    """The CUDA path (FlexAttention's block mask from the global positions, run eagerly: its
+    forward runs on CPU) gives the CPU path's output on every context rank's queries."""
+    q, k, v, seg, _ = _inputs()
+    for rank in range(2):
+        mine = chunk_positions(T, TensorParallel(None, rank, 2))
+        local_q = q.index_select(2, mine)
+        segments = seg if documents else None
+        flex = flex_context_attention(local_q, k, v, mine, segments, gqa=True, compiled=False)
+        assert torch.allclose(flex, _dense_mask_attention(local_q, k, v, mine, segments, gqa=True), atol=1e-5)
 
 
 def _context_engine_runs(rank, world_size, runs):

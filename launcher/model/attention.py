@@ -112,8 +112,10 @@ class Attention(nn.Module):
         selective = self.options.recompute == "selective"
         h = _recomputed(self._normed, x) if selective else self._normed(x)
         q, k, v = self._qkv(h)
-        if self.options.context.size > 1:
-            return x + block_output(self._out(self._context_core(q, k, v, segments)), self.tp)
+        if self.options.context.size > 1:  # selective: the K/V gather is recomputed too, so
+            # backward keeps this rank's k, v and not the whole sequence's
+            core = (lambda *a: _recomputed(self._context_core, *a)) if selective else self._context_core
+            return x + block_output(self._out(core(q, k, v, segments)), self.tp)
         cos, sin = self._rope_tables(q.shape[1], x.device)  # (T, D): the full sequence
         if not selective:
             # v is a view of the fused projection's output: SDPA keeping it would keep q's
