@@ -46,33 +46,34 @@ def local_chunks(x: torch.Tensor, cp: TensorParallel, dim: int = 1) -> torch.Ten
     return x.index_select(dim, chunk_positions(x.shape[dim], cp, x.device))
 
 
-def _gather_order(seq_len: int, size: int, device) -> torch.Tensor:
-    """Where each rank's gathered rows go: gathered (rank-major, each rank's own order) ->
-    sequence order."""
-    every = torch.cat([chunk_positions(seq_len, TensorParallel(None, r, size), device) for r in range(size)])
-    return torch.argsort(every)
+def _rank_major(seq_len: int, size: int, device) -> torch.Tensor:
+    """Every rank's positions, rank 0's first: the order the ranks' parts are concatenated in."""
+    return torch.cat([chunk_positions(seq_len, TensorParallel(None, r, size), device) for r in range(size)])
 
 
 class _GatherSequence(torch.autograd.Function):
     """(B, H, T/C, D) of each context rank -> (B, H, T, D) in sequence order; backward: the
-    sum over ranks of the whole-sequence gradient, each rank keeping its own positions."""
+    sum over ranks of the whole-sequence gradient, each rank receiving its own positions'
+    (one reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cp: TensorParallel, seq_len: int):
         ctx.cp, ctx.seq_len = cp, seq_len
         parts = [torch.empty_like(x) for _ in range(cp.size)]
         dist.all_gather(parts, x.contiguous(), group=cp.group)
-        order = _gather_order(seq_len, cp.size, x.device)
+        order = torch.argsort(_rank_major(seq_len, cp.size, x.device))
         return torch.cat(parts, dim=2).index_select(2, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        cp = ctx.cp
-        grad = grad.contiguous()
-        # gloo has no reduce-scatter: an all-reduce, then this rank's positions (on NCCL the
-        # same bytes could travel as one reduce-scatter: see docs/CONTEXT.md)
-        dist.all_reduce(grad, group=cp.group)
-        return grad.index_select(2, chunk_positions(ctx.seq_len, cp, grad.device)), None, None
+        cp, seq_len = ctx.cp, ctx.seq_len
+        B, H, _, D = grad.shape
+        per_rank = grad.index_select(2, _rank_major(seq_len, cp.size, grad.device))
+        per_rank = per_rank.view(B, H, cp.size, seq_len // cp.size, D).movedim(2, 0).reshape(
+            cp.size * B, H, seq_len // cp.size, D)  # rank r's positions are rows r*B ... (r+1)*B - 1
+        mine = torch.empty(B, H, seq_len // cp.size, D, dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(mine, per_rank, group=cp.group)
+        return mine, None, None
 
 
 def gather_sequence(x: torch.Tensor, cp: TensorParallel, seq_len: int) -> torch.Tensor:
