@@ -63,7 +63,7 @@ def recompute_mode(value) -> str:
 
 
 def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dtype_bytes: int,
-                     recompute: str = "none", sequence_parallel: bool = False) -> int:
+                     recompute: str = "none", sequence_parallel: bool = False, context: int = 1) -> int:
     """Bytes one pipeline item saves for its backward pass, for one micro-batch on one tp rank.
 
     Counted tensor by tensor from what this model's autograd graph keeps (distinct storages,
@@ -97,8 +97,12 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
     core holds little more than its inputs, so the norms are where selective saves: in bf16
     about 17% of a block's activations at tp 1 or with sequence parallelism (Llama 7B/70B),
     40% at tp 8 without it, where the replicated norms dominate; the MLP's ffn-wide tensors
-    stay. `full` keeps only each item's input (ebrh; the loss still keeps its own)."""
-    s, b, e, h = model.seq_len, micro_batch, dtype_bytes, model.hidden
+    stay. `full` keeps only each item's input (ebrh; the loss still keeps its own).
+
+    `context` C (context parallelism, parallel/context.py): a rank holds s / C positions, so
+    every term above is on s / C; attention without recomputation also keeps the whole
+    sequence's keys and values it gathered (2 e b s kv / tp), which `selective` recomputes."""
+    s, b, e, h = model.seq_len // context, micro_batch, dtype_bytes, model.hidden
     kv_dim = model.n_kv_heads * model.head_dim
     r = s // tp if sequence_parallel and tp > 1 else s  # residual-stream positions on this rank
     bs, brh = b * s, b * r * h
@@ -114,9 +118,11 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
         return e * brh + (loss if kind == "head" else 0)
     if kind == "attn":
         qkvo = e * bs * (2 * h + 2 * kv_dim) // tp
-        return norm + qkvo + (0 if recompute == "selective" else lse)
+        gathered = 2 * e * b * model.seq_len * kv_dim // tp if context > 1 and recompute == "none" else 0
+        return norm + qkvo + (0 if recompute == "selective" else lse + gathered)
     if kind in ("mlp", "moe"):
-        return norm + (4 * e * bs * model.ffn // tp if kind == "mlp" else moe_activation_bytes(model, micro_batch, e) // tp)
+        return norm + (4 * e * bs * model.ffn // tp if kind == "mlp"
+                       else moe_activation_bytes(model, micro_batch, e) // (tp * context))
     if kind == "norm":
         return 4 * brh + e * brh + 4 * b * r
     if kind == "head":
@@ -172,18 +178,19 @@ def moe_all_to_all_bytes(model: ModelShape, tp: int, tokens: int, dtype_bytes: i
 
 
 def item_costs(model: ModelShape, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2,
-               recompute="none", sequence_parallel: bool = False, ep: int = 0) -> list[ItemCost]:
+               recompute="none", sequence_parallel: bool = False, ep: int = 0, context: int = 1) -> list[ItemCost]:
     """Cost of each pipeline item for one tp rank and one micro-batch of `micro_batch` sequences.
     `recompute`: none | selective | full (or parallel.activation_checkpointing's bool);
     `sequence_parallel`: as resolved for this tp (resolved by the caller for this tp);
-    `ep`: the expert-parallel degree (0: tp)."""
+    `ep`: the expert-parallel degree (0: tp); `context`: the context-parallel degree (the
+    activations of s / context positions; FLOPs stay per token)."""
     h, s = model.hidden, model.seq_len
     kv_dim = model.n_kv_heads * model.head_dim
     mode = recompute_mode(recompute)
     attn_matmul = h * h + 2 * h * kv_dim + h * h  # wq, wk, wv, wo
     mlp_matmul = 3 * h * model.ffn  # gate, up, down
     head_matmul = model.vocab * h
-    act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode, sequence_parallel)
+    act = {kind: activation_bytes(model, kind, tp, micro_batch, dtype_bytes, mode, sequence_parallel, context)
            for kind in ("embed", "attn", "mlp", "norm", "head") + (("moe",) if _moe(model) else ())}
 
     table = {

@@ -206,9 +206,10 @@ def _expert_degree(parallel: ParallelDegrees, tp: int, dp: int) -> int:
     return ep
 
 
-def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int) -> bool:
+def resolve_sequence_parallel(setting: Union[bool, str], seq_len: int, tp: int, context: int = 1) -> bool:
     """The same from the setting's value (the planner resolves it for every candidate tp).
-    `auto` here is the GPU default (on when tp > 1); a launch on CPU decides it first."""
+    `auto` here is the GPU default (on when tp > 1 and a rank's seq_len / context positions
+    split over tp); a launch on CPU decides it first."""
     if setting == "auto":
-        return tp > 1 and seq_len % tp == 0
+        return tp > 1 and (seq_len // context) % tp == 0
     return bool(setting) and tp > 1

@@ -178,7 +178,8 @@ def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[in
     params = sum(c.params_per_rank for c in items)
     per_param = state_bytes(dtype, states.optimizer, zero_stage, dp, offload=states.offload)
     e = dtype_bytes(dtype)
-    bsh = micro_batch * model.seq_len * model.hidden
+    positions = model.seq_len // layout.cp  # context parallelism: each rank holds s / cp of a sequence
+    bsh = micro_batch * positions * model.hidden
     flight = in_flight(stage, stages, layout.grad_accum)
     per_micro = sum(c.act_bytes for c in items)
     # DeepSpeed's pipeline engine holds each in-flight micro-batch's stage output until its
@@ -189,7 +190,7 @@ def rank_memory(model: ModelShape, costs: Sequence[ItemCost], parts: Sequence[in
     last = stage == stages - 1
     # the chunked vocab-parallel loss (parallel.tensor_parallel): beyond the logits its
     # backward keeps (activations), the logits' gradient and two fp32 chunks at a time
-    shard = micro_batch * model.seq_len * model.vocab / tp
+    shard = micro_batch * positions * model.vocab / tp
     logits = e * shard + 2 * 4 * min(shard, LOSS_CHUNK_ELEMENTS) if last else 0.0
     bucket = reduction_bucket(params, dtype, zero_stage, dp, min(reduce_bucket, params) if overhead.touched_only else reduce_bucket)
     gathered = 0.0

@@ -91,9 +91,9 @@ class Workload:
     partition: str = "balanced"
     sequence_parallel: Union[bool, str] = "auto"  # parallel.sequence_parallel: auto = on when tp > 1
 
-    def sequence_parallel_at(self, tp: int) -> bool:
-        """parallel.sequence_parallel resolved for tensor degree tp."""
-        return resolve_sequence_parallel(self.sequence_parallel, self.model.seq_len, tp)
+    def sequence_parallel_at(self, tp: int, context: int = 1) -> bool:
+        """parallel.sequence_parallel resolved for tensor degree tp (and context degree)."""
+        return resolve_sequence_parallel(self.sequence_parallel, self.model.seq_len, tp, context)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ class Candidate:
     def describe(self) -> str:
         lay = self.layout
         experts = f" (experts over {lay.ep})" if lay.ep else ""
-        return (f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}{experts}, micro_batch {lay.micro_batch}, ZeRO {self.zero}, "
+        context = f" x cp {lay.cp}" if lay.cp > 1 else ""
+        return (f"tp {lay.tp}{context} x pp {lay.pp} x dp {lay.dp}{experts}, micro_batch {lay.micro_batch}, ZeRO {self.zero}, "
                 f"recompute {self.recompute}" + (", sequence parallel" if self.sequence_parallel else "")
                 + (", optimizer offload" if self.offload else ""))
 
@@ -141,6 +142,7 @@ class Pinned:
     recompute: Optional[str] = None
     zero: Optional[int] = None
     ep: Optional[int] = None  # an MoE's expert degree (None: the tensor degree, or searched)
+    cp: Optional[int] = 1  # the context degree (None: 1 and every one that cuts the sequence)
     search_ep: bool = False  # an MoE: also try experts over tp x k data ranks within a node
     offload: tuple[bool, ...] = (False,)  # the offload settings tried
     micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16)  # tried when micro_batch is None
@@ -155,10 +157,11 @@ class StepTime:
     optimizer: float
     offload: float
     bubble: float  # fraction of the pipeline time idle
+    cp_comm: float = 0.0  # context parallelism's key/value gathers and gradient reduce-scatters
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.pp_comm + self.dp_comm + self.optimizer + self.offload
+        return self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.dp_comm + self.optimizer + self.offload
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class Estimate:
 
     def as_dict(self) -> dict:
         c, lay = self.candidate, self.candidate.layout
-        return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.expert_degree, "micro_batch": lay.micro_batch,
+        return {"tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "ep": lay.expert_degree, "micro_batch": lay.micro_batch,
                 "zero": c.zero,
                 "recompute": c.recompute, "sequence_parallel": c.sequence_parallel, "offload": c.offload,
                 "fits": self.fits,
@@ -190,13 +193,13 @@ class Estimate:
                 "step_s": self.step.total, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
                 "bubble": self.step.bubble, "host_gib_per_rank": self.host_bytes / GIB,
                 "step_breakdown_s": {k: getattr(self.step, k) for k in
-                                     ("compute", "tp_comm", "pp_comm", "dp_comm", "optimizer", "offload")},
+                                     ("compute", "tp_comm", "cp_comm", "pp_comm", "dp_comm", "optimizer", "offload")},
                 "parts": list(self.parts), "stages": [r.as_dict() for r in self.stages]}
 
 
 def _costs(model: ModelShape, tp: int, micro_batch: int, dtype: str, recompute: str,
-           sequence_parallel: bool = False, ep: int = 0) -> tuple[ItemCost, ...]:
-    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel, ep))
+           sequence_parallel: bool = False, ep: int = 0, context: int = 1) -> tuple[ItemCost, ...]:
+    return tuple(item_costs(model, tp, micro_batch, dtype_bytes(dtype), recompute, sequence_parallel, ep, context))
 
 
 def stage_parts(work: Workload, costs: tuple[ItemCost, ...], c: Candidate) -> list[int]:
@@ -211,7 +214,7 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
              costs: Optional[tuple[ItemCost, ...]] = None) -> Estimate:
     model, hw, lay = work.model, cluster.hardware, c.layout
     if costs is None:
-        costs = _costs(model, lay.tp, lay.micro_batch, work.dtype, c.recompute, c.sequence_parallel, lay.ep)
+        costs = _costs(model, lay.tp, lay.micro_batch, work.dtype, c.recompute, c.sequence_parallel, lay.ep, lay.cp)
     if parts is None:
         parts = stage_parts(work, costs, c)
     states = c.state_settings(work)
@@ -245,17 +248,26 @@ def gradient_wire_bytes(work: Workload, params: int, tp: int) -> float:
 def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> StepTime:
     model, hw, lay = work.model, cluster.hardware, c.layout
     e = dtype_bytes(work.dtype)
-    tokens_mb = lay.micro_batch * model.seq_len
+    tokens_mb = lay.micro_batch * model.seq_len // lay.cp  # one rank's positions of a micro-batch
     flops_rate = hw.peak_tflops * 1e12 * cluster.efficiency
     nvlink = hw.intra_node_gbps
-    tp_bw = nvlink if lay.tp <= cluster.gpus_per_node else hw.inter_node_gbps
-    pp_bw = nvlink if lay.tp * lay.dp * lay.pp <= cluster.gpus_per_node else hw.inter_node_gbps
-    dp_bw = nvlink if lay.tp * lay.dp <= cluster.gpus_per_node else hw.inter_node_gbps
-    ep_bw = nvlink if lay.expert_degree <= cluster.gpus_per_node else hw.inter_node_gbps
+
+    def bandwidth(ranks_spanned: int) -> float:  # a group of consecutive ranks: NVLink inside a node
+        return nvlink if ranks_spanned <= cluster.gpus_per_node else hw.inter_node_gbps
+
+    tp_bw, cp_bw, ep_bw = bandwidth(lay.tp), bandwidth(lay.tp * lay.cp), bandwidth(lay.expert_degree)
+    pp_bw, dp_bw = bandwidth(lay.tp * lay.replicas * lay.pp), bandwidth(lay.tp * lay.replicas)
     act = tokens_mb * model.hidden * e
     collectives = SP_ALLREDUCES if c.sequence_parallel else TP_ALLREDUCES
 
-    def stage_costs(s: int) -> tuple[float, float]:
+    # context parallelism, per attention item and micro-batch: the whole sequence's keys and
+    # values (this tp rank's heads) all-gathered forward, their gradients reduce-scattered
+    # backward, gathered again when the attention core is recomputed (parallel/context.py);
+    # not overlapped with compute
+    kv_bytes = 2 * lay.micro_batch * model.seq_len * model.n_kv_heads * model.head_dim // lay.tp * e
+    kv_time = (3 if c.recompute != "none" else 2) * _ring(lay.cp, kv_bytes, cp_bw, all_reduce=False)
+
+    def stage_costs(s: int) -> tuple[float, float, float]:
         items = costs[parts[s]:parts[s + 1]]
         flops = 0.0
         reduces = 0.0
@@ -277,10 +289,11 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
             fwd, bwd = collectives[it.kind]
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
         compute = flops * tokens_mb / (lay.tp * flops_rate)
-        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw) + a2a
+        kv = kv_time * sum(1 for it in items if it.kind == "attn")
+        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw) + a2a, kv
 
     per_stage = [stage_costs(s) for s in range(lay.pp)]
-    compute_mb, tp_mb = max(per_stage, key=lambda x: x[0] + x[1])
+    compute_mb, tp_mb, cp_mb = max(per_stage, key=sum)
     pp_mb = 2 * act / (lay.tp if c.sequence_parallel else 1) / (pp_bw * GB) if lay.pp > 1 else 0.0
     slots = lay.grad_accum + lay.pp - 1
     bubble = (lay.pp - 1) / slots
@@ -301,7 +314,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
         shard = params / data
         offload = shard * (4 + e) / (hw.pcie_gbps * GB) + 32 * shard * cluster.gpus_per_node / (hw.host_gbps * GB)
     return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
-                    optimizer=optimizer, offload=offload, bubble=bubble)
+                    optimizer=optimizer, offload=offload, bubble=bubble, cp_comm=cp_mb * slots)
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -316,18 +329,19 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
     tps = [tp] if tp is not None else [t for t in _powers_of_two(cluster.gpus_per_node)
                                        if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t or experts % t)]
     out = []
-    for t in tps:
-        if world % t or (pinned.ep and pinned.ep % t):
+    for t, cp in ((t, cp) for t in tps for cp in _context_degrees(pinned, work, t, world)):
+        if world % (t * cp) or (pinned.ep and pinned.ep % t):
             continue
-        pps = [pp] if pp is not None else [p for p in range(1, min(m.layers, world // t) + 1) if (world // t) % p == 0]
+        pps = ([pp] if pp is not None else
+               [p for p in range(1, min(m.layers, world // (t * cp)) + 1) if (world // (t * cp)) % p == 0])
         for p in pps:
-            if world % (t * p):
+            if world % (t * cp * p):
                 continue
-            dp = world // (t * p)
+            dp = world // (t * cp * p)
             if work.global_batch % dp:
                 continue
             mbs = [micro_batch] if micro_batch is not None else list(pinned.micro_batches)
-            for ep, b in ((e, b) for e in _expert_degrees(pinned, t, dp, experts, cluster) for b in mbs):
+            for ep, b in ((e, b) for e in _expert_degrees(pinned, t, dp * cp, experts, cluster) for b in mbs):
                 if work.global_batch % (b * dp):
                     continue
                 zeros = [zero] if zero is not None else ([0, 1] if p > 1 else [0, 1, 2, 3])
@@ -343,9 +357,20 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
                             if off and (z == 0 or work.compression == "powersgd"):
                                 continue  # refused by launcher/config/checks.py
                             layout = Layout(world_size=world, tp=t, pp=p, dp=dp, micro_batch=b,
-                                            global_batch=work.global_batch, ep=ep)
-                            out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t)))
+                                            global_batch=work.global_batch, ep=ep, cp=cp)
+                            out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t, cp)))
     return out
+
+
+def _context_degrees(pinned: Pinned, work: Workload, tp: int, world: int) -> list[int]:
+    """The context degrees to try at this tp: the pinned one, else 1 and every power of two
+    that cuts the sequence into 2 cp chunks (and, with sequence parallelism, a rank's s / cp
+    positions over tp) within the world."""
+    if pinned.cp is not None:
+        return [pinned.cp]
+    seq = work.model.seq_len
+    return [c for c in _powers_of_two(world // tp) if c == 1 or (
+        seq % (2 * c) == 0 and not (work.sequence_parallel is True and tp > 1 and (seq // c) % tp))]
 
 
 def _expert_degrees(pinned: Pinned, tp: int, dp: int, experts: int, cluster: Cluster) -> list[int]:
@@ -374,10 +399,10 @@ def rank_layouts(work: Workload, cluster: Cluster, pool: list[Candidate]) -> Ran
     costs_cache: dict = {}
     for c in pool:
         lay = c.layout
-        key = (lay.pp, lay.tp, lay.micro_batch, c.recompute, c.sequence_parallel, lay.ep)
+        key = (lay.pp, lay.tp, lay.micro_batch, c.recompute, c.sequence_parallel, lay.ep, lay.cp)
         if key[1:] not in costs_cache:
             costs_cache[key[1:]] = _costs(work.model, lay.tp, lay.micro_batch, work.dtype, c.recompute,
-                                          c.sequence_parallel, lay.ep)
+                                          c.sequence_parallel, lay.ep, lay.cp)
         costs = costs_cache[key[1:]]
         if work.partition == "balanced":  # FLOPs min-max: the same split for any tp, batch or ZeRO
             key = (lay.pp,)

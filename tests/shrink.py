@@ -2,7 +2,7 @@
 8 CPU processes: a new file in configs/ is covered by the shipped-config test as it is.
 
 Kept from the file (its `auto` keys as the planner resolves them for the fewest H100 nodes
-it fits on): pipeline degree (up to 8), tensor degree as far as the 8 processes allow
+it fits on): context degree (2 for `auto`), pipeline degree (up to 8), tensor degree as far as the 8 processes allow
 (a divisor of the file's), ZeRO stage, activation checkpointing, tied embeddings, the GQA
 ratio, the partition method, RoPE theta, norm epsilon, optimizer, compression, and the
 precision when this CPU supports it (else fp32), MoE's router, balancing and shared experts
@@ -33,9 +33,10 @@ class Shrunk:
     pp: int
     dp: int
     dtype: str
+    cp: int = 1
 
     def describe(self) -> str:
-        return f"tp {self.tp} x pp {self.pp} x dp {self.dp} ({self.nproc} processes), {self.dtype}"
+        return f"tp {self.tp} x cp {self.cp} x pp {self.pp} x dp {self.dp} ({self.nproc} processes), {self.dtype}"
 
 
 def _divisors_down(n: int) -> list[int]:
@@ -54,11 +55,15 @@ def planned(cfg):
 
 
 def shrink(path) -> Shrunk:
-    cfg = planned(load_config(path))
+    given = load_config(path)
+    cfg = planned(given)
     m, p = cfg.model, cfg.parallel
-    pp = min(p.pipeline, MAX_PROCS)
-    tp = next(d for d in _divisors_down(p.tensor) if d * pp <= MAX_PROCS)
-    dp = 2 if tp * pp * 2 <= MAX_PROCS else 1  # a second data-parallel rank where it fits: ZeRO shards
+    # context parallelism: the planned degree, or 2 where the file leaves it to `auto` (which
+    # at the fewest nodes may not need it); tp and pp make room for it first
+    cp = max(p.context, 2 if given.parallel.context == "auto" else 1)
+    pp = min(p.pipeline, MAX_PROCS // cp)
+    tp = next(d for d in _divisors_down(p.tensor) if d * pp * cp <= MAX_PROCS)
+    dp = 2 if tp * pp * cp * 2 <= MAX_PROCS else 1  # a second data-parallel rank where it fits: ZeRO shards
     ratio = m.heads // m.n_kv_heads
     kv_heads = tp * max(1, -(-4 // (ratio * tp)))  # a multiple of tp, and at least 4 query heads
     heads = kv_heads * ratio
@@ -77,7 +82,8 @@ def shrink(path) -> Shrunk:
         "model.layers": layers, "model.hidden": hidden, "model.heads": heads,
         "model.kv_heads": None if m.kv_heads is None else kv_heads, "model.ffn": ffn, "model.vocab": 256,
         "model.seq_len": SEQ_LEN,
-        "parallel.tensor": tp, "parallel.pipeline": pp, "parallel.data": dp, "parallel.micro_batch": 1,
+        "parallel.tensor": tp, "parallel.pipeline": pp, "parallel.context": cp, "parallel.data": dp,
+        "parallel.micro_batch": 1,
         "parallel.global_batch": micro_batches * dp, "parallel.stage_memory_gb": None,
         "precision.dtype": dtype,
         "data.path": "embedded", "data.tokenizer": "byte",
@@ -91,4 +97,4 @@ def shrink(path) -> Shrunk:
                           "model.moe.first_dense": first_dense})
     return Shrunk(overrides=[f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}"
                              for k, v in overrides.items()],
-                  nproc=tp * pp * dp, tp=tp, pp=pp, dp=dp, dtype=dtype)
+                  nproc=tp * pp * cp * dp, tp=tp, pp=pp, dp=dp, dtype=dtype, cp=cp)

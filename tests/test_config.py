@@ -100,12 +100,33 @@ def test_bad_yaml_file(tmp_path):
         assert key in result.stderr
 
 
+@pytest.fixture(scope="module")
+def long_documents(tmp_path_factory) -> str:
+    """A prepared dataset whose splits (a fifth held out) each hold a 128k-token sequence
+    (the embedded corpus, about 340k byte tokens, cannot): the embedded corpus's documents
+    three times over, as a user's own data goes through `python -m launcher.prepare`."""
+    import gzip
+
+    from launcher.data.sources import EMBEDDED_CORPUS
+
+    root = tmp_path_factory.mktemp("long_documents")
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        lines = f.read()
+    (root / "docs.jsonl").write_text(lines * 3, encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "launcher.prepare", "--input", str(root / "docs.jsonl"),
+                    "--tokenizer", "byte", "--out", str(root / "prepared")], check=True, capture_output=True)
+    return str(root / "prepared")
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_shipped_config_loads_and_dry_runs(config):
+def test_shipped_config_loads_and_dry_runs(config, request):
     cfg = load_config(config)
     base = default_world_size(cfg)
+    # a long-context config is for the user's own data: the embedded corpus is shorter than its sequence
+    data = ([f"data.path={request.getfixturevalue('long_documents')}", "data.val_fraction=0.2"]
+            if cfg.model.seq_len > 65536 else [])
     for world_size in (base, 2 * base):
-        result = cli("--config", str(config), "--dry-run", "--world-size", str(world_size))
+        result = cli("--config", str(config), "--dry-run", "--world-size", str(world_size), *data)
         assert result.returncode == 0, result.stderr
         out = result.stdout
         resolved, note = resolve_auto(cfg, world_size, assumed_cluster(world_size), ASSUMED_GPU)
@@ -114,8 +135,9 @@ def test_shipped_config_loads_and_dry_runs(config):
         assert (note in out) if note else not layout_auto, out
         assert "memory     est." in out
         p = resolved.parallel
-        base = p.tensor * p.pipeline
-        assert f"world {world_size} = tp {p.tensor} x pp {p.pipeline} x dp {world_size // base}" in out
+        base = p.tensor * p.pipeline * p.context
+        context = f" x cp {p.context}" if p.context > 1 else ""
+        assert f"world {world_size} = tp {p.tensor}{context} x pp {p.pipeline} x dp {world_size // base}" in out
         stage_rows = [line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
         assert len(stage_rows) == p.pipeline
 

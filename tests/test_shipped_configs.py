@@ -34,6 +34,6 @@ def test_shipped_config_trains_evaluates_saves_and_resumes(config, tmp_path):
 
     if shrunk.nproc > 1:  # the layout computes what one process computes
         single = train(python_cmd(), tmp_path / "single", *args, "parallel.tensor=1", "parallel.pipeline=1",
-                       "parallel.data=1", "zero.stage=1", "train.steps=1", "train.eval_every=0")
+                       "parallel.context=1", "parallel.data=1", "zero.stage=1", "train.steps=1", "train.eval_every=0")
         tolerance = 1e-4 if shrunk.dtype == "fp32" else 2e-2  # bf16: rounding differs with the split
         assert abs(single[0]["loss"] - whole[0]["loss"]) <= tolerance, (single[0]["loss"], whole[0]["loss"])

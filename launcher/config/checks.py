@@ -196,6 +196,8 @@ def _check_parallel(cfg: Config) -> None:
 def _check_context(cfg: Config) -> None:
     """parallel.context: the sequence is cut into 2 x context chunks (parallel/context.py)."""
     m, p = cfg.model, cfg.parallel
+    if p.context == "auto":
+        return
     check_positive("parallel.context", p.context)
     if p.context == 1 or m.seq_len == "auto":
         return

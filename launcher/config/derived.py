@@ -13,7 +13,8 @@ def sequence_parallel_on(parallel: ParallelConfig, model: ModelConfig, tp: int) 
     planner sees it) is on when tp > 1 and the sequence splits evenly, the GPU default; a launch
     first decides it for its device (launcher/planning/effective.py). True with an uneven
     split is refused when the config loads."""
-    return resolve_sequence_parallel(parallel.sequence_parallel, model.seq_len, tp)
+    context = parallel.context if isinstance(parallel.context, int) else 1
+    return resolve_sequence_parallel(parallel.sequence_parallel, model.seq_len, tp, context)
 
 
 def run_dir(cfg: Config) -> Path:

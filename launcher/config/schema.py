@@ -124,10 +124,11 @@ class ParallelConfig:
     over consecutive data ranks, so it is `tensor` x a divisor of `data`. `auto`: chosen by the
     planner among those whose expert group fits a node. A dense model: 1 or auto.
     docs/MOE.md has the rank layout."""
-    context: int = 1
+    context: Union[int, Literal["auto"]] = 1
     """Context-parallel degree (cp): each sequence is cut into 2 cp chunks and context rank i
     holds chunks i and 2 cp - 1 - i; attention gathers the keys and values of the whole
-    sequence over the cp ranks. Between tp and dp in the rank order. docs/CONTEXT.md."""
+    sequence over the cp ranks. Between tp and dp in the rank order. `auto`: 1 when a layout
+    fits without it, else the planner's fastest that fits. docs/CONTEXT.md."""
     data: Union[int, Literal["auto"]] = "auto"
     """Data-parallel degree (dp); `auto` = world_size / (tensor * pipeline * context)."""
     micro_batch: Union[int, Literal["auto"]] = 1

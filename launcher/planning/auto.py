@@ -42,7 +42,7 @@ def default_world_size(cfg: Config, hardware: Hardware = PRESETS["h100"]) -> int
     p = cfg.parallel
     if "auto" in (p.tensor, p.pipeline):
         return smallest_world(cfg, hardware, 8)
-    return p.tensor * p.pipeline * (1 if p.data == "auto" else p.data)
+    return p.tensor * p.pipeline * (p.context if isinstance(p.context, int) else 1) * (1 if p.data == "auto" else p.data)
 
 
 AUTO_KEYS = ("tensor", "pipeline", "micro_batch", "activation_checkpointing")
@@ -50,8 +50,10 @@ AUTO_KEYS = ("tensor", "pipeline", "micro_batch", "activation_checkpointing")
 
 def auto_keys(cfg: Config) -> list[str]:
     """The parallel keys the planner resolves for this config: those of AUTO_KEYS left auto,
-    and an MoE's parallel.expert when auto (a dense model's is always 1)."""
+    parallel.context when auto, and an MoE's parallel.expert when auto (a dense model's is
+    always 1)."""
     keys = [k for k in AUTO_KEYS if getattr(cfg.parallel, k) == "auto"]
+    keys += ["context"] if cfg.parallel.context == "auto" else []
     return keys + (["expert"] if cfg.model.moe is not None and cfg.parallel.expert == "auto" else [])
 
 
@@ -65,7 +67,9 @@ def workload(cfg: Config, dtype: str) -> Workload:
                     sequence_parallel=cfg.parallel.sequence_parallel, **extra)
 
 
-def _pinned(cfg: Config) -> Pinned:
+def _pinned(cfg: Config, context: Optional[int] = None) -> Pinned:
+    """The config's values as the planner's fixed axes; `context` replaces an auto
+    parallel.context (None: every degree)."""
     p = cfg.parallel
     # an MoE's expert degree is tp x a divisor of dp (parallel/layout.py): the candidates keep
     # a given one and try them all (within a node) for `auto`
@@ -76,12 +80,14 @@ def _pinned(cfg: Config) -> Pinned:
                   micro_batch=None if p.micro_batch == "auto" else p.micro_batch,
                   recompute=(None if p.activation_checkpointing == "auto"
                              else recompute_mode(p.activation_checkpointing)),
-                  zero=cfg.zero.stage, offload=(cfg.zero.offload_optimizer,))
+                  zero=cfg.zero.stage, offload=(cfg.zero.offload_optimizer,),
+                  cp=context if p.context == "auto" else p.context)
 
 
-def plan_candidates(cfg: Config, cluster: Cluster, dtype: str) -> list[Candidate]:
-    """The layouts `auto` chooses among: every value the config gives is kept."""
-    pool = candidates(workload(cfg, dtype), cluster, _pinned(cfg))
+def plan_candidates(cfg: Config, cluster: Cluster, dtype: str, context: Optional[int] = 1) -> list[Candidate]:
+    """The layouts `auto` chooses among: every value the config gives is kept (an auto
+    parallel.context: `context`, None for every degree)."""
+    pool = candidates(workload(cfg, dtype), cluster, _pinned(cfg, context))
     if cfg.parallel.data != "auto":
         pool = [c for c in pool if c.layout.dp == cfg.parallel.data]
     return pool
@@ -90,17 +96,21 @@ def plan_candidates(cfg: Config, cluster: Cluster, dtype: str) -> list[Candidate
 def choose(cfg: Config, cluster: Cluster, dtype: str) -> Optional[Estimate]:
     """The fastest layout that fits among plan_candidates; with an auto
     activation_checkpointing, the least recomputation that fits (auto recomputes only when
-    it must): none when a layout without it fits, else selective, else full. None when
-    nothing fits."""
-    ranking = rank_layouts(workload(cfg, dtype), cluster, plan_candidates(cfg, cluster, dtype))
-    if not ranking.estimates:
-        return None
-    if cfg.parallel.activation_checkpointing == "auto":
-        for mode in RUNNABLE_RECOMPUTE:  # least recomputation first
-            fitting = [e for e in ranking.estimates if e.candidate.recompute == mode]
-            if fitting:
-                return fitting[0]
-    return ranking.estimates[0]
+    it must): none when a layout without it fits, else selective, else full. An auto
+    parallel.context joins in the same way, for what activations do not let fit: at the
+    recomputation chosen, context 1 when a layout fits without cutting the sequence, else
+    the fastest context degree that fits (so a long sequence is cut over ranks before its
+    whole forward is recomputed). None when nothing fits."""
+    auto_context = cfg.parallel.context == "auto"
+    pool = plan_candidates(cfg, cluster, dtype, context=None if auto_context else 1)
+    ranking = rank_layouts(workload(cfg, dtype), cluster, pool)
+    modes = RUNNABLE_RECOMPUTE if cfg.parallel.activation_checkpointing == "auto" else (None,)
+    for mode in modes:  # least recomputation first
+        fitting = [e for e in ranking.estimates if mode in (None, e.candidate.recompute)]
+        uncut = [e for e in fitting if e.candidate.layout.cp == 1]
+        if fitting:
+            return (uncut or fitting)[0]
+    return None
 
 
 def planned_dtype(cfg: Config, device: DeviceSupport) -> str:
@@ -138,6 +148,7 @@ class AutoChoice:
         lay = self.layout
         kept = self.kept_from_checkpoint
         expert = f", expert {lay['expert']}" if "expert" in lay else ""
+        expert += f", context {lay['context']}" if "context" in lay else ""
         return (f"auto       {', '.join(self.keys)} -> tensor {lay['tensor']}, pipeline {lay['pipeline']}, "
                 f"micro_batch {lay['micro_batch']}, activation_checkpointing {lay['activation_checkpointing']}{expert} "
                 f"(planner: {self.peak_gib:.1f} of {self.memory_gib:.1f} GiB per rank, ~{self.tokens_per_s:,.0f} "
@@ -153,6 +164,8 @@ def auto_choice(cfg: Config, best: Estimate, cluster: Cluster, kept: Optional[di
               "activation_checkpointing": c.recompute}
     if cfg.model.moe is not None:
         layout["expert"] = lay.expert_degree
+    if lay.cp > 1 or cfg.parallel.context == "auto":
+        layout["context"] = lay.cp
     keys = {f"parallel.{k}": layout[k] for k in auto_keys(cfg)}
     return AutoChoice(keys=keys, layout=layout, fits=best.fits, peak_gib=best.peak.total / GIB,
                       memory_gib=cluster.hardware.memory_gib, tokens_per_s=best.tokens_per_s,
@@ -189,7 +202,7 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
     if best is None:
         best = choose(cfg, cluster, dtype)
     if best is None:
-        pool = plan_candidates(cfg, cluster, dtype)
+        pool = plan_candidates(cfg, cluster, dtype, context=None if p.context == "auto" else 1)
         if not pool:
             raise ConfigError("parallel.global_batch", f"auto: no tp x pp x dp of {world_size} ranks has a data "
                               f"degree dividing global_batch={p.global_batch} (and the other values the config "
@@ -207,13 +220,13 @@ def choose_auto(cfg: Config, world_size: int, cluster: Cluster, device: DeviceSu
 
 
 def with_candidate(cfg: Config, c: Candidate) -> Config:
-    """`cfg` with the candidate's tensor, pipeline, micro-batch and recomputation (and an
-    MoE's expert degree)."""
+    """`cfg` with the candidate's tensor, pipeline, micro-batch, recomputation and context
+    degree (and an MoE's expert degree)."""
     lay = c.layout
     expert = lay.expert_degree if cfg.model.moe is not None else cfg.parallel.expert
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tensor=lay.tp, pipeline=lay.pp, micro_batch=lay.micro_batch,
-        activation_checkpointing=c.recompute, expert=expert))
+        activation_checkpointing=c.recompute, expert=expert, context=lay.cp))
 
 
 def with_expert_degree(cfg: Config) -> Config:

@@ -57,7 +57,7 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
         resolved, choice = choose_auto(cfg, world, cluster, ASSUMED_GPU)
     except ConfigError:  # nothing fits: show the layout that comes closest
         dtype = planned_dtype(cfg, ASSUMED_GPU)
-        pool = plan_candidates(cfg, cluster, dtype)
+        pool = plan_candidates(cfg, cluster, dtype, context=None if cfg.parallel.context == "auto" else 1)
         closest = rank_layouts(workload(cfg, dtype), cluster, pool).smallest if pool else None
         if closest is None:
             raise
@@ -68,7 +68,9 @@ def report(cfg: Config, config_path: str, cluster: Cluster, top: int) -> dict:
     free = dataclasses.replace(resolved, parallel=dataclasses.replace(
         resolved.parallel, tensor="auto", pipeline="auto", micro_batch="auto", activation_checkpointing="auto",
         data="auto"))
-    pool = candidates(work, cluster, Pinned(offload=(False, True), search_ep=True))
+    # context degrees join the table for a config that asks for context parallelism
+    long_context = cfg.parallel.context == "auto" or resolved.parallel.context > 1
+    pool = candidates(work, cluster, Pinned(offload=(False, True), search_ep=True, cp=None if long_context else 1))
     ranking = rank_layouts(work, cluster, pool)
     params = sum(c.params for c in plan.costs)
     sp = sequence_parallel_on(resolved.parallel, resolved.model, plan.layout.tp)
@@ -177,7 +179,8 @@ def _summary_lines(r: dict) -> list[str]:
     ]
     if r["auto"]:
         lines.append(auto_line(r["auto"]))
-    lines.append(f"layout     tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}, micro_batch {lay['micro_batch']}, "
+    context = f" x cp {lay['cp']}" if lay["cp"] > 1 else ""
+    lines.append(f"layout     tp {lay['tp']}{context} x pp {lay['pp']} x dp {lay['dp']}, micro_batch {lay['micro_batch']}, "
                  f"ZeRO {lay['zero']}, recompute {lay['recompute']}, sequence parallel "
                  f"{'on' if lay['sequence_parallel'] else 'off'}: {'fits' if lay['fits'] else 'DOES NOT FIT'} "
                  f"({lay['peak_gib']:.1f} of {hw['memory_gib']:.1f} GiB), "
@@ -224,12 +227,14 @@ def _rule_of_thumb_lines(r: dict) -> list[str]:
 def _ranking_lines(r: dict) -> list[str]:
     """The layouts that fit, fastest first, and why the first ones win."""
     experts = any(e["ep"] != e["tp"] for e in r["ranked"])  # an MoE with experts over data ranks: an ep column
+    context = any(e["cp"] > 1 for e in r["ranked"])  # context parallelism: a cp column
     lines = [f"layouts that fit: {r['fitting']} of {r['considered']} considered, fastest first",
-             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5}{' ep' if experts else ''} {'mb':>3} {'ZeRO':>4} {'recompute':>9} "
+             f"{'#':>3} {'tp':>3}{' cp' if context else ''} {'pp':>3} {'dp':>5}{' ep' if experts else ''} {'mb':>3} {'ZeRO':>4} {'recompute':>9} "
              f"{'SP':>3} {'offload':>7} {'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'bubble':>6}"]
     for i, e in enumerate(r["ranked"], 1):
         ep = f" {e['ep']:>2}" if experts else ""
-        lines.append(f"{i:>3} {e['tp']:>3} {e['pp']:>3} {e['dp']:>5}{ep} {e['micro_batch']:>3} {e['zero']:>4} "
+        cp = f" {e['cp']:>2}" if context else ""
+        lines.append(f"{i:>3} {e['tp']:>3}{cp} {e['pp']:>3} {e['dp']:>5}{ep} {e['micro_batch']:>3} {e['zero']:>4} "
                      f"{e['recompute']:>9} {'yes' if e['sequence_parallel'] else 'no':>3} "
                      f"{'yes*' if e['offload'] else 'no':>7} {e['peak_gib']:>6.1f} "
                      f"{e['step_s']:>8.3f} {e['tokens_per_s']:>11,.0f} {100 * e['mfu']:>5.1f}% "
