@@ -7,7 +7,9 @@ For each config and GPU count (nodes of 8): the fastest layout that fits (python
 launcher.plan's first row, `auto` with recomputation only where needed), its predicted
 tokens/s per GPU and MFU; SP: sequence parallelism (parallel.sequence_parallel: auto, on
 when tp > 1); ep: an MoE's expert degree (the planner's choice among the tensor degree and
-experts over tp x k data ranks of a node). `--expert N`: parallel.expert set to N (the
+experts over tp x k data ranks of a node); cp: the context degree of a config that sets
+parallel.context (its `auto`: 1 when a layout fits without cutting the sequence, at the
+least recomputation that fits). `--expert N`: parallel.expert set to N (the
 layouts tried keep it). Predictions from the cost model in
 parallel/planner.py, not measurements.
 """
@@ -38,10 +40,12 @@ def main() -> int:
     configs = {name: load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
                for name in args.configs}
     show_ep = bool(args.expert) or any(cfg.model.moe is not None for cfg in configs.values())
+    show_cp = any(cfg.parallel.context != 1 for cfg in configs.values())
     ep_head, ep_rule = (" ep |", "---|") if show_ep else ("", "")
-    print(f"| config | GPUs ({hardware.name}) | tp | pp | dp |{ep_head} mb | ZeRO | recompute | SP | GiB/rank | "
+    cp_head, cp_rule = (" cp |", "---|") if show_cp else ("", "")
+    print(f"| config | GPUs ({hardware.name}) | tp |{cp_head} pp | dp |{ep_head} mb | ZeRO | recompute | SP | GiB/rank | "
           "tokens/s/GPU | MFU |")
-    print(f"|---|---|---|---|---|{ep_rule}---|---|---|---|---|---|---|")
+    print(f"|---|---|---|{cp_rule}---|---|{ep_rule}---|---|---|---|---|---|---|")
     for name, cfg in configs.items():
         for gpus in args.gpus:
             cluster = Cluster(max(1, gpus // 8), min(gpus, 8), hardware)
@@ -50,12 +54,13 @@ def main() -> int:
                 expert=args.expert or cfg.parallel.expert))
             best = choose(auto, cluster, "bf16")
             if best is None:
-                print(f"| {name} | {gpus} | - | - | - |{' - |' if show_ep else ''} - | - | - | - | does not fit "
-                      "| - | - |")
+                print(f"| {name} | {gpus} | - |{' - |' if show_cp else ''} - | - |{' - |' if show_ep else ''} - | - | "
+                      "- | - | does not fit | - | - |")
                 continue
             c, lay = best.candidate, best.candidate.layout
             ep = f" {lay.expert_degree} |" if show_ep else ""
-            print(f"| {name} | {gpus} | {lay.tp} | {lay.pp} | {lay.dp} |{ep} {lay.micro_batch} | {c.zero} | {c.recompute} | "
+            cp = f" {lay.cp} |" if show_cp else ""
+            print(f"| {name} | {gpus} | {lay.tp} |{cp} {lay.pp} | {lay.dp} |{ep} {lay.micro_batch} | {c.zero} | {c.recompute} | "
                   f"{'yes' if c.sequence_parallel else 'no'} | "
                   f"{best.peak.total / 2**30:.1f} | {best.tokens_per_s / gpus:,.0f} | {100 * best.mfu:.1f}% |")
     return 0

@@ -141,6 +141,11 @@ def moe_expert_over_data_table() -> str:
                            "--expert", "8", "--gpus", "8", "16", "64", "256"]) + "\n"
 
 
+def context_scaling_table() -> str:
+    return command_output([str(REPO / "bench" / "scaling.py"), "--gpu", "h100", "--configs", "llama3_8b_128k",
+                           "--gpus", "8", "16", "64"]) + "\n"
+
+
 def quickstart() -> str:
     """The README's main job, timed from the command to step 1 and to its last line, as on a
     fresh install (an empty torch extensions directory: nothing built before), and the time
@@ -188,7 +193,7 @@ def timed_lines(args: list[str], env: dict[str, str], marker: str) -> tuple[str,
 GENERATED: dict[str, Callable[[], str]] = {
     "dry-run-70b": dry_run_70b, "config-error": config_error, "configs-table": configs_table, "moe-scaling-table": moe_scaling_table,
     "partition-table": partition_table, "scaling-table": scaling_table,
-    "moe-expert-over-data-table": moe_expert_over_data_table,
+    "moe-expert-over-data-table": moe_expert_over_data_table, "context-scaling-table": context_scaling_table,
 }
 MEASURED: dict[str, Callable[[], str]] = {"quickstart": quickstart}
 

@@ -72,7 +72,7 @@ class _GatherSequence(torch.autograd.Function):
         per_rank = per_rank.view(B, H, cp.size, seq_len // cp.size, D).movedim(2, 0).reshape(
             cp.size * B, H, seq_len // cp.size, D)  # rank r's positions are rows r*B ... (r+1)*B - 1
         mine = torch.empty(B, H, seq_len // cp.size, D, dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(mine, per_rank, group=cp.group)
+        dist.reduce_scatter_single(mine, per_rank, group=cp.group)
         return mine, None, None
 
 

@@ -35,6 +35,10 @@ SMOKE = {
     # one MoE layer of hidden 64 at 256 tokens, ours and DeepSpeed's, one repeat
     "moe_deepspeed.py": (["--hidden", "64", "--expert-ffn", "32", "--tokens", "256", "--repeats", "1"],
                          r"^\| 256 \| [\d.]+ \| [\d.]+ \| \d+\.\d{2} \| [\d.]+ \| [\d.]+ \|$"),
+    # a 64-token sequence at context 1 and 2, one repeat, no recomputation
+    "context.py": (["--seq", "64", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--contexts", "1", "2",
+                    "--recompute", "none", "--repeats", "1"],
+                   rf"^\| none \| 2 \| {POSITIVE} \| {POSITIVE} \| {POSITIVE} \| \d\.\d{{3}} \| {POSITIVE} \| {POSITIVE} \|$"),
     # 1 MB of text, a 500-token BPE, 1 and 2 workers; no first-step timing (it prepares 100x).
     "prepare.py": (["--mb", "1", "--vocab", "500", "--workers", "2", "--no-first-step", "--dir", "{tmp}"],
                    r"^per-worker ratio, --workers \d+: \d+\.\d{2}$"),

@@ -200,7 +200,7 @@ def test_experts_over_context_ranks_match_the_single_run_and_resume_on_other_con
     experts over the two context ranks (parallel.expert=2), ZeRO 1 and selective
     recomputation, gives the single process's losses, grad norms and routing figures (the
     aux loss's statistics summed over the context ranks); its step-2 checkpoint continues on
-    context 4 (experts over 4 ranks), whose step-4 checkpoint continues on one process."""
+    context 4 (experts over 4 ranks, ZeRO 2), whose step-4 checkpoint continues on one process."""
     common = [*MOE, "parallel.tensor=1", "parallel.pipeline=1", "train.steps=6", "checkpoint.every=2",
               "checkpoint.keep_last=3"]
     cp2 = train(torchrun_cmd(4), tmp_path / "cp2", *common, "parallel.context=2", "parallel.expert=2",
@@ -209,7 +209,7 @@ def test_experts_over_context_ranks_match_the_single_run_and_resume_on_other_con
     for got, expected in zip(cp2, single):
         for key in ("grad_norm", "moe.1.load_max_over_mean", "moe.2.aux_loss"):
             assert got[key] == pytest.approx(expected[key], abs=1e-5), key
-    runs = {"cp4": (torchrun_cmd(4), ["parallel.context=4", "parallel.expert=4", "cp2"], 2),
+    runs = {"cp4": (torchrun_cmd(4), ["parallel.context=4", "parallel.expert=4", "zero.stage=2", "cp2"], 2),
             "one": (python_cmd(), ["cp4"], 4)}
     for name, (cmd, args, start) in runs.items():
         *layout, source = args
