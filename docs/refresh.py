@@ -47,8 +47,8 @@ MARKER = re.compile(
     r"(<!-- (generated|measured): (?P<name>[\w-]+) \(python docs/refresh.py[^)]*\) -->\n)(?P<body>.*?)(<!-- end \2 -->)",
     re.S)
 DOCUMENTS = ["README.md", "docs/SCALING.md", "docs/BENCHMARKS.md"]
-SHIPPED = ["default", "llama_1b", "llama_7b", "llama_13b", "llama_70b", "llama3_8b", "mixtral_8x7b",
-           "deepseek_moe_16b"]
+SHIPPED = ["default", "llama_1b", "llama_7b", "llama_13b", "llama_70b", "llama3_8b", "llama3_8b_128k",
+           "mixtral_8x7b", "deepseek_moe_16b"]
 
 
 def command_output(args: list[str], expect_rc: int = 0) -> str:
@@ -89,7 +89,8 @@ def _auto_layout(cfg, gpus: int) -> str:
     c = best.candidate
     recompute = "" if c.recompute == "none" else f", {c.recompute} recomputation"
     experts = f" (experts over {c.layout.ep})" if c.layout.ep else ""
-    return f"tp {c.layout.tp} x pp {c.layout.pp} x dp {c.layout.dp}{experts}{recompute} on {gpus}"
+    context = f" x cp {c.layout.cp}" if c.layout.cp > 1 else ""
+    return f"tp {c.layout.tp}{context} x pp {c.layout.pp} x dp {c.layout.dp}{experts}{recompute} on {gpus}"
 
 
 def _shape(m) -> str:
@@ -98,7 +99,8 @@ def _shape(m) -> str:
     moe = (f", MoE: top {m.moe.top_k} of {m.moe.experts} experts" + (f" + {m.moe.shared_experts} shared"
                                                                        if m.moe.shared_experts else "")
            if m.moe is not None else "")
-    return f"{m.layers} layers, hidden {m.hidden}, {m.heads} heads{kv}, {vocab}, seq {m.seq_len}{moe}"
+    rope = f", {m.rope_scaling.rope_type} RoPE scaling x{m.rope_scaling.factor:g}" if m.rope_scaling else ""
+    return f"{m.layers} layers, hidden {m.hidden}, {m.heads} heads{kv}, {vocab}, seq {m.seq_len}{rope}{moe}"
 
 
 def configs_table() -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallel.hardware import GB
 from parallel.shapes import ModelShape
 
 
@@ -92,18 +93,13 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
 
     `selective` (launcher/model/layers.py BlockOptions) recomputes each block's norm and attention
     core: a norm keeps only its input and output (2ebrh instead of (4 + 2e)brh + 4br), the
-    attention core its inputs, which are the fused q|k|v buffer (as large as q, k, v after
-    RoPE), and its output: only the lse is dropped. With a fused SDPA kernel the attention
-    core holds little more than its inputs, so the norms are where selective saves: in bf16
-    about 17% of a block's activations at tp 1 or with sequence parallelism (Llama 7B/70B),
-    40% at tp 8 without it, where the replicated norms dominate; the MLP's ffn-wide tensors
-    stay. `full` keeps only each item's input (ebrh; the loss still keeps its own).
-
-    `context` C (context parallelism, parallel/context.py): a rank holds s / C positions, so
-    every term above is on s / C; attention without recomputation also keeps the whole
-    sequence's keys and values it gathered (2 e b s kv / tp), which `selective` recomputes."""
-    s, b, e, h = model.seq_len // context, micro_batch, dtype_bytes, model.hidden
-    kv_dim = model.n_kv_heads * model.head_dim
+    attention core its inputs (the fused q|k|v buffer) and output: only the lse is dropped.
+    So the norms are where selective saves: in bf16 about 17% of a block's activations at
+    tp 1 or with sequence parallelism (Llama 7B/70B), 40% at tp 8 without it; the MLP's
+    ffn-wide tensors stay. `full` keeps only each item's input (ebrh; the loss its own).
+    `context` C (parallel/context.py): every term is on a rank's s / C positions; attention
+    without recomputation also keeps the gathered keys and values of all s (2ebs kv/tp)."""
+    s, b, e, h, kv_dim = model.seq_len // context, micro_batch, dtype_bytes, model.hidden, model.n_kv_heads * model.head_dim
     r = s // tp if sequence_parallel and tp > 1 else s  # residual-stream positions on this rank
     bs, brh = b * s, b * r * h
     if recompute == "selective" and kind in ("attn", "mlp", "moe"):
@@ -117,9 +113,8 @@ def activation_bytes(model: ModelShape, kind: str, tp: int, micro_batch: int, dt
     if recompute == "full":
         return e * brh + (loss if kind == "head" else 0)
     if kind == "attn":
-        qkvo = e * bs * (2 * h + 2 * kv_dim) // tp
         gathered = 2 * e * b * model.seq_len * kv_dim // tp if context > 1 and recompute == "none" else 0
-        return norm + qkvo + (0 if recompute == "selective" else lse + gathered)
+        return norm + e * bs * (2 * h + 2 * kv_dim) // tp + (0 if recompute == "selective" else lse + gathered)
     if kind in ("mlp", "moe"):
         return norm + (4 * e * bs * model.ffn // tp if kind == "mlp"
                        else moe_activation_bytes(model, micro_batch, e) // (tp * context))
@@ -232,3 +227,36 @@ def powersgd_ratio(model: ModelShape, tp: int, rank: int) -> float:
     dense = sum(a * b for a, b in shapes)
     low = sum(min(rank, a, b) * (a + b) for a, b in shapes)
     return min(1.0, low / dense)
+
+
+# Tensor-parallel collectives of the hidden states per item, (forward, backward), in
+# all-reduces' worth of ring traffic (an all-gather or a reduce-scatter is half of one), as
+# parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
+# Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
+# sequence parallelism (H floats each) are left out.
+# MoE: all-gathers of its output and input gradient; all-to-alls in `stage_costs`.
+TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (0.5, 0.5), "norm": (0, 0), "head": (0, 1)}
+# With it: embed reduce-scatters forward (its gradient all-gathered back); a block
+# all-gathers its input and reduce-scatters its output forward; backward all-gathers the
+# output gradient, all-gathers the saved input shard again and reduce-scatters the input
+# gradient; the head all-gathers its input forward, and backward as a block input.
+SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "moe": (0, 0), "norm": (0, 0), "head": (0.5, 1)}
+
+
+def ring_seconds(n: int, payload: float, gbps: float, all_reduce: bool = True) -> float:
+    """Seconds of a ring collective moving `payload` bytes per rank among n ranks."""
+    if n <= 1 or payload <= 0:
+        return 0.0
+    return (2 if all_reduce else 1) * (n - 1) / n * payload / (gbps * GB)
+
+
+def gradient_wire_bytes(model: ModelShape, dtype: str, compression: str, compression_rank: int, params: int,
+                        tp: int) -> float:
+    """Bytes of one rank's gradients as they travel over data parallel (compression: none |
+    fp16 | bf16 | powersgd)."""
+    if compression in ("fp16", "bf16"):
+        return params * 2
+    per = 4 if dtype in ("fp32", "bf16") else 2
+    if compression == "powersgd":
+        return params * per * powersgd_ratio(model, tp, compression_rank)
+    return params * per

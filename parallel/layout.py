@@ -26,7 +26,7 @@ from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 from parallel.errors import ConfigError
 from parallel.shapes import ParallelDegrees
@@ -35,6 +35,34 @@ from parallel.shapes import ParallelDegrees
 def expert_degree_fits(ep: int, tp: int, dp: int) -> bool:
     """An expert degree is tp x a divisor of dp (the one rule every check of it uses)."""
     return ep % tp == 0 and dp % (ep // tp) == 0
+
+
+def powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(limit.bit_length())]  # 1, 2, 4, ... <= limit
+
+
+def context_degrees(seq_len: int, sequence_parallel: bool, tp: int, world: int,
+                    given: Optional[int] = None) -> list[int]:
+    """The context degrees worth trying at this tp: `given`, else 1 and every power of two
+    that cuts the sequence into 2 cp chunks (and, with sequence parallelism on, a rank's
+    seq_len / cp positions over tp) within the world."""
+    if given is not None:
+        return [given]
+    return [c for c in powers_of_two(world // tp) if c == 1 or (
+        seq_len % (2 * c) == 0 and not (sequence_parallel and tp > 1 and (seq_len // c) % tp))]
+
+
+def expert_degrees(tp: int, dp: int, experts: int, gpus_per_node: int, given: Optional[int] = None) -> list[int]:
+    """The expert degrees worth trying, as Layout.ep (0: the tensor degree): `given` where
+    it is tp x a divisor of dp (dp x cp: the replica slots), else tp x every divisor k of
+    dp that keeps the expert group inside a node and divides the experts; [0] for a dense
+    model (experts 0)."""
+    if given:
+        return [0 if given == tp else given] if expert_degree_fits(given, tp, dp) else []
+    if not experts:
+        return [0]
+    return [0 if k == 1 else tp * k for k in range(1, dp + 1)
+            if dp % k == 0 and tp * k <= gpus_per_node and experts % (tp * k) == 0]
 
 
 class Coord(NamedTuple):

@@ -26,6 +26,9 @@ Step time of one optimizer step (seconds), m = micro-batches per dp rank, p = pp
                      with experts over k data ranks, the dense gradients averaged over them
         pipeline   = one activation forward and one gradient backward per micro-batch
                      (b*s/tp*h per rank with sequence parallelism: each sends its shard)
+        context    = with cp > 1 every term above is on a rank's s/cp positions; per attention
+                     item the whole sequence's keys and values (2*b*s*kv/tp) all-gathered
+                     forward, reduce-scattered backward, gathered again under recomputation
     pipeline       (m + p - 1) x t_mb           (1F1B: bubble (p-1)/(m+p-1))
     data parallel  gradient reduction after the last micro-batch, not overlapped: all-reduce
                    2(dp-1)/dp x gradient bytes (ZeRO 0; dp/k ranks with experts over k); reduce-scatter + the all-gather of
@@ -46,9 +49,22 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from parallel.costs import RECOMPUTE_MODES, ItemCost, flops_per_token, item_costs
-from parallel.costs import moe_all_to_all_bytes, powersgd_ratio, replicated_moe_params
+from parallel.costs import (
+    SP_ALLREDUCES,
+    TP_ALLREDUCES,
+    gradient_wire_bytes,
+    moe_all_to_all_bytes,
+    replicated_moe_params,
+    ring_seconds,
+)
 from parallel.hardware import GB, GIB, Hardware
-from parallel.layout import Layout, expert_degree_fits, resolve_sequence_parallel
+from parallel.layout import (
+    Layout,
+    context_degrees,
+    expert_degrees,
+    powers_of_two,
+    resolve_sequence_parallel,
+)
 from parallel.memory import (
     REDUCE_BUCKET_SIZE,
     Overhead,
@@ -63,18 +79,6 @@ from parallel.partition import MemoryModel, partition
 from parallel.shapes import ModelShape
 
 RUNNABLE_RECOMPUTE = RECOMPUTE_MODES  # the launcher runs every mode; least recomputation first
-# Tensor-parallel collectives of the hidden states per item, (forward, backward), in
-# all-reduces' worth of ring traffic (an all-gather or a reduce-scatter is half of one), as
-# parallel/tensor_parallel.py issues them (parallel/comm_bytes.py lists them call by call).
-# Without sequence parallelism: all-reduces. The norm weights' gradient all-reduces under
-# sequence parallelism (H floats each) are left out.
-# MoE: all-gathers of its output and input gradient; all-to-alls in `stage_costs`.
-TP_ALLREDUCES = {"embed": (1, 0), "attn": (1, 1), "mlp": (1, 1), "moe": (0.5, 0.5), "norm": (0, 0), "head": (0, 1)}
-# With it: embed reduce-scatters forward (its gradient all-gathered back); a block
-# all-gathers its input and reduce-scatters its output forward; backward all-gathers the
-# output gradient, all-gathers the saved input shard again and reduce-scatters the input
-# gradient; the head all-gathers its input forward, and backward as a block input.
-SP_ALLREDUCES = {"embed": (0.5, 0.5), "attn": (1, 1.5), "mlp": (1, 1.5), "moe": (0, 0), "norm": (0, 0), "head": (0.5, 1)}
 
 
 @dataclass(frozen=True)
@@ -228,23 +232,6 @@ def estimate(work: Workload, cluster: Cluster, c: Candidate, parts: Optional[lis
                     capacity=hw.memory_gib * GIB, host_bytes=host)
 
 
-def _ring(n: int, payload: float, gbps: float, all_reduce: bool = True) -> float:
-    """Seconds of a ring collective moving `payload` bytes per rank among n ranks."""
-    if n <= 1 or payload <= 0:
-        return 0.0
-    return (2 if all_reduce else 1) * (n - 1) / n * payload / (gbps * GB)
-
-
-def gradient_wire_bytes(work: Workload, params: int, tp: int) -> float:
-    """Bytes of one rank's gradients as they travel over data parallel."""
-    if work.compression in ("fp16", "bf16"):
-        return params * 2
-    per = 4 if work.dtype in ("fp32", "bf16") else 2
-    if work.compression == "powersgd":
-        return params * per * powersgd_ratio(work.model, tp, work.compression_rank)
-    return params * per
-
-
 def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> StepTime:
     model, hw, lay = work.model, cluster.hardware, c.layout
     e = dtype_bytes(work.dtype)
@@ -265,7 +252,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
     # backward, gathered again when the attention core is recomputed (parallel/context.py);
     # not overlapped with compute
     kv_bytes = 2 * lay.micro_batch * model.seq_len * model.n_kv_heads * model.head_dim // lay.tp * e
-    kv_time = (3 if c.recompute != "none" else 2) * _ring(lay.cp, kv_bytes, cp_bw, all_reduce=False)
+    kv_time = (3 if c.recompute != "none" else 2) * ring_seconds(lay.cp, kv_bytes, cp_bw, all_reduce=False)
 
     def stage_costs(s: int) -> tuple[float, float, float]:
         items = costs[parts[s]:parts[s + 1]]
@@ -279,7 +266,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
         # ranks per micro-batch (parallel/expert_grads.py)
         if lay.experts_over_dp > 1:
             dense = sum(it.params_per_rank for it in items if it.kind != "moe") + moe_grads / e
-            a2a += _ring(lay.experts_over_dp, dense * e, ep_bw)
+            a2a += ring_seconds(lay.experts_over_dp, dense * e, ep_bw)
         for it in items:
             flops += it.flops_per_token
             if c.recompute == "full":
@@ -290,7 +277,7 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
             reduces += fwd * (2 if c.recompute == "full" else 1) + bwd
         compute = flops * tokens_mb / (lay.tp * flops_rate)
         kv = kv_time * sum(1 for it in items if it.kind == "attn")
-        return compute, _ring(lay.tp, act, tp_bw) * reduces + _ring(lay.tp, moe_grads, tp_bw) + a2a, kv
+        return compute, ring_seconds(lay.tp, act, tp_bw) * reduces + ring_seconds(lay.tp, moe_grads, tp_bw) + a2a, kv
 
     per_stage = [stage_costs(s) for s in range(lay.pp)]
     compute_mb, tp_mb, cp_mb = max(per_stage, key=sum)
@@ -299,26 +286,31 @@ def step_time(work: Workload, cluster: Cluster, c: Candidate, costs, parts) -> S
     bubble = (lay.pp - 1) / slots
 
     params = max(sum(it.params_per_rank for it in costs[parts[s]:parts[s + 1]]) for s in range(lay.pp))
-    grads = gradient_wire_bytes(work, params, lay.tp)
-    data = lay.ds_data  # DeepSpeed reduces over the ranks holding the same experts (all of dp when dense)
+    dp, optimizer, offload = _end_of_step(work, cluster, c, params, dp_bw)
+    return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
+                    optimizer=optimizer, offload=offload, bubble=bubble, cp_comm=cp_mb * slots)
+
+
+def _end_of_step(work: Workload, cluster: Cluster, c: Candidate, params: float, dp_bw: float
+                 ) -> tuple[float, float, float]:
+    """Seconds of the gradient reduction, the optimizer step and the offload traffic of a
+    rank holding `params` parameters."""
+    hw, e, data = cluster.hardware, dtype_bytes(work.dtype), c.layout.ds_data
+    grads = gradient_wire_bytes(work.model, work.dtype, work.compression, work.compression_rank, params, c.layout.tp)
+    # DeepSpeed reduces over the ranks holding the same experts (all of dp x cp when dense)
     if c.zero == 0:
-        dp = _ring(data, grads, dp_bw)
+        dp = ring_seconds(data, grads, dp_bw)
     else:
-        dp = _ring(data, grads, dp_bw, all_reduce=False) + _ring(data, params * e, dp_bw, all_reduce=False)
+        dp = ring_seconds(data, grads, dp_bw, all_reduce=False) + ring_seconds(data, params * e, dp_bw, all_reduce=False)
         if c.zero == 3:
-            dp += (3 if c.recompute == "full" else 2) * _ring(data, params * e, dp_bw, all_reduce=False)
+            dp += (3 if c.recompute == "full" else 2) * ring_seconds(data, params * e, dp_bw, all_reduce=False)
     states = state_bytes(work.dtype, work.optimizer, c.zero, data, offload=c.offload)
     optimizer = 2 * params * states.total / (hw.hbm_gbps * GB)
     offload = 0.0
     if c.offload:
         shard = params / data
         offload = shard * (4 + e) / (hw.pcie_gbps * GB) + 32 * shard * cluster.gpus_per_node / (hw.host_gbps * GB)
-    return StepTime(compute=compute_mb * slots, tp_comm=tp_mb * slots, pp_comm=pp_mb * slots, dp_comm=dp,
-                    optimizer=optimizer, offload=offload, bubble=bubble, cp_comm=cp_mb * slots)
-
-
-def _powers_of_two(limit: int) -> list[int]:
-    return [1 << i for i in range(limit.bit_length())]  # 1, 2, 4, ... <= limit
+    return dp, optimizer, offload
 
 
 def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> list[Candidate]:
@@ -326,10 +318,11 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
     m, world = work.model, cluster.world
     tp, pp, micro_batch, zero = pinned.tp, pinned.pp, pinned.micro_batch, pinned.zero
     experts = getattr(getattr(m, "moe", None), "experts", 0)  # MoE experts are split over tp (dense: 0)
-    tps = [tp] if tp is not None else [t for t in _powers_of_two(cluster.gpus_per_node)
+    tps = [tp] if tp is not None else [t for t in powers_of_two(cluster.gpus_per_node)
                                        if not (m.heads % t or m.n_kv_heads % t or m.ffn % t or m.vocab % t or experts % t)]
     out = []
-    for t, cp in ((t, cp) for t in tps for cp in _context_degrees(pinned, work, t, world)):
+    for t, cp in ((t, cp) for t in tps
+                  for cp in context_degrees(m.seq_len, work.sequence_parallel is True, t, world, pinned.cp)):
         if world % (t * cp) or (pinned.ep and pinned.ep % t):
             continue
         pps = ([pp] if pp is not None else
@@ -341,7 +334,8 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
             if work.global_batch % dp:
                 continue
             mbs = [micro_batch] if micro_batch is not None else list(pinned.micro_batches)
-            for ep, b in ((e, b) for e in _expert_degrees(pinned, t, dp * cp, experts, cluster) for b in mbs):
+            eps = expert_degrees(t, dp * cp, experts if pinned.search_ep else 0, cluster.gpus_per_node, pinned.ep)
+            for ep, b in ((e, b) for e in eps for b in mbs):
                 if work.global_batch % (b * dp):
                     continue
                 zeros = [zero] if zero is not None else ([0, 1] if p > 1 else [0, 1, 2, 3])
@@ -360,29 +354,6 @@ def candidates(work: Workload, cluster: Cluster, pinned: Pinned = Pinned()) -> l
                                             global_batch=work.global_batch, ep=ep, cp=cp)
                             out.append(Candidate(layout, z, r, off, work.sequence_parallel_at(t, cp)))
     return out
-
-
-def _context_degrees(pinned: Pinned, work: Workload, tp: int, world: int) -> list[int]:
-    """The context degrees to try at this tp: the pinned one, else 1 and every power of two
-    that cuts the sequence into 2 cp chunks (and, with sequence parallelism, a rank's s / cp
-    positions over tp) within the world."""
-    if pinned.cp is not None:
-        return [pinned.cp]
-    seq = work.model.seq_len
-    return [c for c in _powers_of_two(world // tp) if c == 1 or (
-        seq % (2 * c) == 0 and not (work.sequence_parallel is True and tp > 1 and (seq // c) % tp))]
-
-
-def _expert_degrees(pinned: Pinned, tp: int, dp: int, experts: int, cluster: Cluster) -> list[int]:
-    """The expert degrees to try at this tp and dp, as Layout.ep (0: the tensor degree): the
-    pinned one where it is tp x a divisor of dp, else with `search_ep` tp x every divisor of
-    dp that keeps the expert group inside a node and divides the experts."""
-    if pinned.ep:
-        return [0 if pinned.ep == tp else pinned.ep] if expert_degree_fits(pinned.ep, tp, dp) else []
-    if not (pinned.search_ep and experts):
-        return [0]
-    return [0 if k == 1 else tp * k for k in range(1, dp + 1)
-            if dp % k == 0 and tp * k <= cluster.gpus_per_node and experts % (tp * k) == 0]
 
 
 @dataclass

@@ -103,8 +103,8 @@ def test_bad_yaml_file(tmp_path):
 @pytest.fixture(scope="module")
 def long_documents(tmp_path_factory) -> str:
     """A prepared dataset whose splits (a fifth held out) each hold a 128k-token sequence
-    (the embedded corpus, about 340k byte tokens, cannot): the embedded corpus's documents
-    three times over, as a user's own data goes through `python -m launcher.prepare`."""
+    (the embedded corpus's held-out part cannot): the embedded corpus's documents three
+    times over, as a user's own data goes through `python -m launcher.prepare`."""
     import gzip
 
     from launcher.data.sources import EMBEDDED_CORPUS

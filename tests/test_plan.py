@@ -436,7 +436,7 @@ def test_planner_tp_traffic_is_the_counted_collectives():
     is half. Left out by the planner: the loss's per-token all-reduces and the norm weights'."""
     from parallel.comm_bytes import tp_collectives
     from parallel.costs import pipeline_items
-    from parallel.planner import SP_ALLREDUCES, TP_ALLREDUCES
+    from parallel.costs import SP_ALLREDUCES, TP_ALLREDUCES
 
     model = load_config(REPO / "configs/default.yaml").model
     act, weight = {"all_reduce": 1.0, "all_gather_single": 0.5, "reduce_scatter_single": 0.5}, 1000

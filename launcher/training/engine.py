@@ -163,7 +163,6 @@ def build_engine(cfg: Config, plan: Plan, groups: ProcessGroups, device: torch.d
                  ds_config: dict, init_from: Optional[str] = None) -> TrainEngine:
     """`init_from`: a Hugging Face directory whose weights replace the random init, each rank
     reading its own slices, before DeepSpeed copies them into its (fp32 master) buffers."""
-
     tp = TensorParallel(groups.tp_group if plan.layout.tp > 1 else None, groups.coord.tp, plan.layout.tp,
                         sequence_parallel=sequence_parallel_on(cfg.parallel, cfg.model, plan.layout.tp))
     ep = TensorParallel(groups.ep_group, groups.ep_rank, plan.layout.expert_degree) if plan.layout.ep else tp
