@@ -70,6 +70,11 @@ BAD = [  # (extra args, key the one-line error must name)
     (["--dry-run", "model.seq_len=32768"], "data.val_fraction: the held-out part of embedded (0.05 of its tokens) has"),
     (["--dry-run", "run.dir=/dev/null"], "run.dir: /dev/null cannot be a directory: /dev/null is a file"),
     (["--dry-run", "checkpoint.resume=configs"], "checkpoint.resume: configs is not a checkpoint (no launcher_state"),
+    (["parallel.context=3"], "parallel.context: 3: model.seq_len=128 is not divisible by 2 x context = 6"),
+    (["--dry-run", "--world-size", "8", "parallel.context=4"],
+     "parallel.data: auto: world size 8 is not divisible by tensor*pipeline*context = 2*2*4 = 16"),
+    (["parallel.context=2", "model.moe.experts=4", "model.moe.capacity_factor=1.0"],
+     "model.moe.capacity_factor: 1.0 with parallel.context=2"),
 ]
 
 

@@ -129,25 +129,6 @@ def test_context_parallel_layouts_match_one_process():
             assert got_val == pytest.approx(val, abs=1e-5), where
 
 
-def test_context_degree_does_not_change_the_run_and_checkpoints_resume_on_another(tmp_path):
-    """Through the command line: cp 2 x dp 2 with ZeRO 1 gives one process's losses, and its
-    step-2 checkpoint continues on one process (context degree 1) with the same losses."""
-    from launch import losses, python_cmd, read_events, torchrun_cmd, train
-
-    common = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.ffn=64",
-              "model.seq_len=32", "parallel.global_batch=4", "parallel.micro_batch=1", "precision.dtype=fp32",
-              "train.eval_every=0", "train.log_every=1", "schedule.warmup_steps=2", "train.steps=4",
-              "parallel.tensor=1", "parallel.pipeline=1"]
-    one = train(python_cmd(), tmp_path / "one", *common, "checkpoint.every=0")
-    cp2 = train(torchrun_cmd(4), tmp_path / "cp2", *common, "parallel.context=2", "zero.stage=1",
-                "checkpoint.every=2")
-    assert losses(cp2) == pytest.approx(losses(one), abs=1e-5)
-    step2 = tmp_path / "cp2" / "checkpoints" / "step-00000002"
-    resumed = train(python_cmd(), tmp_path / "resumed", *common, "checkpoint.every=0", f"checkpoint.resume={step2}")
-    assert losses(resumed) == pytest.approx(losses(one)[2:], abs=1e-5)
-    assert [e["resharded"] for e in read_events(tmp_path / "resumed", "resume")] == [True]
-
-
 def _activations_per_rank(rank, world_size, recompute):
     """(measured, planned) bytes one context rank keeps for backward over one forward and
     the loss of a 2-layer model on its chunks of one 64-token sequence."""

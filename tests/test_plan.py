@@ -525,6 +525,51 @@ def test_auto_expert_degree_is_searched_within_a_node_and_a_given_one_is_kept():
     assert "expert" not in resolve_auto(dense, 64, cluster, ASSUMED_GPU)[1]
 
 
+def test_auto_context_cuts_the_sequence_only_where_activations_do_not_fit():
+    """parallel.context: auto on Llama 3.1 8B at 131,072 positions: on 8 H100s a layout fits
+    at full recomputation without cutting the sequence, so context stays 1; on 16 and 64
+    nothing fits with less recomputation at context 1, so the fastest context degree that
+    fits is taken, and it needs less recomputation than context 1 would. A given degree is
+    kept; a config without long sequences keeps 1 and reports it. The per-rank activations
+    fall by about the context degree."""
+    from launcher.planning.auto import plan_candidates, resolve_auto
+    from launcher.planning.precision import ASSUMED_GPU
+
+    cfg = _auto("configs/llama3_8b_128k.yaml", context="auto")
+    chosen = {}
+    for gpus in (8, 16, 64):
+        cluster = Cluster(gpus // 8, 8, PRESETS["h100"])
+        resolved, note = resolve_auto(cfg, gpus, cluster, ASSUMED_GPU)
+        p = resolved.parallel
+        chosen[gpus] = (p.context, p.activation_checkpointing)
+        assert f", context {p.context} (planner:" in note and "parallel.context" in note
+        uncut = plan_candidates(cfg, cluster, "bf16", context=1)
+        fitting = {c.recompute for c in uncut if estimate_fits(cfg, cluster, c)}
+        if p.context > 1:  # cut only because no uncut layout fits at this recomputation or less
+            less = RUNNABLE_RECOMPUTE[:RUNNABLE_RECOMPUTE.index(p.activation_checkpointing) + 1]
+            assert not fitting & set(less), (gpus, fitting, p)
+    assert chosen[8] == (1, "full") and chosen[16][0] > 1 and chosen[64][0] > 1
+    assert chosen[16][1] != "full"
+    cluster = Cluster(2, 8, PRESETS["h100"])
+    pinned = _auto("configs/llama3_8b_128k.yaml", context=4)
+    assert {c.layout.cp for c in plan_candidates(pinned, cluster, "bf16")} == {4}
+    assert resolve_auto(pinned, 16, cluster, ASSUMED_GPU)[0].parallel.context == 4
+    short, note = resolve_auto(_auto("configs/llama_7b.yaml", context="auto"), 16, cluster, ASSUMED_GPU)
+    assert short.parallel.context == 1 and ", context 1 (planner:" in note
+    model = load_config(REPO / "configs/llama3_8b_128k.yaml").model
+    full = sum(c.act_bytes for c in item_costs(model, 8, 1, 2, "selective", True))
+    for cp in (2, 4, 8):
+        cut = sum(c.act_bytes for c in item_costs(model, 8, 1, 2, "selective", True, context=cp))
+        assert cut == pytest.approx(full / cp, rel=0.01), cp
+
+
+def estimate_fits(cfg, cluster, candidate) -> bool:
+    from launcher.planning.auto import workload
+    from parallel.planner import estimate
+
+    return estimate(workload(cfg, "bf16"), cluster, candidate).fits
+
+
 def test_auto_resolves_at_launch_and_trains(tmp_path):
     """Two CPU processes with every auto key: the launch prints the planner's choice, trains
     with it, and logs that layout."""
