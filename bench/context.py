@@ -20,6 +20,15 @@ it at tensor 1, pipeline 1) on one sequence of --seq tokens, each on its chunks 
     step ms       one forward + backward, the median over --repeats, the slowest rank's
     vs C=1        that time over C=1's in the same run
 
+A second table weighs the two ways to move keys and values (docs/CONTEXT.md), at each
+C > 1, on the same K/V blocks (this rank's T/C positions of keys and values):
+
+    all-gather ms   one all_gather_into_tensor of them over the C ranks (what the launcher does)
+    ring ms         C-1 steps, each sending the block in hand to the next rank and receiving
+                    from the previous one (ring attention's exchange, without its overlap)
+    attention ms    the local attention core, forward + backward, on the gathered keys and
+                    values: the compute a ring could hide its steps behind
+
 On a CPU of few cores C processes share them: the step-time column shows the exchange and
 the per-rank overheads, not a GPU's scaling (docs/BENCHMARKS.md).
 """
@@ -44,7 +53,7 @@ from launcher.config.schema import ModelConfig  # noqa: E402
 from launcher.model.attention import Attention  # noqa: E402
 from launcher.model.layers import BlockOptions  # noqa: E402
 from launcher.model.llama import LlamaModel, LossFn, layer_specs  # noqa: E402
-from parallel.context import local_chunks  # noqa: E402
+from parallel.context import _dense_mask_attention, chunk_positions, local_chunks  # noqa: E402
 from parallel.costs import item_costs  # noqa: E402
 from parallel.tensor_parallel import NO_TP, TensorParallel  # noqa: E402
 
@@ -88,11 +97,45 @@ def _rank(rank: int, size: int, init: str, cfg: ModelConfig, recompute: str, rep
         model.loss_fn(model(ids), targets).backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    figures = torch.tensor([float(saved), statistics.median(times[1:])], dtype=torch.float64)
+    exchange = _exchange_ms(cfg, cp, repeats) if size > 1 else (0.0, 0.0, 0.0)
+    figures = torch.tensor([float(saved), statistics.median(times[1:]), *exchange], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:
-        out.put((figures[0].item(), figures[1].item()))
+        out.put(tuple(figures.tolist()))
     dist.destroy_process_group()
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
+
+
+def _exchange_ms(cfg: ModelConfig, cp: TensorParallel, repeats: int) -> tuple[float, float, float]:
+    """(all-gather, ring, local attention fwd+bwd) milliseconds for one layer's keys and values."""
+    head_dim, local = cfg.hidden // cfg.heads, cfg.seq_len // cp.size
+    block = torch.randn(2, cfg.kv_heads, local, head_dim)  # this rank's keys and values
+    gathered = torch.empty(cp.size * 2, cfg.kv_heads, local, head_dim)
+    gather = _median_ms(lambda: dist.all_gather_into_tensor(gathered, block), repeats)
+
+    def ring():
+        held, nxt, prv = block, (cp.rank + 1) % cp.size, (cp.rank - 1) % cp.size
+        for _ in range(cp.size - 1):
+            incoming = torch.empty_like(held)
+            ops = [dist.P2POp(dist.isend, held, nxt), dist.P2POp(dist.irecv, incoming, prv)]
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+            held = incoming
+
+    q = torch.randn(1, cfg.heads, local, head_dim, requires_grad=True)
+    keys, values = (torch.randn(1, cfg.kv_heads, cfg.seq_len, head_dim, requires_grad=True) for _ in range(2))
+    mine = chunk_positions(cfg.seq_len, cp)
+    attend = lambda: _dense_mask_attention(q, keys, values, mine, None, True).sum().backward()  # noqa: E731
+    return gather, _median_ms(ring, repeats), _median_ms(attend, repeats)
 
 
 def measure(cfg: ModelConfig, size: int, recompute: str, repeats: int) -> tuple[float, float]:
@@ -132,15 +175,23 @@ def main() -> int:
     print("| recompute | C | saved MiB (measured) | CPU mask MiB | planner MiB | (measured - mask) / planner | "
           "step ms | vs C=1 |")
     print("|---|---|---|---|---|---|---|---|")
+    exchanges = {}
     for recompute in args.recompute:
         base = None
         for size in args.contexts:
-            saved, step = measure(cfg, size, recompute, args.repeats)
+            saved, step, *exchanges[size] = measure(cfg, size, recompute, args.repeats)
             planned = sum(c.act_bytes for c in item_costs(cfg, 1, 1, 4, recompute, False, context=size))
             mask = 4 * args.layers * (args.seq // size) * args.seq if size > 1 and recompute == "none" else 0
             base = step if base is None else base
             print(f"| {recompute} | {size} | {saved / 2**20:.2f} | {mask / 2**20:.2f} | {planned / 2**20:.2f} | "
                   f"{(saved - mask) / planned:.3f} | {1e3 * step:.1f} | {step / base:.2f} |")
+    print()
+    print("| C | K/V MiB per rank per layer | all-gather ms | ring ms | ring / all-gather | attention ms (fwd+bwd) |")
+    print("|---|---|---|---|---|---|")
+    for size in (c for c in args.contexts if c > 1):
+        gather, ring, attention = exchanges[size]
+        mib = 2 * args.kv_heads * (args.seq // size) * (args.hidden // args.heads) * 4 / 2**20
+        print(f"| {size} | {mib:.2f} | {gather:.2f} | {ring:.2f} | {ring / gather:.2f} | {attention:.1f} |")
     return 0
 
 

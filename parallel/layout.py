@@ -1,19 +1,24 @@
-"""The 3D layout as one value: world size -> (pp, dp, tp) degrees and batch arithmetic,
+"""The 3D layout as one value: world size -> (pp, dp, cp, tp) degrees and batch arithmetic,
 rank <-> coordinates, and the ranks of every group.
 
-Axis order, outermost to innermost: pipeline, data, tensor. This is DeepSpeed's
-`PipeModelDataParallelTopology` order (axes pipe, data, model), so our rank map and
-DeepSpeed's are one and the same:
+Axis order, outermost to innermost: pipeline, data, context, tensor. Without context
+parallelism this is DeepSpeed's `PipeModelDataParallelTopology` order (axes pipe, data,
+model), so our rank map and DeepSpeed's are one and the same:
 
-    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank     (cp = 1: the same map)
+
+The context ranks of one data rank (one sequence cut over cp ranks, parallel/context.py)
+hold the same weights: DeepSpeed's data dimension spans the dp x cp "replica slots",
+slot = dp_rank * cp + cp_rank, and its rank map is ours again.
 
 Tensor parallelism is innermost, so the ranks of one tp group are consecutive and sit on
 one node (with tp <= GPUs per node); pipeline neighbours are the farthest apart, which suits
 them: they exchange one activation per micro-batch.
 
 Expert parallelism (an MoE model's experts split over `ep` ranks) spans the tp ranks and,
-when ep > tp, the next ep/tp data ranks: an expert group is ep consecutive ranks, and the
-expert rank within it is `(dp_rank % (ep/tp)) * tp + tp_rank`. DeepSpeed is shown that group
+when ep > tp, the next ep/tp replica slots (data ranks, or context ranks first when cp > 1):
+an expert group is ep consecutive ranks, and the expert rank within it is
+`(slot % (ep/tp)) * tp + tp_rank`. DeepSpeed is shown that group
 as its model-parallel dimension and the dp/(ep/tp) ranks holding the same experts as its data
 dimension (`ds_model`, `ds_data`), which is the same rank map again; docs/MOE.md has why.
 
