@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -82,8 +84,22 @@ def test_flex_path_masks_as_the_dense_one(documents):
         assert torch.allclose(flex, _dense_mask_attention(local_q, k, v, mine, segments, gqa=True), atol=1e-5)
 
 
+STEPS = 4
+
+
+def _scaled_rope_model():
+    """tests/test_document_attention.py's model with Llama 3.1's RoPE scaling, its original
+    context shortened so that its 4 frequencies fall in all three bands (kept, smoothed,
+    stretched): positions must be global for the scaled frequencies too."""
+    from test_document_attention import GQA
+
+    from launcher.config.schema import RopeScaling
+
+    return dataclasses.replace(GQA, rope_scaling=RopeScaling(original_max_position_embeddings=128))
+
+
 def _context_engine_runs(rank, world_size, runs):
-    """Two train steps and an eval batch of each layout through the training engine, on the
+    """STEPS train steps and an eval batch of each layout through the training engine, on the
     packed documents of tests/test_document_attention.py (documents cross the chunk borders,
     with a loss mask): (losses, grad norms, eval loss)."""
     from test_document_attention import engine_config, micro_batches
@@ -96,7 +112,7 @@ def _context_engine_runs(rank, world_size, runs):
 
     results = {}
     for name, parallel in runs:
-        cfg = engine_config(**parallel)
+        cfg = engine_config(STEPS, _scaled_rope_model(), **parallel)
         plan = make_plan(cfg, world_size, detect_device_support())
         groups = build_process_groups(plan.layout, rank)
         engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
@@ -107,19 +123,20 @@ def _context_engine_runs(rank, world_size, runs):
             batches = micro_batches(step)  # dp rank r takes micro-batch r; its cp ranks the same one
             return batches if plan.layout.dp == 1 else [batches[groups.coord.dp]]
 
-        steps = [engine.train_step(data(step)) for step in range(2)]
-        results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(2)))
+        steps = [engine.train_step(data(step)) for step in range(STEPS)]
+        results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(STEPS)))
         engine.ds.destroy()
     return results
 
 
 def test_context_parallel_layouts_match_one_process():
-    """cp 2 x tp 2 (sequence parallel) x pp 2, and cp 4 x dp 2, 8 processes: the single
+    """cp 2 x tp 2 (sequence parallel) x pp 2, and cp 4 x dp 2, 8 processes: for 4 steps the single
     process's losses, grad norms and eval loss, with documents crossing chunk borders and a
-    loss mask (whose mean over the sequence the context ranks keep exact)."""
+    loss mask (whose mean over the sequence the context ranks keep exact), under Llama 3.1's
+    scaled RoPE."""
     from test_document_attention import _single_process
 
-    losses, norms, val = _single_process()
+    losses, norms, val = _single_process(steps=STEPS, model=_scaled_rope_model())
     runs = [("cp2_tp2_pp2", {"context": 2}), ("cp4_dp2", {"context": 4, "tensor": 1, "pipeline": 1})]
     for rank, by_layout in enumerate(run_distributed(_context_engine_runs, 8, runs)):
         for name, (got_losses, got_norms, got_val) in by_layout.items():

@@ -185,12 +185,12 @@ def test_loss_mask():
 # engine (tp 2 x dp 2)
 # --------------------------------------------------------------------------------------
 
-def engine_config(**parallel) -> Config:
+def engine_config(steps: int = 2, model: ModelConfig = GQA, **parallel) -> Config:
     """Built directly (no data or tokenizer checks: the batches here are synthetic)."""
-    return Config(model=GQA, parallel=ParallelConfig(**{"tensor": 2, "pipeline": 2, "micro_batch": 2,
+    return Config(model=model, parallel=ParallelConfig(**{"tensor": 2, "pipeline": 2, "micro_batch": 2,
                                                          "global_batch": 4, **parallel}),
                   precision=PrecisionConfig(dtype="fp32"), zero=ZeroConfig(stage=0), optimizer=OptimizerConfig(lr=0.01),
-                  schedule=ScheduleConfig(warmup_steps=0), train=TrainConfig(steps=2, seed=7))
+                  schedule=ScheduleConfig(warmup_steps=0), train=TrainConfig(steps=steps, seed=7))
 
 
 def micro_batches(step: int) -> list:
@@ -238,15 +238,16 @@ def _engine_runs(rank, world_size):
     return results
 
 
-def _single_process(segments: bool = True) -> tuple[list, list, float]:
-    """The same two steps in plain torch: mean micro-batch loss, clip, AdamW, schedule."""
-    cfg = engine_config()
+def _single_process(segments: bool = True, steps: int = 2, model: ModelConfig = GQA) -> tuple[list, list, float]:
+    """The same steps (two by default) in plain torch: mean micro-batch loss, clip, AdamW,
+    schedule; then the eval loss on the next batch."""
+    cfg = engine_config(steps, model)
     model = LlamaModel(layer_specs(cfg.model, NO_TP, seed=cfg.train.seed))
     loss_fn = LossFn(NO_TP)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.steps)
     losses, norms = [], []
-    for step in range(2):
+    for step in range(steps):
         batch = micro_batches(step)
         micro = [loss_fn(model(inputs if segments else inputs[0]), targets) for inputs, targets in batch]
         loss = torch.stack(micro).mean()
@@ -257,7 +258,7 @@ def _single_process(segments: bool = True) -> tuple[list, list, float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     with torch.no_grad():
-        val = torch.stack([loss_fn(model(i), t) for i, t in micro_batches(2)]).mean().item()
+        val = torch.stack([loss_fn(model(i), t) for i, t in micro_batches(steps)]).mean().item()
     return losses, norms, val
 
 
