@@ -41,13 +41,19 @@ def _reference(segments=None):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _on_context_ranks(rank, world_size, documents):
-    cp = TensorParallel(dist.group.WORLD, rank, world_size)
+def _attend(cp: TensorParallel, documents: bool):
     q, k, v, seg, grad = _inputs()
     q, k, v = (local_chunks(t, cp, dim=2).clone().requires_grad_() for t in (q, k, v))
     out = context_attention(q, k, v, cp, T, segments=seg if documents else None, gqa=True)
     out.backward(local_chunks(grad, cp, dim=2))
     return chunk_positions(T, cp), out.detach(), q.grad, k.grad, v.grad
+
+
+def _on_context_ranks(rank, world_size):
+    """Context 4 (all ranks) with documents; context 2 (ranks 0-1 and 2-3) without."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    return {(4, True): _attend(TensorParallel(dist.group.WORLD, rank, world_size), True),
+            (2, False): _attend(TensorParallel(pairs[rank // 2], rank % 2, 2), False)}
 
 
 def test_chunks_pair_an_early_and_a_late_one_and_cover_the_sequence():
@@ -60,14 +66,13 @@ def test_chunks_pair_an_early_and_a_late_one_and_cover_the_sequence():
         chunk_positions(T, TensorParallel(None, 0, 3))
 
 
-@pytest.mark.parametrize("size,documents", [(2, False), (4, True)])
-def test_attention_over_context_ranks_equals_one_process(size, documents):
+def test_attention_over_context_ranks_equals_one_process():
     """Outputs and the gradients of q, k, v on each rank's positions equal one process's
-    within 1e-6, with documents crossing the chunk borders in one case."""
-    expected = _reference(documents)
-    for positions, *got in run_distributed(_on_context_ranks, size, documents):
-        for mine, full in zip(got, expected):
-            assert torch.allclose(mine, full.index_select(2, positions), atol=1e-6)
+    within 1e-6: context 4 with documents crossing the chunk borders, context 2 without."""
+    for by_case in run_distributed(_on_context_ranks, 4):
+        for (size, documents), (positions, *got) in by_case.items():
+            for mine, full in zip(got, _reference(documents)):
+                assert torch.allclose(mine, full.index_select(2, positions), atol=1e-6), (size, documents)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -146,9 +151,13 @@ def test_context_parallel_layouts_match_one_process():
             assert got_val == pytest.approx(val, abs=1e-5), where
 
 
-def _activations_per_rank(rank, world_size, recompute):
-    """(measured, planned) bytes one context rank keeps for backward over one forward and
-    the loss of a 2-layer model on its chunks of one 64-token sequence."""
+def _activations_per_rank(rank, world_size):
+    """recompute mode -> (measured, planned) bytes one context rank keeps for backward over
+    one forward and the loss of a 2-layer model on its chunks of one 64-token sequence."""
+    return {mode: _activations(rank, world_size, mode) for mode in ("none", "selective")}
+
+
+def _activations(rank, world_size, recompute):
     from test_plan import _saved_bytes
 
     from launcher.config.schema import ModelConfig
@@ -173,12 +182,12 @@ def _activations_per_rank(rank, world_size, recompute):
     return _saved_bytes(model, ids, persistent), planned
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective"])
-def test_activations_per_context_rank_match_the_planner(recompute):
+def test_activations_per_context_rank_match_the_planner():
     """What a context rank keeps for backward is the planner's per-rank activations (s / C
     positions, plus the gathered keys and values when the attention core is not recomputed)
     within 2%, less the dense mask of the CPU path (4 bytes per (query, key) of each layer,
     which the CUDA path does not store; bench/context.py prints the same at larger sizes)."""
-    for measured, planned in run_distributed(_activations_per_rank, 2, recompute):
-        mask = 2 * 4 * 32 * 64 if recompute == "none" else 0
-        assert abs(measured - mask - planned) <= 0.02 * planned, (measured, mask, planned)
+    for by_mode in run_distributed(_activations_per_rank, 2):
+        for recompute, (measured, planned) in by_mode.items():
+            mask = 2 * 4 * 32 * 64 if recompute == "none" else 0
+            assert abs(measured - mask - planned) <= 0.02 * planned, (recompute, measured, mask, planned)
