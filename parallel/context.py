@@ -28,13 +28,19 @@ from parallel.tensor_parallel import TensorParallel
 
 def chunk_positions(seq_len: int, cp: TensorParallel, device=None) -> torch.Tensor:
     """The global positions (T/C,) this context rank holds: chunks rank and 2C-1-rank of 2C,
-    in that order."""
-    if cp.size == 1:
+    in that order. Built once per (seq_len, rank, size, device) and shared: read-only."""
+    return _positions(seq_len, cp.rank, cp.size, None if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(seq_len: int, rank: int, size: int, device) -> torch.Tensor:
+    # cached: every attention layer of every micro-batch asks for the same few index tensors
+    if size == 1:
         return torch.arange(seq_len, device=device)
-    if seq_len % (2 * cp.size):
-        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context degree {cp.size}")
-    width = seq_len // (2 * cp.size)
-    first, second = cp.rank, 2 * cp.size - 1 - cp.rank
+    if seq_len % (2 * size):
+        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context degree {size}")
+    width = seq_len // (2 * size)
+    first, second = rank, 2 * size - 1 - rank
     return torch.cat([torch.arange(first * width, (first + 1) * width, device=device),
                       torch.arange(second * width, (second + 1) * width, device=device)])
 
@@ -46,9 +52,12 @@ def local_chunks(x: torch.Tensor, cp: TensorParallel, dim: int = 1) -> torch.Ten
     return x.index_select(dim, chunk_positions(x.shape[dim], cp, x.device))
 
 
-def _rank_major(seq_len: int, size: int, device) -> torch.Tensor:
-    """Every rank's positions, rank 0's first: the order the ranks' parts are concatenated in."""
-    return torch.cat([chunk_positions(seq_len, TensorParallel(None, r, size), device) for r in range(size)])
+@functools.lru_cache(maxsize=64)
+def _gather_orders(seq_len: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every rank's positions, rank 0's first: the order the ranks' parts are concatenated
+    in; its inverse, the order that puts the concatenation back in sequence order)."""
+    rank_major = torch.cat([_positions(seq_len, r, size, device) for r in range(size)])
+    return rank_major, torch.argsort(rank_major)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -61,14 +70,13 @@ class _GatherSequence(torch.autograd.Function):
         ctx.cp, ctx.seq_len = cp, seq_len
         parts = [torch.empty_like(x) for _ in range(cp.size)]
         dist.all_gather(parts, x.contiguous(), group=cp.group)
-        order = torch.argsort(_rank_major(seq_len, cp.size, x.device))
-        return torch.cat(parts, dim=2).index_select(2, order)
+        return torch.cat(parts, dim=2).index_select(2, _gather_orders(seq_len, cp.size, x.device)[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cp, seq_len = ctx.cp, ctx.seq_len
         B, H, _, D = grad.shape
-        per_rank = grad.index_select(2, _rank_major(seq_len, cp.size, grad.device))
+        per_rank = grad.index_select(2, _gather_orders(seq_len, cp.size, grad.device)[0])
         per_rank = per_rank.view(B, H, cp.size, seq_len // cp.size, D).movedim(2, 0).reshape(
             cp.size * B, H, seq_len // cp.size, D)  # rank r's positions are rows r*B ... (r+1)*B - 1
         mine = torch.empty(B, H, seq_len // cp.size, D, dtype=grad.dtype, device=grad.device)
@@ -108,9 +116,10 @@ def _dense_mask_attention(q, keys, values, mine: torch.Tensor, segments: Optiona
 
 
 @functools.cache
-def _compiled_flex():
-    # compiled once, on first use: eager flex_attention materialises the scores; compiled it
-    # is one fused kernel that skips the (query, key) blocks the block mask marks empty
+def compiled_flex():
+    """(flex_attention, create_block_mask) compiled, once, on first use (document attention
+    shares them): eager flex_attention materialises the scores; compiled it is one fused
+    kernel that skips the (query, key) blocks the block mask marks empty."""
     return torch.compile(flex_attention), torch.compile(create_block_mask)
 
 
@@ -121,7 +130,7 @@ def flex_context_attention(q, keys, values, mine: torch.Tensor, segments: Option
     key blocks wholly after a query block, so a rank computes about its causal share of the
     (T/C) x T rectangle, the same on every rank (chunks i and 2C-1-i); no mask is stored.
     `compiled=False` runs it eagerly (forward only on CPU: tests)."""
-    attend, block_mask_fn = _compiled_flex() if compiled else (flex_attention, create_block_mask)
+    attend, block_mask_fn = compiled_flex() if compiled else (flex_attention, create_block_mask)
 
     if segments is None:
         def mask_mod(b, h, q_idx, kv_idx):

@@ -5,13 +5,14 @@ compiles, else a masked SDPA) and RoPE positions restart at each document's star
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from parallel.context import compiled_flex
 
 Segments = Optional[torch.Tensor]  # (B, T) int64 document index of each position, or None
 
@@ -49,18 +50,11 @@ def same_document_causal(segments: torch.Tensor):
     return mask_mod
 
 
-@functools.cache
-def _compiled_flex() -> tuple[Callable, Callable]:
-    """Compiled once, on first use: eager flex_attention materialises the full score matrix;
-    compiled it is one fused kernel that skips the blocks its block mask marks empty."""
-    return torch.compile(flex_attention), torch.compile(create_block_mask)
-
-
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
                             gqa: bool, compiled: bool = True) -> torch.Tensor:
     """Causal attention within each document with FlexAttention. q (B, Hq, T, D), k and v
     (B, Hkv, T, D). `compiled=False` runs it eagerly (forward only on CPU: for tests)."""
-    attend, block_mask_fn = _compiled_flex() if compiled else (flex_attention, create_block_mask)
+    attend, block_mask_fn = compiled_flex() if compiled else (flex_attention, create_block_mask)
     B, _, T, _ = q.shape
     block_mask = block_mask_fn(same_document_causal(segments), B, None, T, T, device=q.device)  # shared by heads
     return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
