@@ -107,29 +107,11 @@ def _context_engine_runs(rank, world_size, runs):
     """STEPS train steps and an eval batch of each layout through the training engine, on the
     packed documents of tests/test_document_attention.py (documents cross the chunk borders,
     with a loss mask): (losses, grad norms, eval loss)."""
-    from test_document_attention import engine_config, micro_batches
-
-    from launcher.ds.config import deepspeed_config
-    from launcher.planning.plan import make_plan
-    from launcher.planning.precision import detect_device_support
-    from launcher.training.engine import build_engine
-    from parallel.topology import build_process_groups
+    from test_document_attention import engine_config, run_engine
 
     results = {}
     for name, parallel in runs:
-        cfg = engine_config(STEPS, _scaled_rope_model(), **parallel)
-        plan = make_plan(cfg, world_size, detect_device_support())
-        groups = build_process_groups(plan.layout, rank)
-        engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
-
-        def data(step):
-            if not engine.reads_data:
-                return None
-            batches = micro_batches(step)  # dp rank r takes micro-batch r; its cp ranks the same one
-            return batches if plan.layout.dp == 1 else [batches[groups.coord.dp]]
-
-        steps = [engine.train_step(data(step)) for step in range(STEPS)]
-        results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(STEPS)))
+        engine, results[name] = run_engine(engine_config(STEPS, _scaled_rope_model(), **parallel), rank, world_size)
         engine.ds.destroy()
     return results
 

@@ -205,34 +205,41 @@ def micro_batches(step: int) -> list:
     return out
 
 
-def _engine_runs(rank, world_size):
-    """Two train steps and an eval batch per engine: (losses, grad norms, eval loss)."""
+def run_engine(cfg: Config, rank: int, world_size: int):
+    """The training engine of `cfg` on this rank: cfg.train.steps train steps on micro_batches
+    (dp rank r takes micro-batch r, launcher.data's order; the context ranks of a data rank
+    the same one) and an eval batch. Returns (engine, (losses, grad norms, eval loss)); the
+    caller destroys the engine."""
     from launcher.ds.config import deepspeed_config
     from launcher.planning.plan import make_plan
     from launcher.planning.precision import detect_device_support
     from launcher.training.engine import build_engine
     from parallel.topology import build_process_groups
 
+    plan = make_plan(cfg, world_size, detect_device_support())
+    groups = build_process_groups(plan.layout, rank)
+    engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
+
+    def data(step):
+        if not engine.reads_data:
+            return None
+        batches = micro_batches(step)
+        return batches if plan.layout.dp == 1 else [batches[groups.coord.dp]]
+
+    steps = [engine.train_step(data(step)) for step in range(cfg.train.steps)]
+    return engine, ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(cfg.train.steps)))
+
+
+def _engine_runs(rank, world_size):
+    """Two train steps and an eval batch per engine: (losses, grad norms, eval loss)."""
     results = {}
     for name, parallel in (("tp2_pp2", {}), ("tp2_pp2_checkpointing", {"activation_checkpointing": True}),
                            ("tp2_pp2_no_sequence_parallel", {"sequence_parallel": False}),
                            ("tp1_pp2_dp2", {"tensor": 1}), ("tp2_dp2", {"pipeline": 1})):
-        cfg = engine_config(**parallel)
-        plan = make_plan(cfg, world_size, detect_device_support())
-        groups = build_process_groups(plan.layout, rank)
-        engine = build_engine(cfg, plan, groups, torch.device("cpu"), deepspeed_config(cfg, plan))
-
-        def data(step):
-            if not engine.reads_data:
-                return None
-            batches = micro_batches(step)  # dp rank r takes micro-batch r (launcher.data's order)
-            return batches if plan.layout.dp == 1 else [batches[groups.coord.dp]]
-
-        steps = [engine.train_step(data(step)) for step in range(2)]
-        results[name] = ([loss for loss, _ in steps], [norm for _, norm in steps], engine.eval_loss(data(2)))
+        engine, results[name] = run_engine(engine_config(**parallel), rank, world_size)
         if engine.pipeline:  # tp > 1 without sequence parallelism: DeepSpeed splits the tuple's
             # hidden states over tp to send them; with it each tp rank sends its own shard
-            split = plan.layout.tp > 1 and parallel.get("sequence_parallel") is False
+            split = engine.groups.layout.tp > 1 and parallel.get("sequence_parallel") is False
             assert engine.ds.is_pipe_partitioned == engine.ds.is_grad_partitioned == split
         engine.ds.destroy()
     return results
